@@ -1,0 +1,156 @@
+"""DuoAttention options: parse, validate and resolve ``additional_config["duo_attention"]``.
+
+Pure data. The front process (``LLM``/``vllm serve``) resolves the pattern once into a
+binary ``retrieval_mask`` that travels inside ``VllmConfig`` to every engine and worker
+process, so remote Ray nodes never read the pattern file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from vllm_duo.errors import DuoConfigError
+from vllm_duo.patterns import DEFAULT_SEED, binarize, check_shape, load_gates
+
+CONFIG_KEY = "duo_attention"
+PATTERN_FULL = "full"  # every head a retrieval head (testing: must equal FLASH_ATTN)
+PATTERN_STREAMING = "streaming"  # every head a streaming head (StreamingLLM baseline)
+DEFAULT_SINK = 64  # paper's NIAH/LongBench deployment setting
+DEFAULT_RECENT = 256
+DEFAULT_SPARSITY = 0.5
+_MAX_TOKENS = 1 << 24
+
+
+@dataclass(frozen=True)
+class DuoOptions:
+    """Validated options. ``retrieval_mask`` is set once the pattern is resolved."""
+
+    pattern: str | None = None
+    sparsity: float | None = None
+    threshold: float | None = None
+    sink_size: int = DEFAULT_SINK
+    recent_size: int = DEFAULT_RECENT
+    # Streaming heads' recent window while a prompt is prefilled (>= recent_size).
+    prefill_recent_size: int | None = None
+    seed: int = DEFAULT_SEED
+    retrieval_mask: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)
+
+    @property
+    def prefill_window(self) -> int:
+        return self.recent_size if self.prefill_recent_size is None else self.prefill_recent_size
+
+    @property
+    def resolved(self) -> bool:
+        return self.retrieval_mask is not None
+
+    def mask(self) -> np.ndarray:
+        if self.retrieval_mask is None:
+            raise DuoConfigError("duo_attention pattern was not resolved; call resolve_options first")
+        return np.asarray(self.retrieval_mask, dtype=np.uint8)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["retrieval_mask"] = None if self.retrieval_mask is None else [list(r) for r in self.retrieval_mask]
+        return {k: v for k, v in d.items() if v is not None}
+
+
+_FIELDS = tuple(DuoOptions.__dataclass_fields__)
+
+
+def _whole(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and (not math.isfinite(value) or not value.is_integer())):
+        raise DuoConfigError(f"duo_attention.{name} must be a whole number of tokens, got {value!r}")
+    value = int(value)
+    if not minimum <= value <= _MAX_TOKENS:
+        raise DuoConfigError(
+            f"duo_attention.{name} must be between {minimum} and {_MAX_TOKENS}, got {value}")
+    return value
+
+
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DuoConfigError(f"duo_attention.{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise DuoConfigError(
+            f"duo_attention.{name} must be in [0, 1] (the fraction of streaming heads for "
+            f"sparsity), got {value}")
+    return float(value)
+
+
+def _mask(value: Any) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(value, (list, tuple)) or not value or \
+            not all(isinstance(r, (list, tuple)) and r for r in value):
+        raise DuoConfigError("duo_attention.retrieval_mask must be a non-empty list of rows (layers) of 0/1")
+    if len({len(r) for r in value}) != 1:
+        raise DuoConfigError("duo_attention.retrieval_mask is ragged; every layer needs one entry per KV head")
+    if not all(v in (0, 1) and not isinstance(v, float) for r in value for v in r):
+        raise DuoConfigError("duo_attention.retrieval_mask entries must be 0 (streaming) or 1 (retrieval)")
+    return tuple(tuple(int(v) for v in r) for r in value)
+
+
+def parse_options(raw: Any) -> DuoOptions:
+    """Validate a user's ``duo_attention`` dict (types, ranges, unknown keys)."""
+    if raw is None:
+        raise DuoConfigError(_missing_pattern_message())
+    if not isinstance(raw, dict):
+        raise DuoConfigError(f"additional_config['{CONFIG_KEY}'] must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(map(str, raw)) - set(_FIELDS))
+    if unknown:
+        raise DuoConfigError(f"unknown duo_attention option(s) {unknown}; valid options are {list(_FIELDS)}")
+    pattern = raw.get("pattern")
+    if pattern is None and raw.get("retrieval_mask") is None:
+        raise DuoConfigError(_missing_pattern_message())
+    if pattern is not None and (not isinstance(pattern, str) or not pattern.strip()):
+        raise DuoConfigError(
+            f"duo_attention.pattern must be a path, '{PATTERN_FULL}' or '{PATTERN_STREAMING}', got {pattern!r}")
+    sparsity = None if raw.get("sparsity") is None else _fraction("sparsity", raw["sparsity"])
+    threshold = None if raw.get("threshold") is None else _fraction("threshold", raw["threshold"])
+    if sparsity is not None and threshold is not None:
+        raise DuoConfigError("give either duo_attention.sparsity or duo_attention.threshold, not both")
+    sink = _whole("sink_size", raw.get("sink_size", DEFAULT_SINK), 0)
+    recent = _whole("recent_size", raw.get("recent_size", DEFAULT_RECENT), 1)
+    prefill = raw.get("prefill_recent_size")
+    if prefill is not None:
+        prefill = _whole("prefill_recent_size", prefill, 1)
+        if prefill < recent:
+            raise DuoConfigError(
+                f"duo_attention.prefill_recent_size ({prefill}) must be >= recent_size ({recent}); "
+                f"it widens the streaming window during prefill, it cannot narrow it")
+    seed = raw.get("seed", DEFAULT_SEED)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise DuoConfigError(f"duo_attention.seed must be an integer in [0, 2**32), got {seed!r}")
+    mask = None if raw.get("retrieval_mask") is None else _mask(raw["retrieval_mask"])
+    return DuoOptions(pattern=pattern, sparsity=sparsity, threshold=threshold, sink_size=sink,
+                      recent_size=recent, prefill_recent_size=prefill, seed=seed, retrieval_mask=mask)
+
+
+def _missing_pattern_message() -> str:
+    return (f"the duo attention backend needs a head pattern: pass --additional-config "
+            f"'{{\"{CONFIG_KEY}\": {{\"pattern\": \"/path/to/pattern_dir\", \"sparsity\": 0.5}}}}' "
+            f"(a DuoAttention pattern folder with full_attention_heads.tsv), or \"pattern\": "
+            f"\"{PATTERN_FULL}\" / \"{PATTERN_STREAMING}\" for testing")
+
+
+def resolve_options(opts: DuoOptions, num_layers: int, num_kv_heads: int,
+                    model: str = "the model") -> DuoOptions:
+    """Turn the pattern into a validated binary mask for a model of the given shape."""
+    if opts.pattern == PATTERN_FULL:
+        mask = np.ones((num_layers, num_kv_heads), dtype=np.uint8)
+    elif opts.pattern == PATTERN_STREAMING:
+        mask = np.zeros((num_layers, num_kv_heads), dtype=np.uint8)
+    elif opts.pattern is not None:
+        gates = load_gates(opts.pattern).gates
+        check_shape(gates, num_layers, num_kv_heads, model)
+        sparsity = opts.sparsity if opts.threshold is None and opts.sparsity is not None else (
+            None if opts.threshold is not None else DEFAULT_SPARSITY)
+        mask = binarize(gates, sparsity=sparsity, threshold=opts.threshold, seed=opts.seed)
+        opts = replace(opts, sparsity=sparsity)
+    else:
+        mask = opts.mask()
+    check_shape(mask, num_layers, num_kv_heads, model)
+    return replace(opts, retrieval_mask=tuple(tuple(int(v) for v in r) for r in mask))
