@@ -1,0 +1,67 @@
+"""duo_attention options: parsing, defaults, validation messages, resolution (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import pattern_dir
+from vllm_duo.errors import DuoConfigError
+from vllm_duo.options import parse_options, resolve_options
+
+
+def test_defaults_follow_the_paper():
+    o = parse_options({"pattern": "full"})
+    assert (o.sink_size, o.recent_size, o.prefill_window) == (64, 256, 256)
+    assert parse_options({"pattern": "full", "prefill_recent_size": 4096}).prefill_window == 4096
+
+
+def test_no_silent_default_pattern():
+    for raw in (None, {}, {"sparsity": 0.5}):
+        with pytest.raises(DuoConfigError, match="needs a head pattern.*--additional-config"):
+            parse_options(raw)
+
+
+@pytest.mark.parametrize("raw,msg", [
+    ({"pattern": "full", "sparsity": 1.5}, r"in \[0, 1\]"),
+    ({"pattern": "full", "sparsity": -0.1}, r"in \[0, 1\]"),
+    ({"pattern": "full", "sparsity": float("nan")}, "must be a number"),
+    ({"pattern": "full", "sparsity": "half"}, "must be a number"),
+    ({"pattern": "full", "sink_size": -1}, "between 0 and"),
+    ({"pattern": "full", "sink_size": 3.5}, "whole number"),
+    ({"pattern": "full", "recent_size": 0}, "between 1 and"),
+    ({"pattern": "full", "recent_size": True}, "whole number"),
+    ({"pattern": "full", "recent_size": 10**12}, "between 1 and"),
+    ({"pattern": "full", "prefill_recent_size": 8}, "must be >= recent_size"),
+    ({"pattern": "full", "sparsity": 0.5, "threshold": 0.5}, "not both"),
+    ({"pattern": "full", "sparsity_typo": 0.5}, "unknown duo_attention option"),
+    ({"pattern": 3}, "must be a path"),
+    ({"pattern": "full", "seed": -1}, "seed"),
+    ("pattern=full", "must be a JSON object"),
+    ({"retrieval_mask": [[1, 0], [1]]}, "ragged"),
+    ({"retrieval_mask": [[1, 2]]}, "0 \\(streaming\\) or 1"),
+])
+def test_bad_options(raw, msg):
+    with pytest.raises(DuoConfigError, match=msg):
+        parse_options(raw)
+
+
+def test_resolve_full_streaming_and_file():
+    assert resolve_options(parse_options({"pattern": "full"}), 4, 2).mask().all()
+    assert not resolve_options(parse_options({"pattern": "streaming"}), 4, 2).mask().any()
+    o = resolve_options(parse_options({"pattern": pattern_dir("Llama-3-8B-Instruct-Gradient-1048k"),
+                                       "sparsity": 0.75}), 32, 8)
+    assert o.mask().sum() == 64
+    # the resolved options round-trip through the config dict (what workers receive)
+    again = parse_options(o.to_dict())
+    assert again.resolved and np.array_equal(again.mask(), o.mask())
+
+
+def test_resolve_defaults_sparsity_half():
+    o = resolve_options(parse_options({"pattern": pattern_dir("Llama-3-8B-Instruct-Gradient-1048k")}), 32, 8)
+    assert o.sparsity == 0.5 and o.mask().sum() == 128
+
+
+def test_pattern_for_another_model():
+    with pytest.raises(DuoConfigError, match=r"\(32, 32\).*\(32, 8\)"):
+        resolve_options(parse_options({"pattern": pattern_dir("Llama-2-7B-32K-Instruct")}), 32, 8)

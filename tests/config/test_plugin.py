@@ -1,0 +1,107 @@
+"""Registration through the real entry point, and front-process option resolution (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CPU_PLATFORM_SNIPPET, pattern_dir
+from vllm_duo.errors import DuoConfigError
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def plugins_loaded():
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+
+
+def test_entry_point_registers_duo(plugins_loaded):
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_duo.backend.backend import DuoAttentionBackend
+
+    for name in ("duo", "DUO", "Duo"):
+        backend = AttentionConfig(backend=name).backend
+        assert backend is AttentionBackendEnum.CUSTOM
+        assert backend.get_class() is DuoAttentionBackend
+    assert AttentionBackendEnum["DUO"] is AttentionBackendEnum.CUSTOM
+
+
+def test_register_is_idempotent(plugins_loaded):
+    from vllm_duo.plugin import register
+
+    register()
+    register()
+
+
+def test_engine_args_accept_duo(plugins_loaded):
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert EngineArgs(model="x", attention_backend="duo").attention_backend == "duo"
+
+
+def test_serve_cli_parses_duo():
+    code = CPU_PLATFORM_SNIPPET + ("from vllm.entrypoints.openai.cli_args import make_arg_parser;"
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser;"
+            "p = make_arg_parser(FlexibleArgumentParser());"
+            "a = p.parse_args(['--attention-backend', 'duo', '--additional-config',"
+            " '{\"duo_attention\": {\"pattern\": \"full\"}}']);"
+            "print(a.attention_backend, a.additional_config)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "duo {'duo_attention': {'pattern': 'full'}}" in out.stdout
+
+
+def test_refuses_other_vllm_versions():
+    from vllm_duo.plugin import check_vllm_version
+
+    check_vllm_version("0.26.0")
+    with pytest.raises(DuoConfigError, match="supports vLLM 0.26.x but vLLM 0.27.0 is installed"):
+        check_vllm_version("0.27.0")
+
+
+def _model_dir(tmp_path, **overrides):
+    cfg = dict(LLAMA3_8B, **overrides)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def _create(model, duo, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=model, attention_backend="duo", load_format="dummy",
+                      skip_tokenizer_init=True, additional_config={"duo_attention": duo}, **kw)
+    return args.create_engine_config()
+
+
+def test_front_process_embeds_mask_and_disables_prefix_caching(plugins_loaded, tmp_path):
+    cfg = _create(_model_dir(tmp_path), {"pattern": pattern_dir("Llama-3-8B-Instruct-Gradient-1048k"),
+                                         "sparsity": 0.5})
+    duo = cfg.additional_config["duo_attention"]
+    assert len(duo["retrieval_mask"]) == 32 and sum(map(sum, duo["retrieval_mask"])) == 128
+    assert cfg.cache_config.enable_prefix_caching is False
+
+
+@pytest.mark.parametrize("duo,overrides,msg", [
+    ({}, {}, "needs a head pattern"),
+    ({"pattern": "PATTERN:Llama-2-7B-32K-Instruct"}, {}, r"\(32, 32\).*\(32, 8\)"),
+    ({"pattern": "full"}, {"sliding_window": 4096, "model_type": "mistral",
+                           "architectures": ["MistralForCausalLM"]}, "sliding-window"),
+])
+def test_front_process_refuses(plugins_loaded, tmp_path, duo, overrides, msg):
+    if str(duo.get("pattern", "")).startswith("PATTERN:"):
+        duo = {"pattern": pattern_dir(duo["pattern"].split(":", 1)[1])}
+    with pytest.raises(DuoConfigError, match=msg):
+        _create(_model_dir(tmp_path, **overrides), duo)

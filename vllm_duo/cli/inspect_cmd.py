@@ -1,0 +1,101 @@
+"""``vllm-duo inspect PATTERN``: which heads a pattern keeps, what it saves, and a heatmap."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from vllm_duo.errors import DuoConfigError
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, DEFAULT_SPARSITY
+from vllm_duo.patterns import DEFAULT_SEED, binarize, check_shape, kv_fraction, load_gates
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a head pattern and plot its gates",
+                       description=__doc__)
+    p.add_argument("pattern", help="pattern folder (with full_attention_heads.tsv) or TSV file")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help=f"fraction of streaming heads (default {DEFAULT_SPARSITY})")
+    p.add_argument("--threshold", type=float, default=None, help="gate threshold instead of --sparsity")
+    p.add_argument("--model", default=None,
+                   help="HF config.json (or its folder) to check the shape and size memory")
+    p.add_argument("--context", type=int, default=131072, help="context length for memory figures")
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK)
+    p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--out", default=None, help="heatmap PNG path (default: <pattern>_heatmap.png here)")
+    p.set_defaults(func=run)
+
+
+def _model_shape(path: str) -> tuple[int, int, int, int, str]:
+    """(layers, kv heads, head_dim, dtype bytes, name) from an HF config.json."""
+    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(cfg_path):
+        raise DuoConfigError(f"--model {path!r}: no config.json there")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    dtype = _DTYPE_BYTES.get(str(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))), 2)
+    return cfg["num_hidden_layers"], kv, head_dim, dtype, os.path.basename(os.path.dirname(cfg_path)) or cfg_path
+
+
+def run(args: argparse.Namespace) -> int:
+    gp = load_gates(args.pattern)
+    if args.sparsity is not None and args.threshold is not None:
+        raise DuoConfigError("give --sparsity or --threshold, not both")
+    sparsity = DEFAULT_SPARSITY if args.sparsity is None and args.threshold is None else args.sparsity
+    if sparsity is not None and not 0 <= sparsity <= 1:
+        raise DuoConfigError(f"--sparsity must be in [0, 1], got {sparsity}")
+    mask = binarize(gp.gates, sparsity=sparsity, threshold=args.threshold, seed=args.seed)
+    layers, kv_heads = mask.shape
+    print(f"pattern   {gp.source}")
+    print(f"shape     {layers} layers x {kv_heads} KV heads; trained with sink {gp.sink_size}, recent {gp.recent_size}")
+    how = f"sparsity {sparsity}" if sparsity is not None else f"threshold {args.threshold}"
+    print(f"selection {how} (seed {args.seed}): {int(mask.sum())} of {mask.size} KV heads are "
+          f"retrieval heads ({mask.mean():.1%})")
+    print("retrieval heads per layer:")
+    for i, row in enumerate(mask):
+        print(f"  layer {i:3d}: {int(row.sum()):3d}/{kv_heads}  {''.join('R' if v else '.' for v in row)}")
+    frac = kv_fraction(mask, args.context, args.sink, args.recent)
+    print(f"KV memory at {args.context} tokens (sink {args.sink}, recent {args.recent}): "
+          f"{frac:.1%} of full attention ({1 / frac:.2f}x less)")
+    if args.model:
+        m_layers, m_kv, head_dim, nbytes, name = _model_shape(args.model)
+        check_shape(mask, m_layers, m_kv, name)
+        full = m_layers * m_kv * 2 * head_dim * nbytes * args.context
+        print(f"model     {name}: full KV {full / 2**30:.2f} GiB per {args.context}-token sequence, "
+              f"duo {full * frac / 2**30:.2f} GiB, saved {full * (1 - frac) / 2**30:.2f} GiB")
+    out = args.out or f"{os.path.basename(os.path.normpath(args.pattern))}_heatmap.png"
+    plot_heatmap(gp.gates, mask, out, title=f"{os.path.basename(os.path.normpath(args.pattern))} ({how})")
+    print(f"heatmap   {out}")
+    return 0
+
+
+def plot_heatmap(gates: np.ndarray, mask: np.ndarray, path: str, title: str) -> None:
+    """Gates as a layers x heads heatmap; retrieval heads outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    layers, heads = gates.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * heads + 2.5), max(4.0, 0.22 * layers + 1.5)))
+    im = ax.imshow(gates, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    for layer, head in np.argwhere(mask == 1):
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}\nred = retrieval head ({int(mask.sum())}/{mask.size})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="gate α")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,50 @@
+"""Front-process resolution of duo options against the real model and parallel config."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm_duo.errors import DuoConfigError
+from vllm_duo.model_check import check_features, check_model
+from vllm_duo.options import CONFIG_KEY, DuoOptions, parse_options, resolve_options
+from vllm_duo.patterns import check_tp
+
+logger = logging.getLogger("vllm_duo")
+
+
+def model_shape(model_config: Any) -> tuple[int, int]:
+    """(num_layers, total KV heads) as vLLM sees the model."""
+    return (int(model_config.hf_text_config.num_hidden_layers),
+            int(model_config.get_total_num_kv_heads()))
+
+
+def resolve_duo_config(vllm_config: Any) -> DuoOptions:
+    """Validate everything duo needs and embed the binary mask in ``additional_config``."""
+    model_config = vllm_config.model_config
+    check_model(model_config)
+    check_features(vllm_config)
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict):
+        raise DuoConfigError("additional_config must be a JSON object holding a 'duo_attention' entry")
+    opts = parse_options(extra.get(CONFIG_KEY))
+    num_layers, num_kv_heads = model_shape(model_config)
+    check_tp(num_kv_heads, vllm_config.parallel_config.tensor_parallel_size)
+    opts = resolve_options(opts, num_layers, num_kv_heads, model=str(model_config.model))
+    extra[CONFIG_KEY] = opts.to_dict()
+    mask = opts.mask()
+    logger.info("vllm-duo: %d of %d KV heads are retrieval heads (pattern %s, sparsity %s); "
+                "sink %d, recent %d, prefill window %d.", int(mask.sum()), mask.size,
+                opts.pattern or "embedded", opts.sparsity, opts.sink_size, opts.recent_size,
+                opts.prefill_window)
+    return opts
+
+
+def options_from_vllm_config(vllm_config: Any) -> DuoOptions:
+    """Worker side: the already-resolved options (never reads the pattern file)."""
+    extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+    opts = parse_options(extra.get(CONFIG_KEY))
+    if not opts.resolved:
+        opts = resolve_options(opts, *model_shape(vllm_config.model_config),
+                               model=str(vllm_config.model_config.model))
+    return opts

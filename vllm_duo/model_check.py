@@ -1,0 +1,63 @@
+"""Refuse model kinds and vLLM features that duo does not serve, before any GPU work.
+
+Works on duck-typed configs (vLLM's ModelConfig/VllmConfig), so tests can pass stand-ins.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm_duo.errors import DuoConfigError
+
+logger = logging.getLogger(__name__)
+
+# Architectures the duo path is tested with; others run with a warning.
+TESTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def check_model(model_config: Any) -> None:
+    """MLA, native sliding-window and encoder-decoder models cannot use duo."""
+    name = getattr(model_config, "model", "the model")
+    if getattr(model_config, "use_mla", False):
+        raise DuoConfigError(
+            f"{name} uses multi-head latent attention (MLA); duo needs per-KV-head caches. "
+            f"Use another --attention-backend for this model")
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise DuoConfigError(f"{name} is an encoder-decoder model; duo serves decoder-only models")
+    window = model_config.get_sliding_window() if hasattr(model_config, "get_sliding_window") else None
+    layer_types = getattr(getattr(model_config, "hf_text_config", None), "layer_types", None) or ()
+    if window is not None or any("sliding" in str(t) for t in layer_types):
+        raise DuoConfigError(
+            f"{name} already uses sliding-window attention (window={window}); duo's streaming "
+            f"heads would conflict with it. Use the model's native backend instead")
+    archs = tuple(getattr(model_config, "architectures", None) or ())
+    if archs and not set(archs) & set(TESTED_ARCHITECTURES):
+        logger.warning("vllm-duo is tested with %s; %s may work but is untested.",
+                       ", ".join(TESTED_ARCHITECTURES), ", ".join(archs))
+
+
+def check_features(vllm_config: Any) -> None:
+    """vLLM features duo cannot combine with yet; each error says which and what to drop."""
+    cache = vllm_config.cache_config
+    par = vllm_config.parallel_config
+    problems = []
+    if str(getattr(cache, "cache_dtype", "auto")) not in ("auto", "bfloat16", "float16", "half"):
+        problems.append(f"quantized KV cache (--kv-cache-dtype {cache.cache_dtype}); drop the flag")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        problems.append("speculative decoding (--speculative-config); drop it")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append("KV connectors / disaggregated prefill (--kv-transfer-config); drop it")
+    if getattr(par, "decode_context_parallel_size", 1) > 1 or getattr(par, "prefill_context_parallel_size", 1) > 1:
+        problems.append("context parallelism (--decode/prefill-context-parallel-size > 1); use 1")
+    sched = vllm_config.scheduler_config
+    if getattr(sched, "disable_hybrid_kv_cache_manager", False) and _platform_has_hybrid_kv_cache():
+        problems.append("--disable-hybrid-kv-cache-manager (duo's memory saving needs it); drop the flag")
+    if problems:
+        raise DuoConfigError("the duo attention backend does not support: " + "; ".join(problems))
+
+
+def _platform_has_hybrid_kv_cache() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.support_hybrid_kv_cache())

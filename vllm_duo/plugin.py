@@ -1,0 +1,54 @@
+"""vLLM general-plugin entry point (``vllm.general_plugins``: ``duo``).
+
+vLLM runs it in every process (front end, engine core, each worker and Ray actor), possibly
+more than once, so it is idempotent. It registers the backend through vLLM's own
+``register_backend`` and the streaming KV spec through vLLM's spec registry; the few
+monkeypatches that have no hook live in :mod:`vllm_duo.patches`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_duo.errors import DuoConfigError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.26.",)
+BACKEND_PATH = "vllm_duo.backend.backend.DuoAttentionBackend"
+_registered = False
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if not version.startswith(SUPPORTED_VLLM):
+        raise DuoConfigError(
+            f"vllm-duo supports vLLM 0.26.x but vLLM {version} is installed; "
+            f"install vllm==0.26.0 (pip install 'vllm==0.26.0' torch==2.11.0)")
+
+
+def is_duo_backend_selected(backend: object) -> bool:
+    """True when a config's attention backend is the CUSTOM slot and it is ours."""
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
+
+    return backend is AttentionBackendEnum.CUSTOM and _ATTN_OVERRIDES.get(backend) == BACKEND_PATH
+
+
+def register() -> None:
+    """Make ``--attention-backend duo`` work in this process."""
+    global _registered
+    if _registered:
+        return
+    check_vllm_version()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from vllm_duo import patches
+    from vllm_duo.block_manager import register_duo_kv_cache_spec
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    register_duo_kv_cache_spec()
+    patches.apply()
+    _registered = True
