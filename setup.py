@@ -31,8 +31,10 @@ def _cuda_extension():
     if not (os.environ.get("CUDA_HOME") or shutil.which("nvcc")):
         print("vllm-duo: no CUDA toolkit (nvcc) found, installing without the CUDA extension")
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    if not sources:
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         name="vllm_duo._C",
         sources=sources,

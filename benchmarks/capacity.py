@@ -1,0 +1,68 @@
+"""KV-cache capacity with duo vs FLASH_ATTN, side by side in one run (GPU).
+
+Starts one engine per configuration (fresh process each, dummy weights, same model shape,
+gpu_memory_utilization 0.85) and reads vLLM's own startup figures: KV-cache size in tokens
+and the maximum concurrency of 64K-token requests.
+
+    python benchmarks/capacity.py [--patterns ../shared/patterns] [--max-model-len 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.summary import save_result  # noqa: E402
+from tests.e2e.engine_run import LLAMA3_8B, run_engine, write_model  # noqa: E402
+
+LLAMA2_7B = dict(LLAMA3_8B, hidden_size=4096, intermediate_size=11008, num_key_value_heads=32,
+                 vocab_size=32000, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patterns", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "patterns"))
+    ap.add_argument("--max-model-len", type=int, default=65536)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    args = ap.parse_args()
+    cases = [
+        ("llama3_full", LLAMA3_8B, None, None),
+        ("llama3_duo_s050", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5),
+        ("llama3_duo_s075", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.75),
+        ("llama2_full", LLAMA2_7B, None, None),
+        ("llama2_duo_s075", LLAMA2_7B, "Llama-2-7B-32K-Instruct", 0.75),
+    ]
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, cfg, pattern, sparsity in cases:
+            model = write_model(os.path.join(d, name.split("_")[0]), cfg)
+            engine = dict(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                          max_num_seqs=64)
+            if pattern:
+                engine.update(attention_backend="duo", additional_config={"duo_attention": {
+                    "pattern": os.path.join(args.patterns, pattern), "sparsity": sparsity}})
+            else:
+                engine.update(attention_backend="FLASH_ATTN")
+            r = run_engine(dict(model=model, prompts=[[1000] * 16], max_tokens=4, engine=engine))
+            rows[name] = {k: r.get(k) for k in ("kv_cache_tokens", "max_concurrency", "num_gpu_blocks")}
+            print(name, rows[name], flush=True)
+
+    def ratio(a: str, b: str, key: str) -> float:
+        return round(rows[a][key] / rows[b][key], 3)
+
+    figures = {
+        "capacity_ratio_llama3_s050": ratio("llama3_duo_s050", "llama3_full", "max_concurrency"),
+        "capacity_ratio_llama2_s075": ratio("llama2_duo_s075", "llama2_full", "max_concurrency"),
+    }
+    extra = {"capacity_ratio_llama3_s075": ratio("llama3_duo_s075", "llama3_full", "max_concurrency")}
+    print("figures:", figures, extra)
+    save_result("capacity", {"rows": rows, "figures": figures, "extra": extra,
+                             "max_model_len": args.max_model_len}, figures)
+
+
+if __name__ == "__main__":
+    main()
