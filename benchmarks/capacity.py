@@ -41,7 +41,7 @@ def main() -> None:
         for name, cfg, pattern, sparsity in cases:
             model = write_model(os.path.join(d, name.split("_")[0]), cfg)
             engine = dict(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                          max_num_seqs=64)
+                          max_num_seqs=64, enforce_eager=True)
             if pattern:
                 engine.update(attention_backend="duo", additional_config={"duo_attention": {
                     "pattern": os.path.join(args.patterns, pattern), "sparsity": sparsity}})

@@ -49,7 +49,8 @@ class DuoMetadataBuilder(FlashAttentionMetadataBuilder):
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
             query_start_loc=cm.query_start_loc[:num_reqs + 1], seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs], slot_mapping=cm.slot_mapping,
-            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens)
+            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
+            is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[:num_reqs])
         if not self.streaming:
             meta.fa = super().build(0, cm, fast_build)
             return meta
@@ -68,8 +69,9 @@ class DuoMetadataBuilder(FlashAttentionMetadataBuilder):
         bt = meta.block_table
         q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
         first_q = meta.seq_lens - q_lens
-        window = torch.full_like(first_q, meta.prefill_window)
-        window[:meta.num_decodes] = meta.decode_window
+        # The manager keeps the prefill window while the first query is a prompt token.
+        prefilling = meta.is_prefilling if meta.is_prefilling is not None else q_lens > 1
+        window = torch.where(prefilling, meta.prefill_window, meta.decode_window).to(first_q.dtype)
         sink_blocks = -(-sink // block_size)
         first_needed = torch.clamp(first_q - window + 1, min=0) // block_size
         cols = torch.arange(bt.shape[1], device=bt.device, dtype=torch.int32)

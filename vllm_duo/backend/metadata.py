@@ -22,6 +22,7 @@ class DuoMetadata:
     slot_mapping: torch.Tensor  # int64 [num_tokens]
     num_decodes: int  # leading requests with one query token
     num_decode_tokens: int
+    is_prefilling: torch.Tensor | None = None  # bool [num_reqs]: first query is a prompt token
     # Retrieval groups: FA3 varlen metadata planned for one KV head per call.
     fa: FlashAttentionMetadata | None = None
     # Streaming groups: sink length per request (Triton R-SWA prefix), and the windows.
