@@ -7,7 +7,21 @@ import os
 import pytest
 import torch
 
-PATTERNS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "patterns"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _patterns_root() -> str:
+    """$VLLM_DUO_PATTERNS, else ../shared/patterns, else ./.patterns (a copy carried to the GPU
+    machine, which has no ../shared; git-ignored)."""
+    for path in (os.environ.get("VLLM_DUO_PATTERNS"),
+                 os.path.join(os.path.dirname(_ROOT), "shared", "patterns"),
+                 os.path.join(_ROOT, ".patterns")):
+        if path and os.path.isdir(path):
+            return path
+    return os.path.join(os.path.dirname(_ROOT), "shared", "patterns")
+
+
+PATTERNS = _patterns_root()
 PATTERN_NAMES = ("Llama-2-7B-32K-Instruct", "Llama-3-8B-Instruct-Gradient-1048k",
                  "Meta-Llama-3.1-8B-Instruct", "Mistral-7B-Instruct-v0.2")
 

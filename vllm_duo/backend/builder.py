@@ -1,15 +1,14 @@
 """``DuoMetadataBuilder``: turns vLLM's per-group view of a step into :class:`DuoMetadata`.
 
-One builder per KV-cache group. Retrieval groups reuse FlashAttention's builder (FA3 AOT
-scheduling) re-planned for calls over one KV head; streaming groups get a block table whose
-freed middle entries point at the null block, so no kernel ever reads a freed block.
+One builder per KV-cache group. Streaming groups get a block table whose freed middle entries
+point at the null block, so no kernel ever reads a freed block.
 """
 
 from __future__ import annotations
 
 import torch
-from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
-from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuilder,
+                                       CommonAttentionMetadata)
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_duo.backend.metadata import DuoMetadata
@@ -18,7 +17,7 @@ from vllm_duo.block_manager import DuoStreamingSpec
 NULL_BLOCK_ID = 0  # vLLM's BlockPool reserves block 0 as the null block
 
 
-class DuoMetadataBuilder(FlashAttentionMetadataBuilder):
+class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
     # Attention runs eagerly between piecewise CUDA graphs until the csrc decode path is
     # graph-safe end to end.
     _cudagraph_support = AttentionCGSupport.NEVER
@@ -27,17 +26,7 @@ class DuoMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # Each FA call covers one slot: one KV head and its group of query heads.
-        self.num_heads_q = self.num_heads_q // self.num_heads_kv
-        self.num_heads_kv = 1
         self.streaming = isinstance(kv_cache_spec, DuoStreamingSpec)
-
-    @classmethod
-    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return cls._cudagraph_support
-
-    def use_cascade_attention(self, *args, **kwargs) -> bool:
-        return False
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> DuoMetadata:
@@ -52,7 +41,6 @@ class DuoMetadataBuilder(FlashAttentionMetadataBuilder):
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
             is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[:num_reqs])
         if not self.streaming:
-            meta.fa = super().build(0, cm, fast_build)
             return meta
         spec = self.kv_cache_spec
         meta.decode_window, meta.prefill_window = spec.recent_size, spec.sliding_window
@@ -70,7 +58,8 @@ class DuoMetadataBuilder(FlashAttentionMetadataBuilder):
         q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
         first_q = meta.seq_lens - q_lens
         # The manager keeps the prefill window while the first query is a prompt token.
-        prefilling = meta.is_prefilling if meta.is_prefilling is not None else q_lens > 1
+        prefilling = q_lens > 1 if meta.is_prefilling is None else \
+            meta.is_prefilling.to(first_q.device, non_blocking=True)  # V2 keeps it on the CPU
         window = torch.where(prefilling, meta.prefill_window, meta.decode_window).to(first_q.dtype)
         sink_blocks = -(-sink // block_size)
         first_needed = torch.clamp(first_q - window + 1, min=0) // block_size

@@ -1,21 +1,24 @@
 """``DuoAttentionImpl``: DuoAttention's math over one layer's slot caches.
 
-Per slot (one local KV head and its query-head group): write the step's K/V, then
-- retrieval slot: FA3 paged varlen attention, causal over every key (as FLASH_ATTN);
-- streaming slot: keys p < sink or t - W < p <= t (exact per-token Lambda mask, vLLM's Triton
-  unified attention with its R-SWA prefix/window mask), W = decode or prefill window.
+Per step and layer:
+- one ``write_kv`` launch stores the step's K/V into every slot cache;
+- one ``paged_decode`` launch (csrc split-head kernel) attends every decode token over every
+  slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
+- prompt chunks, per slot: retrieval via FA3 paged varlen attention (as FLASH_ATTN), streaming
+  via vLLM's Triton unified attention with its exact sink + window (R-SWA) mask.
 """
 
 from __future__ import annotations
 
 import torch
-from vllm import _custom_ops as ops
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
+from vllm_duo import ops
 from vllm_duo.backend.metadata import DuoMetadata
+from vllm_duo.backend.step_tables import StepTables, slot_tensors
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.options import DuoOptions
 from vllm_duo.slot_plan import RETRIEVAL
@@ -41,6 +44,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         self.fa_version = get_flash_attn_version()
         self.slots: list = []
         self.opts: DuoOptions | None = None
+        self._tables = None  # (slot -> group key, SlotTensors), built on the first real step
 
     def set_slots(self, slots: list, opts: DuoOptions) -> None:
         self.slots, self.opts = slots, opts
@@ -54,55 +58,60 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         metas = get_forward_context().attn_metadata
         if isinstance(metas, list):
             metas = metas[0]
+        step = StepTables.for_step(metas, self.slots)
+        if self._tables is None or self._tables[0] != step.group_keys(self.slots):
+            self._tables = (step.group_keys(self.slots), slot_tensors(self.slots, step, key.device))
+        t = self._tables[1]
         n = attn_metadata.num_actual_tokens
+        ops.write_kv(key[:n], value[:n], t.kv_ptrs, t.slot_kv_head, t.slot_group,
+                     step.slot_mappings)
+        nd, ndt = attn_metadata.num_decodes, attn_metadata.num_decode_tokens
+        if nd:
+            ops.paged_decode(query[:ndt], t.kv_ptrs, step.block_table_ptrs[t.slot_group],
+                             step.block_table_strides[t.slot_group], t.slot_kv_head,
+                             t.slot_streaming, attn_metadata.seq_lens[:nd],
+                             max_seq_len=attn_metadata.max_seq_len, num_kv_heads=self.num_kv_heads,
+                             block_size=step.block_size, sink_size=self.opts.sink_size,
+                             window=self.opts.recent_size, scale=self.scale, out=output[:ndt])
+        if nd < attn_metadata.num_reqs:
+            self._prefill(query, output, metas, nd, ndt, n)
+        return output
+
+    def _prefill(self, query, output, metas, nd: int, ndt: int, n: int) -> None:
+        """Prompt chunks (requests ``nd..``), one slot at a time."""
         for slot in self.slots:
             if slot.head < 0:
                 continue
             meta: DuoMetadata = metas[slot.name]
-            cache = slot.layer.kv_cache
-            k_cache, v_cache = cache.transpose(1, 2).split(self.head_size, dim=-1)
+            k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
             h = slot.head
-            ops.reshape_and_cache_flash(key[:, h:h + 1], value[:, h:h + 1], k_cache, v_cache,
-                                        meta.slot_mapping, self.kv_cache_dtype,
-                                        layer._k_scale, layer._v_scale)
-            q = query[:n, h * self.group:(h + 1) * self.group]
-            out = output[:n, h * self.group:(h + 1) * self.group]
+            q = query[ndt:n, h * self.group:(h + 1) * self.group]
+            out = output[ndt:n, h * self.group:(h + 1) * self.group]
             if slot.kind == RETRIEVAL:
-                self._retrieval(q, k_cache, v_cache, out, meta)
+                self._retrieval(q, k_cache, v_cache, out, meta, nd)
             else:
-                self._streaming(q, k_cache, v_cache, out, meta)
-        return output
+                self._streaming(q, k_cache, v_cache, out, meta, nd)
 
-    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata) -> None:
+    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        fa = meta.fa
+        qsl = meta.query_start_loc[r0:]
         flash_attn_varlen_func(
             q=q, k=canonicalize_singleton_dim_strides(k_cache),
             v=canonicalize_singleton_dim_strides(v_cache), out=out,
-            cu_seqlens_q=fa.query_start_loc, max_seqlen_q=fa.max_query_len,
-            seqused_k=fa.seq_lens, max_seqlen_k=fa.max_seq_len, softmax_scale=self.scale,
-            causal=True, block_table=fa.block_table, scheduler_metadata=fa.scheduler_metadata,
-            fa_version=self.fa_version, num_splits=fa.max_num_splits)
+            cu_seqlens_q=qsl - qsl[:1], max_seqlen_q=meta.max_query_len,
+            seqused_k=meta.seq_lens[r0:], max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
+            causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version)
 
-    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata) -> None:
-        """Exact Lambda mask; decodes (leading requests) and prompt chunks may use different windows."""
-        nd, ndt = meta.num_decodes, meta.num_decode_tokens
-        if meta.decode_window == meta.prefill_window or nd == 0 or nd == meta.num_reqs:
-            window = meta.decode_window if nd == meta.num_reqs else meta.prefill_window
-            self._rswa(q, k_cache, v_cache, out, meta, 0, meta.num_reqs, window)
-            return
-        self._rswa(q[:ndt], k_cache, v_cache, out[:ndt], meta, 0, nd, meta.decode_window)
-        self._rswa(q[ndt:], k_cache, v_cache, out[ndt:], meta, nd, meta.num_reqs, meta.prefill_window)
-
-    def _rswa(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, r1: int, window: int) -> None:
+    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
+        """Exact sink + window mask with the prefill window (decodes went through the kernel)."""
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-        qsl = meta.query_start_loc[r0:r1 + 1]
+        qsl = meta.query_start_loc[r0:]
         unified_attention(
             q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl - qsl[:1],
-            max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens[r0:r1],
+            max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens[r0:],
             max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale, causal=True,
-            window_size=(-1, -1), block_table=meta.block_table[r0:r1], softcap=0,
+            window_size=(-1, -1), block_table=meta.block_table[r0:], softcap=0,
             q_descale=None, k_descale=None, v_descale=None,
-            rswa_prefix_lens=meta.sink_lens[r0:r1], rswa_window=window)
+            rswa_prefix_lens=meta.sink_lens[r0:], rswa_window=meta.prefill_window)

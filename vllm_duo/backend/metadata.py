@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
 
 @dataclass
@@ -23,8 +22,6 @@ class DuoMetadata:
     num_decodes: int  # leading requests with one query token
     num_decode_tokens: int
     is_prefilling: torch.Tensor | None = None  # bool [num_reqs]: first query is a prompt token
-    # Retrieval groups: FA3 varlen metadata planned for one KV head per call.
-    fa: FlashAttentionMetadata | None = None
     # Streaming groups: sink length per request (Triton R-SWA prefix), and the windows.
     sink_lens: torch.Tensor | None = None
     decode_window: int = 0

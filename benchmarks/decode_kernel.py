@@ -1,0 +1,174 @@
+"""Decode-kernel speed: duo ``paged_decode`` vs vLLM's FA3 paged decode, side by side (GPU).
+
+One Llama-3-8B attention layer (32 query heads, 8 KV heads, head_dim 128, bf16, block 16) for
+every context x batch x streaming fraction. FA3 reads the full cache of all 8 heads; duo reads
+retrieval heads fully and streaming heads' sink + window only. Each call is timed alone with CUDA
+events after an L2 flush (a layer's KV is cold in a real step); the median over repeats is kept.
+Bandwidth = bytes each kernel must read (KV + q + out) / time, next to the copy bandwidth of a
+large device-to-device copy measured in the same run.
+
+    python benchmarks/decode_kernel.py [--contexts 4096 16384 65536 131072] [--batches 1 4 16 64]
+                                       [--streaming 0.5 0.75 0] [--repeats 30]
+
+Writes results/decode_kernel_<device>_<date>.json and the summary entries
+decode_kernel_ratio_64k_b16_s050 / _s075 (duo time / FA3 time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.summary import device_name, save_result  # noqa: E402
+
+HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
+TOKEN_BYTES = 2 * D * 2  # K + V of one token of one KV head, bf16
+
+
+def time_us(fn: Callable[[], object], repeats: int, warmup: int, flush: torch.Tensor | None) -> float:
+    """Median GPU time of one call; the flush runs before each call, outside the events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(nbytes: int, repeats: int) -> float:
+    """Read + write bytes per second of a large device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_us(lambda: dst.copy_(src), repeats, warmup=3, flush=None)
+    return 2 * nbytes / t / 1e3
+
+
+def fa3_decode(ctx: int, batch: int, q: torch.Tensor, seq_lens: torch.Tensor) -> Callable[[], object] | None:
+    """A timed FA3 decode call over a full [num_blocks, 16, 8, 128] K/V cache; None without vLLM."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        from vllm.vllm_flash_attn.flash_attn_interface import get_scheduler_metadata
+    except ImportError:
+        return None
+    num_blocks = batch * ctx // BS
+    kv = torch.empty(2, num_blocks, BS, HKV, D, dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, -1)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    sched = get_scheduler_metadata(batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=HQ,
+                                   num_heads_kv=HKV, headdim=D, cache_seqlens=seq_lens, qkv_dtype=DTYPE,
+                                   cu_seqlens_q=cu_q, page_size=BS, causal=True)
+    out = torch.empty_like(q)
+    return lambda: flash_attn_varlen_func(
+        q=q, k=kv[0], v=kv[1], max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
+        seqused_k=seq_lens, softmax_scale=D ** -0.5, causal=True, block_table=table,
+        scheduler_metadata=sched, out=out, fa_version=3)
+
+
+def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens: torch.Tensor,
+               sink: int, window: int) -> tuple[Callable[[], object], int]:
+    """A timed duo call (one slot cache per KV head) and the KV bytes it must read."""
+    from vllm_duo.ops import decode_slots, paged_decode
+
+    n_str = round(streaming * HKV)
+    is_str = [h < n_str for h in range(HKV)]
+    width = ctx // BS
+    full = torch.randperm(batch * width, device="cuda", dtype=torch.int32).view(batch, width)
+    keep = sorted(set(range(-(-sink // BS))) | set(range(max(0, ctx - window) // BS, width)))
+    part = torch.zeros(batch, width, dtype=torch.int32, device="cuda")  # gap -> null block 0
+    part[:, keep] = 1 + torch.randperm(batch * len(keep), device="cuda", dtype=torch.int32).view(batch, -1)
+    caches = [torch.empty((1 + batch * len(keep)) if s else batch * width, BS, 2 * D, dtype=DTYPE,
+                          device="cuda").uniform_(-1, 1) for s in is_str]
+    slots = decode_slots(caches, [part if s else full for s in is_str], list(range(HKV)), is_str, "cuda")
+    kv_tokens = sum(min(ctx, sink + window) if s else ctx for s in is_str)
+
+    # The slot tables hold raw addresses: the closure keeps the caches and block tables alive.
+    def call(_keep: tuple = (caches, full, part)) -> torch.Tensor:
+        return paged_decode(q, *slots, seq_lens, max_seq_len=ctx, num_kv_heads=HKV, block_size=BS,
+                            sink_size=sink, window=window)
+    return call, batch * kv_tokens * TOKEN_BYTES
+
+
+def fits(ctx: int, batch: int) -> bool:
+    """FA3's full cache is the larger one; it is freed before duo's caches are made."""
+    return batch * ctx * TOKEN_BYTES * HKV < 0.85 * torch.cuda.mem_get_info()[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--streaming", type=float, nargs="+", default=[0.5, 0.75, 0.0],
+                    help="fraction of KV heads that are streaming heads")
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between calls")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("decode_kernel: needs a CUDA GPU")
+
+    copy_gbps = copy_bandwidth_gbps(1 << 30, args.repeats)
+    flush = None if args.no_flush else torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    print(f"device: {device_name()}   copy bandwidth (read+write): {copy_gbps:.0f} GB/s")
+    print(f"{'ctx':>7} {'batch':>5} {'strm':>5} {'duo us':>9} {'fa3 us':>9} {'duo/fa3':>8} "
+          f"{'duo GB/s':>9} {'%copy':>6} {'fa3 GB/s':>9} {'%copy':>6}")
+    rows, figures = [], {}
+    for ctx in args.contexts:
+        for batch in args.batches:
+            if not fits(ctx, batch):
+                print(f"{ctx:>7} {batch:>5}   skipped: does not fit in GPU memory")
+                continue
+            q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
+            seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            qo_bytes = 2 * q.numel() * q.element_size()
+            fa3 = fa3_decode(ctx, batch, q, seq_lens)
+            fa3_us = time_us(fa3, args.repeats, args.warmup, flush) if fa3 else None
+            fa3_gbps = (batch * ctx * HKV * TOKEN_BYTES + qo_bytes) / fa3_us / 1e3 if fa3_us else None
+            del fa3  # free its cache before duo's
+            for s in args.streaming:
+                duo, kv_bytes = duo_decode(ctx, batch, s, q, seq_lens, args.sink, args.window)
+                duo_us = time_us(duo, args.repeats, args.warmup, flush)
+                del duo
+                duo_gbps = (kv_bytes + qo_bytes) / duo_us / 1e3
+                ratio = duo_us / fa3_us if fa3_us else None
+                rows.append(dict(context=ctx, batch=batch, streaming=s, duo_us=duo_us, fa3_us=fa3_us,
+                                 ratio_duo_over_fa3=ratio, duo_gbps=duo_gbps, fa3_gbps=fa3_gbps,
+                                 duo_frac_of_copy=duo_gbps / copy_gbps,
+                                 fa3_frac_of_copy=fa3_gbps / copy_gbps if fa3_gbps else None))
+                print(f"{ctx:>7} {batch:>5} {s:>5.2f} {duo_us:>9.1f} {_fmt(fa3_us, '9.1f')} "
+                      f"{_fmt(ratio, '8.3f')} {duo_gbps:>9.0f} {duo_gbps / copy_gbps:>6.0%} "
+                      f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')}")
+                if ctx == 65536 and batch == 16 and s in (0.5, 0.75) and ratio is not None:
+                    figures[f"decode_kernel_ratio_64k_b16_s{round(s * 100):03d}"] = ratio
+            torch.cuda.empty_cache()
+    slug = re.sub(r"[^a-z0-9]+", "_", device_name().lower()).strip("_")
+    payload = dict(layer=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BS, dtype="bf16"),
+                   sink=args.sink, window=args.window, repeats=args.repeats, l2_flush=not args.no_flush,
+                   copy_bandwidth_gbps=copy_gbps, rows=rows)
+    fname = save_result(f"decode_kernel_{slug}", payload, figures)
+    print(f"wrote benchmarks/results/{fname}" + (f" and summary keys {sorted(figures)}" if figures else ""))
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    width = int(re.match(r"\d+", spec).group())
+    return f"{x:{spec}}" if x is not None else f"{'n/a':>{width}}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+// DuoAttention split-head paged decode: one launch computes decode attention for every
+// (sequence, KV slot) pair, retrieval slots over all keys and streaming slots over sink + window.
+//
+// Work item = one CTA per (partition, slot, sequence). A slot's keys form a virtual range
+// [0, n) (retrieval: all L keys; streaming: sink then window, never the gap between), split into
+// partitions flash-decoding style. Each CTA loads every K/V row of its partition once, with
+// 16-byte loads straight into registers, and uses it for all G query heads of the slot's group.
+// One-partition rows are written directly; longer rows go through tmp_out/tmp_lse and a
+// log-sum-exp combine kernel. The grid depends only on (partitions, slots, sequences), so the
+// launch is CUDA-graph safe; per-row lengths are read on the device.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/all.h>
+
+#include <limits>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace vllm_duo {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kMaxGroup = 8;  // query heads per KV head held in registers
+// Finite "no score yet": exp2(kNoScore - kNoScore) = 1 keeps empty lanes free of NaN.
+constexpr float kNoScore = -1e30f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct DecodeParams {
+  void* out;
+  const void* q;
+  int64_t q_stride_seq, q_stride_head, out_stride_seq, out_stride_head;
+  const int64_t* kv_ptrs;
+  const int64_t* block_table_ptrs;
+  const int64_t* block_table_strides;
+  const int* slot_kv_head;
+  const int* slot_streaming;
+  const int* seq_lens;
+  float* tmp_out;  // [num_seqs, num_q_heads, num_partitions, D], each partition normalised
+  float* tmp_lse;  // [num_seqs, num_q_heads, num_partitions], log2 domain
+  int num_q_heads, group, block_shift, block_mask, sink, window, partition_size, num_partitions;
+  float scale_log2;  // softmax scale * log2(e): scores live in the exp2 domain
+};
+
+// Keys a (sequence, slot) attends, as virtual indices v in [0, n): v < sink_end is position v,
+// otherwise position v - sink_end + win_start. Retrieval rows have sink_end = win_start = n = L.
+struct KeyRange {
+  int sink_end, win_start, n;
+};
+
+__device__ __forceinline__ KeyRange key_range(const DecodeParams& p, int seq, int slot) {
+  const int L = p.seq_lens[seq];
+  if (p.slot_streaming[slot] == 0) return {L, L, L};
+  const int sink_end = min(p.sink, L);
+  const int win_start = max(p.sink, L - p.window);
+  return {sink_end, win_start, sink_end + max(0, L - win_start)};
+}
+
+// A row that needs more partitions than the launch has gets longer partitions, so the result is
+// right whatever max_seq_len the launch was planned with (only the speed changes).
+__device__ __forceinline__ int row_partitions(const DecodeParams& p, int n, int* psize) {
+  *psize = max(p.partition_size, ceil_div(n, p.num_partitions));
+  return max(1, ceil_div(n, *psize));
+}
+
+template <typename T, int D, int GMAX, int NT>
+__global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeParams p) {
+  constexpr int TPT = D / kVec;             // threads sharing one token's K/V row
+  constexpr int NGROUPS = kThreads / TPT;   // tokens the CTA reads side by side
+  constexpr int STEP = NGROUPS * NT;        // tokens per loop iteration
+  const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
+  const int kv_head = p.slot_kv_head[slot];
+  if (kv_head < 0) return;
+  const KeyRange r = key_range(p, seq, slot);
+  int psize;
+  const int nparts = row_partitions(p, r.n, &psize);
+  if (part >= nparts) return;
+  const int G = p.group, qh0 = kv_head * G;
+  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + qh0 * p.out_stride_head;
+  if (r.n == 0) {  // padding row: defined output, nothing read
+    for (int i = threadIdx.x; i < G * D; i += kThreads)
+      out[(i / D) * p.out_stride_head + i % D] = from_float<T>(0.f);
+    return;
+  }
+
+  const int lane_t = threadIdx.x % TPT, grp = threadIdx.x / TPT;
+  float q[GMAX][kVec];
+  const T* qp = static_cast<const T*>(p.q) + seq * p.q_stride_seq + qh0 * p.q_stride_head +
+                lane_t * kVec;
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    if (g < G) {
+      to_float8<T>(load16(qp + g * p.q_stride_head), q[g]);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) q[g][i] *= p.scale_log2;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) q[g][i] = 0.f;  // padded head: computed, never stored
+    }
+  }
+
+  const T* kv = reinterpret_cast<const T*>(p.kv_ptrs[slot]);
+  const int* bt = reinterpret_cast<const int*>(p.block_table_ptrs[slot]) +
+                  seq * p.block_table_strides[slot];
+  const int v_begin = part * psize, v_end = min(r.n, v_begin + psize);
+  // Element offset of this thread's slice of key v's K row; -1 past the partition's end. Only
+  // attended positions reach the block table, so gap entries are never even looked up.
+  auto locate = [&](int v) -> int64_t {
+    if (v >= v_end) return -1;
+    const int pos = v < r.sink_end ? v : v - r.sink_end + r.win_start;
+    const int64_t block = __ldg(bt + (pos >> p.block_shift));  // global, read-only path
+    return ((block << p.block_shift) + (pos & p.block_mask)) * (2 * D) + lane_t * kVec;
+  };
+
+  float m[GMAX], l[GMAX], acc[GMAX][kVec];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    m[g] = kNoScore;
+    l[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[g][i] = 0.f;
+  }
+
+  int64_t off[NT];  // block-table lookups run one iteration ahead of the K/V loads
+#pragma unroll
+  for (int j = 0; j < NT; ++j) off[j] = locate(v_begin + grp + j * NGROUPS);
+
+  for (int base = v_begin; base < v_end; base += STEP) {
+    uint4 kraw[NT], vraw[NT];
+    bool valid[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      valid[j] = off[j] >= 0;
+      kraw[j] = valid[j] ? load16(kv + off[j]) : make_uint4(0, 0, 0, 0);
+      vraw[j] = valid[j] ? load16(kv + off[j] + D) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) off[j] = locate(base + STEP + grp + j * NGROUPS);
+
+    float s[NT][GMAX];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float kf[kVec];
+      to_float8<T>(kraw[j], kf);
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dot = fmaf(q[g][i], kf[i], dot);
+        dot = group_sum<TPT>(dot);  // every lane shuffles, valid or not
+        s[j][g] = valid[j] ? dot : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      float mx = m[g];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, s[j][g]);
+      const float alpha = exp2f(m[g] - mx);
+      m[g] = mx;
+      l[g] *= alpha;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[g][i] *= alpha;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float vf[kVec];
+      to_float8<T>(vraw[j], vf);
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        const float pj = exp2f(s[j][g] - m[g]);
+        l[g] += pj;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[g][i] = fmaf(pj, vf[i], acc[g][i]);
+      }
+    }
+  }
+
+  // Merge the token groups: first inside each warp with shuffles, then across warps in smem.
+  __shared__ float s_acc[kWarps][GMAX][D];
+  __shared__ float s_m[kWarps][GMAX], s_l[kWarps][GMAX];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    float mw = m[g];
+#pragma unroll
+    for (int o = TPT; o < kWarp; o <<= 1) mw = fmaxf(mw, __shfl_xor_sync(0xffffffffu, mw, o));
+    const float a = exp2f(m[g] - mw);
+    float lw = l[g] * a;
+#pragma unroll
+    for (int o = TPT; o < kWarp; o <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, o);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      float x = acc[g][i] * a;
+#pragma unroll
+      for (int o = TPT; o < kWarp; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+      acc[g][i] = x;
+    }
+    if (lane < TPT) {
+      float4* dst = reinterpret_cast<float4*>(&s_acc[warp][g][lane * kVec]);
+      dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    }
+    if (lane == 0) {
+      s_m[warp][g] = mw;
+      s_l[warp][g] = lw;
+    }
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const int g = i / D, d = i % D;
+    float mx = s_m[0][g];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][g]);
+    float sum = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float a = exp2f(s_m[w][g] - mx);
+      sum = fmaf(s_l[w][g], a, sum);
+      o = fmaf(s_acc[w][g][d], a, o);
+    }
+    if (nparts == 1) {
+      out[g * p.out_stride_head + d] = from_float<T>(o / sum);
+    } else {
+      const int64_t row = (int64_t(seq) * p.num_q_heads + qh0 + g) * p.num_partitions + part;
+      p.tmp_out[row * D + d] = o / sum;
+      if (d == 0) p.tmp_lse[row] = mx + log2f(sum);
+    }
+  }
+}
+
+// Joins a multi-partition row: out = sum_j w_j out_j / sum_j w_j with w_j = 2^(lse_j - max lse).
+// One CTA per (query head in group, slot, sequence), one thread per output element.
+template <typename T, int D>
+__global__ void __launch_bounds__(D) combine_kernel(const DecodeParams p) {
+  const int g = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
+  const int kv_head = p.slot_kv_head[slot];
+  if (kv_head < 0) return;
+  const KeyRange r = key_range(p, seq, slot);
+  int psize;
+  const int nparts = row_partitions(p, r.n, &psize);
+  if (nparts == 1) return;  // written directly by the decode kernel
+  const int qh = kv_head * p.group + g;
+  const int64_t row = (int64_t(seq) * p.num_q_heads + qh) * p.num_partitions;
+  const float* lse = p.tmp_lse + row;
+  extern __shared__ float s_w[];  // [num_partitions] weights, then one float per warp
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < nparts; j += D) mx = fmaxf(mx, lse[j]);
+  mx = block_max(mx, s_w + p.num_partitions);
+  for (int j = threadIdx.x; j < nparts; j += D) s_w[j] = exp2f(lse[j] - mx);
+  __syncthreads();
+  const float* part_out = p.tmp_out + row * D + threadIdx.x;
+  float o = 0.f, sum = 0.f;
+#pragma unroll 4
+  for (int j = 0; j < nparts; ++j) {
+    sum += s_w[j];
+    o = fmaf(s_w[j], part_out[int64_t(j) * D], o);
+  }
+  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + qh * p.out_stride_head;
+  out[threadIdx.x] = from_float<T>(o / sum);
+}
+
+// Tokens per thread group per iteration: more in flight when fewer heads hold registers.
+template <int GMAX>
+constexpr int tokens_in_flight() {
+  return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
+}
+
+template <typename T, int D, int GMAX>
+void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
+  const dim3 grid(p.num_partitions, num_slots, num_seqs);
+  paged_decode_kernel<T, D, GMAX, tokens_in_flight<GMAX>()><<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.num_partitions > 1) {
+    const size_t smem = (p.num_partitions + D / kWarp) * sizeof(float);
+    combine_kernel<T, D><<<dim3(p.group, num_slots, num_seqs), D, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int D>
+void dispatch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
+  if (p.group <= 1) return launch<T, D, 1>(p, num_seqs, num_slots, stream);
+  if (p.group <= 2) return launch<T, D, 2>(p, num_seqs, num_slots, stream);
+  if (p.group <= 4) return launch<T, D, 4>(p, num_seqs, num_slots, stream);
+  launch<T, D, kMaxGroup>(p, num_seqs, num_slots, stream);
+}
+
+template <typename T>
+void dispatch_head_dim(const DecodeParams& p, int head_dim, int num_seqs, int num_slots,
+                       cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return dispatch_group<T, 64>(p, num_seqs, num_slots, stream);
+    case 128: return dispatch_group<T, 128>(p, num_seqs, num_slots, stream);
+    case 256: return dispatch_group<T, 256>(p, num_seqs, num_slots, stream);
+    default: TORCH_CHECK(false, "paged_decode: unsupported head_dim ", head_dim);
+  }
+}
+
+void check_slot_vector(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                       int64_t num_slots, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "paged_decode: ", name, " must be on ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "paged_decode: ", name, " must be ", dtype);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == num_slots && t.is_contiguous(), "paged_decode: ",
+              name, " must be a contiguous [num_slots=", num_slots, "] vector");
+}
+
+}  // namespace
+
+void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_ptrs,
+                  const at::Tensor& block_table_ptrs, const at::Tensor& block_table_strides,
+                  const at::Tensor& slot_kv_head, const at::Tensor& slot_streaming,
+                  const at::Tensor& seq_lens, int64_t num_kv_heads, int64_t block_size,
+                  int64_t sink_size, int64_t window, double scale, int64_t partition_size,
+                  at::Tensor& tmp_out, at::Tensor& tmp_lse) {
+  TORCH_CHECK(q.is_cuda(), "paged_decode: q must be a CUDA tensor");
+  const at::Device device = q.device();
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "paged_decode: q must be bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(q.dim() == 3, "paged_decode: q must be [num_seqs, num_q_heads, head_dim]");
+  const int64_t num_seqs = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK(out.device() == device && out.scalar_type() == dtype && out.sizes() == q.sizes(),
+              "paged_decode: out must match q in device, dtype and shape");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) % kVec == 0 && q.stride(0) % kVec == 0 &&
+                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+              "paged_decode: q needs a contiguous, 16-byte aligned last dimension");
+  TORCH_CHECK(out.stride(2) == 1, "paged_decode: out needs a contiguous last dimension");
+  TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0,
+              "paged_decode: num_q_heads (", num_q_heads, ") must be a multiple of num_kv_heads (",
+              num_kv_heads, ")");
+  const int64_t group = num_q_heads / num_kv_heads;
+  TORCH_CHECK(group <= kMaxGroup, "paged_decode: at most ", kMaxGroup,
+              " query heads per KV head, got ", group);
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0,
+              "paged_decode: block_size must be a power of two, got ", block_size);
+  TORCH_CHECK(sink_size >= 0 && window >= 1, "paged_decode: need sink_size >= 0 and window >= 1");
+  TORCH_CHECK(partition_size >= 1, "paged_decode: partition_size must be positive");
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(sink_size <= kIntMax && window <= kIntMax && partition_size <= kIntMax,
+              "paged_decode: sink_size, window and partition_size must fit in int32");
+  const int64_t num_slots = kv_ptrs.numel();
+  check_slot_vector(kv_ptrs, "kv_ptrs", at::kLong, num_slots, device);
+  check_slot_vector(block_table_ptrs, "block_table_ptrs", at::kLong, num_slots, device);
+  check_slot_vector(block_table_strides, "block_table_strides", at::kLong, num_slots, device);
+  check_slot_vector(slot_kv_head, "slot_kv_head", at::kInt, num_slots, device);
+  check_slot_vector(slot_streaming, "slot_streaming", at::kInt, num_slots, device);
+  TORCH_CHECK(seq_lens.device() == device && seq_lens.scalar_type() == at::kInt &&
+                  seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs && seq_lens.is_contiguous(),
+              "paged_decode: seq_lens must be a contiguous int32 [num_seqs] tensor on ", device);
+  TORCH_CHECK(tmp_lse.device() == device && tmp_lse.scalar_type() == at::kFloat &&
+                  tmp_lse.dim() == 3 && tmp_lse.is_contiguous() && tmp_lse.size(0) == num_seqs &&
+                  tmp_lse.size(1) == num_q_heads && tmp_lse.size(2) >= 1,
+              "paged_decode: tmp_lse must be contiguous float32 [num_seqs, num_q_heads, P]");
+  const int64_t num_partitions = tmp_lse.size(2);
+  TORCH_CHECK(tmp_out.device() == device && tmp_out.scalar_type() == at::kFloat &&
+                  tmp_out.is_contiguous() &&
+                  tmp_out.sizes() == at::IntArrayRef({num_seqs, num_q_heads, num_partitions,
+                                                      head_dim}),
+              "paged_decode: tmp_out must be contiguous float32 [num_seqs, num_q_heads, P, "
+              "head_dim] with P = tmp_lse.size(2)");
+  TORCH_CHECK(num_seqs <= 65535 && num_slots <= 65535 && num_partitions <= 8192,
+              "paged_decode: at most 65535 sequences, 65535 slots and 8192 partitions");
+  if (num_seqs == 0 || num_slots == 0) return;
+
+  DecodeParams p;
+  p.out = out.data_ptr();
+  p.q = q.data_ptr();
+  p.q_stride_seq = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.out_stride_seq = out.stride(0);
+  p.out_stride_head = out.stride(1);
+  p.kv_ptrs = kv_ptrs.data_ptr<int64_t>();
+  p.block_table_ptrs = block_table_ptrs.data_ptr<int64_t>();
+  p.block_table_strides = block_table_strides.data_ptr<int64_t>();
+  p.slot_kv_head = slot_kv_head.data_ptr<int>();
+  p.slot_streaming = slot_streaming.data_ptr<int>();
+  p.seq_lens = seq_lens.data_ptr<int>();
+  p.tmp_out = tmp_out.data_ptr<float>();
+  p.tmp_lse = tmp_lse.data_ptr<float>();
+  p.num_q_heads = static_cast<int>(num_q_heads);
+  p.group = static_cast<int>(group);
+  p.block_shift = __builtin_ctzll(block_size);
+  p.block_mask = static_cast<int>(block_size - 1);
+  p.sink = static_cast<int>(sink_size);
+  p.window = static_cast<int>(window);
+  p.partition_size = static_cast<int>(partition_size);
+  p.num_partitions = static_cast<int>(num_partitions);
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int seqs = static_cast<int>(num_seqs), slots = static_cast<int>(num_slots);
+  if (dtype == at::kBFloat16)
+    dispatch_head_dim<__nv_bfloat16>(p, static_cast<int>(head_dim), seqs, slots, stream);
+  else
+    dispatch_head_dim<__half>(p, static_cast<int>(head_dim), seqs, slots, stream);
+}
+
+}  // namespace vllm_duo

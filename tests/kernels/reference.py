@@ -1,0 +1,142 @@
+"""Test cases for the decode/write kernels, a float32 PyTorch reference, and the checked run.
+
+Inputs are built to catch reads the kernel must not do: block tables are random permutations of
+a shared pool, gap entries of streaming slots and entries past a row's end hold garbage ids
+(huge or negative, a read faults), and every cache cell no query may read is NaN.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from vllm_duo.ops import DecodeSlots, decode_slots, plan_partitions
+
+GARBAGE_IDS = (1 << 30, -7, (1 << 31) - 1, -(1 << 31))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def attended(L: int, streaming: bool, sink: int, window: int, device: torch.device) -> torch.Tensor:
+    """Key positions a query at L-1 attends (retrieval: all; streaming: sink + window)."""
+    pos = torch.arange(L, device=device)
+    return pos[(pos < sink) | (pos > L - 1 - window)] if streaming else pos
+
+
+@dataclass
+class DecodeCase:
+    q: torch.Tensor  # [num_seqs, num_q_heads, D]
+    caches: list[torch.Tensor | None]  # per slot [pool_blocks, block_size, 2D]; None = padding slot
+    tables: list[torch.Tensor | None]  # per slot int32 [num_seqs, width], row stride > width
+    kv_heads: list[int]
+    streaming: list[bool]
+    lens: list[int]
+    seq_lens: torch.Tensor  # int32 [num_seqs]
+    num_kv_heads: int
+    block_size: int
+    sink: int
+    window: int
+    scale: float
+    slots: DecodeSlots
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.num_kv_heads
+
+    def rows(self, slot: int, seq: int) -> torch.Tensor:
+        """Flat cache rows (block_id * block_size + offset) of the keys ``seq`` attends in ``slot``."""
+        pos = attended(self.lens[seq], self.streaming[slot], self.sink, self.window, self.q.device)
+        blocks = self.tables[slot][seq, pos // self.block_size].long()
+        return blocks * self.block_size + pos % self.block_size
+
+
+def make_case(lens: list[int], *, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
+              block_size: int, streaming_heads: list[bool], pad_slots: int = 0, sink: int = 64,
+              window: int = 256, pool_blocks: int | None = None, table_width: int | None = None,
+              slot_order: list[int] | None = None, seed: int = 0,
+              device: str = "cuda") -> DecodeCase:
+    """A random case. Slots (one per KV head plus ``pad_slots`` padding, -1) come in shuffled
+    order unless ``slot_order`` gives the KV head of each slot."""
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    D, bs = head_dim, block_size
+    need = sum(cdiv(L, bs) for L in lens)
+    pool_blocks = pool_blocks or need + 3
+    width = table_width or max([cdiv(L, bs) for L in lens] + [1])
+    assert pool_blocks >= need and width >= max(cdiv(L, bs) for L in lens)
+    kv_heads = list(range(num_kv_heads)) + [-1] * pad_slots
+    rng.shuffle(kv_heads)
+    kv_heads = kv_heads if slot_order is None else list(slot_order)
+    streaming = [h >= 0 and streaming_heads[h] for h in kv_heads]
+    q = torch.randn(len(lens), num_kv_heads * group, D, generator=gen, device=device).to(dtype)
+    case = DecodeCase(q=q, caches=[], tables=[], kv_heads=kv_heads, streaming=streaming, lens=lens,
+                      seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+                      num_kv_heads=num_kv_heads, block_size=bs, sink=sink, window=window,
+                      scale=D ** -0.5, slots=None)  # type: ignore[arg-type]
+    for slot, head in enumerate(kv_heads):
+        if head < 0:
+            case.caches.append(None)
+            case.tables.append(None)
+            continue
+        perm = torch.randperm(pool_blocks, generator=gen, device=device).to(torch.int32)
+        table = torch.tensor(GARBAGE_IDS, dtype=torch.int32, device=device).repeat(
+            len(lens), cdiv(width + 3, len(GARBAGE_IDS)))[:, :width + 3]
+        used = 0
+        for i, L in enumerate(lens):
+            pos = attended(L, streaming[slot], sink, window, device)
+            blocks = torch.unique(pos // bs)  # only blocks holding an attended key get real ids
+            table[i, blocks] = perm[used:used + len(blocks)]
+            used += len(blocks)
+        case.tables.append(table[:, :width])
+        case.caches.append(torch.randn(pool_blocks, bs, 2 * D, generator=gen, device=device).to(dtype))
+        readable = torch.zeros(pool_blocks * bs, dtype=torch.bool, device=device)
+        for i in range(len(lens)):
+            readable[case.rows(slot, i)] = True
+        case.caches[slot].view(-1, 2 * D)[~readable] = float("nan")
+    case.slots = decode_slots(case.caches, case.tables, kv_heads, streaming, device)
+    return case
+
+
+def reference_decode(case: DecodeCase) -> torch.Tensor:
+    """float32 [num_seqs, num_q_heads, D]: gather the attended keys, explicit softmax."""
+    D, G = case.q.shape[2], case.group
+    out = torch.zeros(case.q.shape, dtype=torch.float32, device=case.q.device)
+    for slot, head in enumerate(case.kv_heads):
+        if head < 0:
+            continue
+        for i, L in enumerate(case.lens):
+            if L == 0:
+                continue
+            kv = case.caches[slot].view(-1, 2 * D)[case.rows(slot, i)].float()
+            qg = case.q[i, head * G:(head + 1) * G].float()
+            p = torch.softmax(qg @ kv[:, :D].T * case.scale, dim=-1)
+            out[i, head * G:(head + 1) * G] = p @ kv[:, D:]
+    return out
+
+
+ATOL, RTOL = 2e-2, 2e-2  # bf16 output rounding (8 mantissa bits) on values of magnitude ~1
+
+
+def run_op(case: DecodeCase, max_seq_len: int, partition_size: int | None = None) -> torch.Tensor:
+    """The raw op with NaN-poisoned output and workspace, planned as the wrapper plans."""
+    num_seqs, num_q_heads, D = case.q.shape
+    if partition_size is None:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        partition_size, parts = plan_partitions(max_seq_len, num_seqs, len(case.kv_heads), sms)
+    else:
+        parts = max(1, cdiv(max_seq_len, partition_size))
+    out = torch.full_like(case.q, float("nan"))
+    tmp_out = torch.full((num_seqs, num_q_heads, parts, D), float("nan"), device=case.q.device)
+    tmp_lse = torch.full((num_seqs, num_q_heads, parts), float("nan"), device=case.q.device)
+    torch.ops.vllm_duo.paged_decode(out, case.q, *case.slots, case.seq_lens, case.num_kv_heads,
+                                    case.block_size, case.sink, case.window, case.scale,
+                                    partition_size, tmp_out, tmp_lse)
+    return out
+
+
+def check(case: DecodeCase, out: torch.Tensor) -> None:
+    torch.testing.assert_close(out.float(), reference_decode(case), atol=ATOL, rtol=RTOL)

@@ -1,0 +1,153 @@
+"""``paged_decode`` against the float32 reference (GPU): patterns, dtypes, head dims, GQA,
+ragged and padded batches, garbage gap ids, 1..128K contexts, partition plans, CUDA graphs."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from tests.kernels.reference import check, make_case, run_op
+from vllm_duo.ops import paged_decode
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ragged_lens(rng: random.Random, num_seqs: int, max_len: int) -> list[int]:
+    """Mostly short rows, some near max_len, a few padding rows (0)."""
+    pick = [lambda: rng.randint(1, 64), lambda: rng.randint(1, max_len), lambda: max_len, lambda: 0]
+    return [rng.choices(pick, weights=(3, 6, 1, 1))[0]() for _ in range(num_seqs)]
+
+
+def pattern_heads(rng: random.Random, pattern: str, num_kv_heads: int) -> list[bool]:
+    if pattern != "mixed":
+        return [pattern == "streaming"] * num_kv_heads
+    heads = [rng.random() < 0.5 for _ in range(num_kv_heads)]
+    heads[0], heads[-1] = True, False
+    return heads
+
+
+@pytest.mark.parametrize("pattern", ["retrieval", "streaming", "mixed"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str) -> None:
+    seed = zlib.crc32(f"{dtype}-{head_dim}-{group}-{pattern}".encode())
+    rng = random.Random(seed)
+    num_kv_heads = rng.choice([2, 4])
+    lens = ragged_lens(rng, rng.randint(1, 64), rng.choice([300, 2048, 5000]))
+    case = make_case(lens, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                     dtype=DTYPES[dtype], block_size=rng.choice([16, 32, 64]),
+                     streaming_heads=pattern_heads(rng, pattern, num_kv_heads),
+                     pad_slots=rng.randint(0, 2) if pattern == "mixed" else 0,
+                     sink=rng.choice([0, 4, 64]), window=rng.choice([1, 16, 256]), seed=seed)
+    check(case, run_op(case, max(lens)))
+
+
+@pytest.mark.parametrize("lens", [[131072], [65536, 7, 0], [16384] * 4 + [1] * 12, [4097] * 64],
+                         ids=["128k", "64k+short", "16k_x4", "4k_x64"])
+def test_long_contexts(lens: list[int]) -> None:
+    case = make_case(lens, num_kv_heads=4, group=4, head_dim=128, dtype=torch.bfloat16,
+                     block_size=16, streaming_heads=[True, False, True, False], pad_slots=1,
+                     seed=len(lens))
+    check(case, run_op(case, max(lens)))
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_boundary_lengths(block_size: int) -> None:
+    """Lengths on the sink/window/block/partition edges, with partitions short enough that
+    streaming rows span several of them."""
+    S, W = 40, 100
+    lens = sorted({1, S - 1, S, S + 1, S + W - 1, S + W, S + W + 1, block_size, block_size + 1,
+                   127, 128, 129, 511, 512, 513, 1000})
+    case = make_case(lens, num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16,
+                     block_size=block_size, streaming_heads=[True, False], sink=S, window=W,
+                     seed=block_size)
+    check(case, run_op(case, max(lens), partition_size=64))
+
+
+@pytest.mark.parametrize("group", [3, 8])
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_other_groups_and_head_dims(group: int, head_dim: int) -> None:
+    """G not a power of two (padded register tile), G = 8 and head_dim 256."""
+    case = make_case([1, 77, 600, 3000, 0], num_kv_heads=2, group=group, head_dim=head_dim,
+                     dtype=torch.float16, block_size=32, streaming_heads=[True, False],
+                     pad_slots=1, seed=group * head_dim)
+    check(case, run_op(case, 3000))
+
+
+@pytest.mark.parametrize("max_seq_len,partition_size", [(1, None), (3000, 128), (3000, 1 << 20),
+                                                        (10**6, None)],
+                         ids=["underplanned", "small_parts", "one_part", "overplanned"])
+def test_any_partition_plan_is_correct(max_seq_len: int, partition_size: int | None) -> None:
+    """A row longer than planned gets longer partitions; an over-planned launch idles CTAs."""
+    case = make_case([3000, 2999, 1500, 5], num_kv_heads=2, group=4, head_dim=128,
+                     dtype=torch.bfloat16, block_size=16, streaming_heads=[False, True], seed=11)
+    check(case, run_op(case, max_seq_len, partition_size))
+
+
+def test_wrapper_matches_raw_op_and_fills_padding_rows() -> None:
+    case = make_case([0, 900, 0, 33], num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16,
+                     block_size=16, streaming_heads=[True, False], pad_slots=1, seed=5)
+    out = torch.full_like(case.q, float("nan"))
+    got = paged_decode(case.q, *case.slots, case.seq_lens, max_seq_len=900,
+                       num_kv_heads=case.num_kv_heads, block_size=case.block_size,
+                       sink_size=case.sink, window=case.window, out=out)
+    assert got is out
+    assert torch.equal(out, run_op(case, 900))
+    assert (out[[0, 2]] == 0).all()
+    check(case, out)
+
+
+def test_strided_query_and_output() -> None:
+    """q sliced out of a fused QKV buffer, out a column slice, as in a vLLM layer."""
+    case = make_case([700, 20], num_kv_heads=2, group=4, head_dim=64, dtype=torch.bfloat16,
+                     block_size=32, streaming_heads=[False, True], seed=9)
+    qkv = torch.randn(2, 12, 64, dtype=torch.bfloat16, device="cuda")
+    qkv[:, :8] = case.q
+    case.q = qkv[:, :8]
+    out_buf = torch.full((2, 10, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = paged_decode(case.q, *case.slots, case.seq_lens, max_seq_len=700, num_kv_heads=2,
+                       block_size=32, sink_size=case.sink, window=case.window,
+                       out=out_buf[:, 1:9])
+    check(case, out)
+    assert out_buf[:, [0, 9]].isnan().all()
+
+
+def test_cuda_graph_replay_with_new_inputs() -> None:
+    """The launch depends only on shapes: replaying with new lengths, tables and caches is exact."""
+    shape = dict(num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16, block_size=16,
+                 streaming_heads=[True, False], pad_slots=1, pool_blocks=300, table_width=200)
+    first = make_case([3000, 10, 400], seed=1, **shape)
+    second = make_case([200, 3100, 0], seed=2, slot_order=first.kv_heads, **shape)
+    kwargs = dict(max_seq_len=3200, num_kv_heads=2, block_size=16, sink_size=first.sink,
+                  window=first.window)
+    paged_decode(first.q, *first.slots, first.seq_lens, **kwargs)  # warm up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode(first.q, *first.slots, first.seq_lens, **kwargs)
+    graph.replay()
+    check(first, out)
+    for dst, src in [(first.q, second.q), (first.seq_lens, second.seq_lens)]:
+        dst.copy_(src)
+    for dst_c, src_c, dst_t, src_t in zip(first.caches, second.caches, first.tables, second.tables):
+        if dst_c is not None:
+            dst_c.copy_(src_c)
+            dst_t.copy_(src_t)
+    graph.replay()
+    check(second, out)
+
+
+def test_opcheck() -> None:
+    case = make_case([300, 0, 5000], num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16,
+                     block_size=16, streaming_heads=[True, False], pad_slots=1, seed=3)
+    parts = 10
+    args = (torch.empty_like(case.q), case.q, *case.slots, case.seq_lens, case.num_kv_heads,
+            case.block_size, case.sink, case.window, case.scale, 512,
+            torch.empty(3, 8, parts, 128, device="cuda"), torch.empty(3, 8, parts, device="cuda"))
+    torch.library.opcheck(torch.ops.vllm_duo.paged_decode.default, args)
