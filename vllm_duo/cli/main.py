@@ -11,9 +11,12 @@ from vllm_duo.errors import DuoConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-duo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from vllm_duo.cli import inspect_cmd
+    from vllm_duo.cli import bench_cmd, identify_cmd, inspect_cmd, niah_cmd
 
     inspect_cmd.add_parser(sub)
+    identify_cmd.add_parser(sub)
+    niah_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

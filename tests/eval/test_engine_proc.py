@@ -1,0 +1,59 @@
+"""The subprocess runner: result JSON, live log copy, vLLM figures from the log, failures (CPU)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vllm_duo.eval.engine_proc import EngineJobError, parse_engine_log, run_job
+
+VLLM_LOG = """INFO 11-23 [gpu_worker.py:561] Available KV cache memory: 50.35 GiB
+INFO 11-23 [default_loader.py:1] Model loading took 14.99 GiB memory and 3.2 seconds
+INFO 11-23 [kv_cache_utils.py:2177] GPU KV cache size: 412,496 tokens
+INFO 11-23 [kv_cache_utils.py:2179] Maximum concurrency for 65,536 tokens per request: 6.29x
+"""
+
+
+def test_parse_engine_log():
+    assert parse_engine_log(VLLM_LOG) == {
+        "kv_cache_tokens": 412496, "max_concurrency": 6.29, "concurrency_request_tokens": 65536,
+        "kv_cache_gib": 50.35, "model_load_gib": 14.99}
+    assert parse_engine_log("nothing here") == {}
+
+
+def test_run_job_returns_result_and_log_figures(tmp_path, capfd):
+    log = tmp_path / "run.log"
+    res = run_job("tests.eval.fake_jobs:echo", {"x": [1, 2]}, log_path=str(log), echo=True, header="first")
+    assert res["spec"] == {"x": [1, 2]}
+    assert res["kv_cache_tokens"] == 412496 and res["max_concurrency"] == 6.29
+    assert res["seen_in_child"]["max_concurrency"] == 6.29  # the job read its own log while running
+    text = log.read_text()
+    assert "==== first ====" in text and "progress to stderr" in text
+    assert "Maximum concurrency" in capfd.readouterr().err  # echoed live
+    second = run_job("tests.eval.fake_jobs:figures_only", {}, log_path=str(log), header="second")
+    assert "==== first ====" in log.read_text() and "==== second ====" in log.read_text()  # appended
+    assert second["seen_in_child"] == {} and "max_concurrency" not in second  # only its own part
+
+
+def test_run_job_failure_carries_log_tail(tmp_path):
+    with pytest.raises(EngineJobError, match="boom from the child") as e:
+        run_job("tests.eval.fake_jobs:fail", {}, log_path=str(tmp_path / "f.log"))
+    assert "about to fail" in str(e.value) and "exited with 1" in str(e.value)
+
+
+def test_run_job_timeout_kills_child(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(EngineJobError, match="timed out"):
+        run_job("tests.eval.fake_jobs:sleep", {"seconds": 60}, timeout=2)
+    assert time.monotonic() - t0 < 30
+
+
+def test_run_job_reaps_what_the_child_left_behind():
+    pid = run_job("tests.eval.fake_jobs:orphan", {})["pid"]
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        return  # gone
+    assert "Z" in state  # killed, waiting for init to reap it

@@ -1,0 +1,222 @@
+"""``vllm-duo bench``: end-to-end throughput, duo vs FLASH_ATTN side by side (GPU).
+
+Llama-3-8B shape with dummy weights (a config.json is written), the Llama-3-8B-1048k pattern.
+  a  decode tokens/s at the largest batch of long requests each backend holds
+  b  throughput of a batch of short prompts
+  c  the longest single context each backend holds
+Each backend runs in its own process; a and b share one engine, c starts another (eager:
+nothing in c is timed). The timing method is in vllm_duo/eval/bench.py and in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any
+
+from vllm_duo.errors import DuoConfigError
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK
+
+PATTERN_NAME = "Llama-3-8B-Instruct-Gradient-1048k"
+
+
+def _pattern_candidates() -> list[str]:
+    """$VLLM_DUO_PATTERNS, ./.patterns (carried to the GPU machine), ../shared/patterns."""
+    from vllm_duo.eval.engine_proc import ROOT
+
+    roots = [os.environ.get("VLLM_DUO_PATTERNS"), ".patterns", os.path.join(ROOT, ".patterns"),
+             os.path.join(os.path.dirname(ROOT), "shared", "patterns")]
+    return [os.path.join(r, PATTERN_NAME) for r in roots if r]
+
+
+def parse_parts(values: list[str]) -> str:
+    """``a b``, ``ab`` or ``a,c`` -> "ab" / "ac" (ordered, unique)."""
+    chars = "".join(values).replace(",", "").lower()
+    bad = sorted(set(chars) - set("abc"))
+    if bad or not chars:
+        raise DuoConfigError(f"--only takes parts among a, b, c (e.g. --only a b); got {values}")
+    return "".join(p for p in "abc" if p in chars)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="end-to-end throughput, duo vs FLASH_ATTN (GPU)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", default=["abc"], metavar="PART", help="parts to run: a, b, c (default all)")
+    p.add_argument("--methods", nargs="+", default=["full", "duo"], choices=["full", "duo"])
+    p.add_argument("--pattern", default=None,
+                   help=f"duo pattern (default: {PATTERN_NAME} under $VLLM_DUO_PATTERNS, ./.patterns "
+                        f"or ../shared/patterns)")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK)
+    p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="a/b without torch.compile/CUDA graphs (faster start, slower decode)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="a/b engine's max_num_seqs (caps a's batch)")
+    p.add_argument("--a-prompt", type=int, default=65536, help="a: tokens per request prompt")
+    p.add_argument("--a-decode", type=int, default=256, help="a: tokens generated per request")
+    p.add_argument("--a-batch", type=int, default=None, help="a: batch (default floor(vLLM's max concurrency))")
+    p.add_argument("--b-prompt", type=int, default=1024)
+    p.add_argument("--b-batch", type=int, default=64)
+    p.add_argument("--b-output", type=int, default=128)
+    p.add_argument("--b-repeats", type=int, default=3)
+    p.add_argument("--c-max-positions", type=int, default=2 ** 21,
+                   help="c: max_position_embeddings written to the config (the search's upper bound)")
+    p.add_argument("--c-verify", type=float, default=0.0,
+                   help="c: also prefill one prompt of this fraction of the found maximum (0 = skip)")
+    p.add_argument("--out", default=None, help="output folder (default $OUT/bench or ./bench_out)")
+    p.add_argument("--timeout", type=int, default=540, help="seconds per engine")
+    p.add_argument("--quiet", action="store_true", help="do not echo engine logs (they still go to --out)")
+    p.set_defaults(func=run)
+
+
+def _k(n: int) -> str:
+    return f"{round(n / 1024)}k"
+
+
+def job_specs(args: argparse.Namespace, parts: str, model_ab: str, model_c: str,
+              method) -> list[tuple[str, dict[str, Any]]]:
+    """The (label, spec) of each engine this method needs: one for a/b, one for c."""
+    base = dict(load_format="dummy", skip_tokenizer_init=True, seed=0, enable_prefix_caching=False,
+                disable_log_stats=False, gpu_memory_utilization=args.gpu_memory_utilization,
+                **method.engine_kwargs())
+    specs = []
+    ab = parts.replace("c", "")
+    if ab:
+        max_len = max(args.a_prompt + args.a_decode if "a" in ab else 0,
+                      args.b_prompt + args.b_output if "b" in ab else 0)
+        seqs = max(args.max_num_seqs, args.b_batch if "b" in ab else 1)
+        engine = dict(base, max_model_len=max_len, max_num_seqs=seqs, enforce_eager=args.enforce_eager)
+        specs.append((ab, dict(model=model_ab, engine=engine, parts=ab,
+                               a=dict(prompt_tokens=args.a_prompt, decode_tokens=args.a_decode, batch=args.a_batch,
+                                      max_num_seqs=engine["max_num_seqs"]),
+                               b=dict(prompt_tokens=args.b_prompt, batch=args.b_batch, output_tokens=args.b_output,
+                                      repeats=args.b_repeats))))
+    if "c" in parts:
+        engine = dict(base, max_model_len=-1, max_num_seqs=1, enforce_eager=True)
+        specs.append(("c", dict(model=model_c, engine=engine, parts="c",
+                                c=dict(max_positions=args.c_max_positions, verify=args.c_verify))))
+    return specs
+
+
+def figures_for(rows: dict[str, Any], args: argparse.Namespace, duo: str) -> tuple[dict, dict]:
+    """(figures for summary.json, extra comparisons) from the rows that ran."""
+    from vllm_duo.eval.bench import ratio
+
+    def get(method: str, *keys: str):
+        v: Any = rows.get(method, {})
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        return v
+
+    figures: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if (r := ratio(get(duo, "a", "decode", "decode_tokens_per_s"), get("full", "a", "decode", "decode_tokens_per_s"))):
+        figures[f"e2e_decode_ratio_{_k(args.a_prompt)}_{duo[4:]}"] = r
+        extra["a_batch"] = {"full": get("full", "a", "batch"), duo: get(duo, "a", "batch")}
+    if (r := ratio(get(duo, "b", "output_tokens_per_s"), get("full", "b", "output_tokens_per_s"))):
+        figures[f"short_prompt_ratio_{_k(args.b_prompt)}_b{args.b_batch}"] = r
+    if (n := get(duo, "c", "max_context_tokens")):
+        figures[f"max_context_tokens_{duo}"] = n
+        extra["max_context_tokens_full"] = get("full", "c", "max_context_tokens")
+        extra["max_context_ratio"] = ratio(n, extra["max_context_tokens_full"])
+    return figures, extra
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vllm_duo.eval import bench
+    from vllm_duo.eval.engine_proc import LLAMA3_8B, EngineJobError, run_job, write_model
+    from vllm_duo.eval.methods import check_pattern, expand_methods
+    from vllm_duo.eval.results import default_out, record, write_json
+
+    parts = parse_parts(args.only)
+    pattern = args.pattern
+    if "duo" in args.methods and pattern is None:
+        pattern = next((p for p in _pattern_candidates() if os.path.isdir(p)), None)
+        if pattern is None:
+            raise DuoConfigError(f"no {PATTERN_NAME} pattern found at {_pattern_candidates()}; pass --pattern")
+    methods = expand_methods(args.methods, pattern=pattern, sparsities=[args.sparsity], sink=args.sink,
+                             recent=args.recent)
+    if pattern and "duo" in args.methods:
+        check_pattern(pattern, LLAMA3_8B["num_hidden_layers"], LLAMA3_8B["num_key_value_heads"], "Llama-3-8B")
+    out_dir = os.path.abspath(args.out or default_out("bench"))
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "bench.log")
+    duo = next((m.name for m in methods if m.name.startswith("duo_")), "duo")
+
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        model_ab = write_model(os.path.join(d, "llama3_8b"), LLAMA3_8B)
+        model_c = write_model(os.path.join(d, "llama3_8b_long"),
+                              dict(LLAMA3_8B, max_position_embeddings=args.c_max_positions))
+        jobs = [(m, label, spec) for m in methods for label, spec in job_specs(args, parts, model_ab, model_c, m)]
+        for m, label, spec in tqdm(jobs, desc="bench engines", unit="engine"):
+            row = rows.setdefault(m.name, {"engine_kwargs": {}})
+            row["engine_kwargs"][label] = spec["engine"]
+            try:
+                res = run_job("vllm_duo.eval.bench:run_parts", spec, log_path=log_path, echo=not args.quiet,
+                              timeout=args.timeout, header=f"bench {m.name} {label}")
+            except EngineJobError as e:
+                tqdm.write(f"bench: {m.name} ({label}) failed: {str(e)[-1500:]}", file=sys.stderr)
+                row.setdefault("errors", {})[label] = str(e)[-4000:]
+                continue
+            for p in label:
+                row[p] = res.pop(p)
+            row[f"engine_{label}"] = res
+            _print_row(m.name, label, row)
+
+    figures, extra = figures_for(rows, args, duo)
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    payload = {"parts": parts, "settings": dict(settings, pattern=pattern), "model": "Llama-3-8B shape, dummy weights",
+               "timing_method": bench.__doc__, "rows": rows, "figures": figures, "extra": extra}
+    name = f"e2e_bench_{parts}"
+    write_json(os.path.join(out_dir, f"{name}.json"), payload)
+    _print_table(rows)
+    print(f"bench: figures {figures}; extra {extra}")
+    failed = [m for m, r in rows.items() if r.get("errors")]
+    if figures:
+        print(f"bench: recorded -> {record(name, payload, figures, out_dir)}")
+    print(f"bench: wrote {out_dir}")
+    return 1 if failed else 0
+
+
+def _print_row(method: str, label: str, row: dict[str, Any]) -> None:
+    eng = row.get(f"engine_{label}", {})
+    print(f"bench: {method} [{label}] start {eng.get('engine_start_s')} s, KV {eng.get('kv_cache_gib')} GiB = "
+          f"{eng.get('kv_cache_tokens')} tokens, concurrency {eng.get('max_concurrency')}x "
+          f"at {eng.get('max_model_len')} tokens, GPU used {eng.get('gpu_memory_used_gib')} GiB", flush=True)
+    if "a" in label and "a" in row:
+        a = row["a"]
+        print(f"bench:   a: batch {a['batch']} x {a['prompt_tokens']} -> decode "
+              f"{a['decode']['decode_tokens_per_s']} tok/s ({a['decode_tokens_per_s_per_seq']} per seq), "
+              f"step {a['decode']['step_ms']} ms, TTFT {a['ttft_s']} s", flush=True)
+    if "b" in label and "b" in row:
+        b = row["b"]
+        print(f"bench:   b: {b['batch']} x {b['prompt_tokens']} + {b['output_tokens']}: {b['output_tokens_per_s']} "
+              f"out tok/s, {b['total_tokens_per_s']} total tok/s, walls {b['walls_s']} s", flush=True)
+    if "c" in label and "c" in row:
+        c = row["c"]
+        print(f"bench:   c: longest context {c['max_context_tokens']} tokens "
+              f"(bounded by positions: {c['bounded_by_positions']}) {c.get('verify', '')}", flush=True)
+
+
+def _print_table(rows: dict[str, Any]) -> None:
+    """One line per backend: the numbers the figures come from."""
+    def at(row: dict, *keys: str):
+        for k in keys:
+            row = row.get(k) if isinstance(row, dict) else None
+        return "-" if row is None else row
+
+    print(f"{'method':>10} {'a batch':>8} {'a decode tok/s':>15} {'a step p50 ms':>14} {'b out tok/s':>12} "
+          f"{'c max context':>14} {'KV GiB':>7}")
+    for name, r in rows.items():
+        kv = next((v["kv_cache_gib"] for k, v in r.items() if k.startswith("engine_") and k != "engine_kwargs"
+                   and "kv_cache_gib" in v), "-")
+        print(f"{name:>10} {at(r, 'a', 'batch'):>8} {at(r, 'a', 'decode', 'decode_tokens_per_s'):>15} "
+              f"{at(r, 'a', 'decode', 'step_ms', 'p50'):>14} {at(r, 'b', 'output_tokens_per_s'):>12} "
+              f"{at(r, 'c', 'max_context_tokens'):>14} {kv:>7}" + ("  ERRORS: " + ", ".join(r["errors"])
+                                                                   if r.get("errors") else ""))

@@ -1,0 +1,161 @@
+"""``vllm-duo niah``: passkey needle-in-a-haystack grid through vLLM, one engine per method.
+
+Prompts (context lengths x needle depths x samples) are built once here as token ids; each
+method (full = FLASH_ATTN, duo at each sparsity, all-streaming at the same sink/recent) then
+generates all of them in one batch in its own process. Writes a JSON grid and one heatmap
+PNG per method to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from vllm_duo.errors import DuoConfigError
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK
+
+DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("niah", help="passkey needle-in-a-haystack grid (GPU)", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder (weights + tokenizer)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1000 * i for i in range(1, 9)],
+                   help="context lengths in tokens (whole prompt)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths, fractions of the haystack")
+    p.add_argument("--samples", type=int, default=1, help="prompts (different pass keys) per cell")
+    p.add_argument("--methods", nargs="+", default=["full", "duo", "streaming"],
+                   choices=["full", "duo", "streaming"])
+    p.add_argument("--pattern", default=None, help="duo head pattern for this model (folder or TSV)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75],
+                   help="duo sparsities (fraction of streaming heads); one method each")
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK)
+    p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--prefill-recent", type=int, default=None,
+                   help="streaming heads' window while prefilling (default: --recent; the reference "
+                        "prefills densely up to 32K, i.e. --prefill-recent 8192 for an 8K model)")
+    p.add_argument("--chat-template", choices=["on", "off"], default="off")
+    p.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
+    p.add_argument("--seed", type=int, default=0, help="pass-key seed")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip torch.compile/CUDA graphs (faster start; accuracy is unaffected)")
+    p.add_argument("--out", default=None, help="output folder (default $OUT/niah or ./niah_out)")
+    p.add_argument("--record", default=None, metavar="FIGURE",
+                   help="also save via benchmarks/summary.save_result as figure FIGURE (e.g. niah_smollm2)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per engine")
+    p.add_argument("--quiet", action="store_true", help="do not echo engine logs (they still go to --out)")
+    p.set_defaults(func=run)
+
+
+def _check_grid(args: argparse.Namespace, max_positions: int) -> None:
+    if args.samples < 1:
+        raise DuoConfigError(f"--samples must be >= 1, got {args.samples}")
+    if min(args.lengths) < 1:
+        raise DuoConfigError(f"--lengths must be positive, got {args.lengths}")
+    for d in args.depths:
+        if not 0 <= d <= 1:
+            raise DuoConfigError(f"--depths are fractions in [0, 1] (0.5, not 50); got {d}")
+    need = max(args.lengths) + args.max_tokens
+    if max_positions and need > max_positions:
+        raise DuoConfigError(f"the longest prompt ({max(args.lengths)}) plus --max-tokens ({args.max_tokens}) "
+                             f"is {need} tokens, beyond the model's {max_positions} positions; "
+                             f"lower --lengths")
+
+
+def build_prompts(builder, lengths: list[int], depths: list[float], samples: int, seed: int) -> list:
+    from vllm_duo.eval.niah import passkey_for
+
+    return [(s, builder.build(n, d, passkey_for(seed, n, d, s)))
+            for n in lengths for d in depths for s in range(samples)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vllm_duo.eval.engine_proc import EngineJobError, run_job
+    from vllm_duo.eval.methods import check_pattern, expand_methods, model_shape
+    from vllm_duo.eval.niah import HFCodec, PromptBuilder, cell_record, grid_summary, plot_grid
+    from vllm_duo.eval.results import default_out, record, write_json
+
+    layers, kv_heads, max_positions = model_shape(args.model)
+    _check_grid(args, max_positions)
+    methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
+                             recent=args.recent, prefill_recent=args.prefill_recent)
+    if any(m.name.startswith("duo_") for m in methods):
+        check_pattern(args.pattern, layers, kv_heads, args.model)
+    out_dir = os.path.abspath(args.out or default_out("niah"))
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "niah.log")
+
+    codec = HFCodec(args.model)
+    chat = codec.chat_wrap() if args.chat_template == "on" else None
+    builder = PromptBuilder(codec, chat=chat, prefix=[] if chat else codec.special_prefix())
+    prompts = build_prompts(builder, args.lengths, args.depths, args.samples, args.seed)
+    print(f"niah: {len(prompts)} prompts ({len(args.lengths)} lengths x {len(args.depths)} depths x "
+          f"{args.samples}), methods {[m.name for m in methods]}, out {out_dir}", flush=True)
+
+    engine_base = dict(max_model_len=max(args.lengths) + args.max_tokens, seed=0,
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                       enforce_eager=args.enforce_eager, enable_prefix_caching=False)
+    results: dict[str, Any] = {}
+    for m in tqdm(methods, desc="niah methods", unit="engine"):
+        engine = dict(engine_base, **m.engine_kwargs())
+        spec = dict(model=args.model, engine=engine, prompts=[p.ids for _, p in prompts],
+                    max_tokens=args.max_tokens, use_tqdm=True)
+        t0 = time.perf_counter()
+        try:
+            res = run_job("vllm_duo.eval.engine_proc:generate", spec, log_path=log_path, echo=not args.quiet,
+                          timeout=args.timeout, header=f"niah {m.name}")
+        except EngineJobError as e:
+            tqdm.write(f"niah: {m.name} failed: {str(e)[-1500:]}", file=sys.stderr)
+            results[m.name] = {"engine": engine, "error": str(e)[-4000:]}
+            continue
+        cells = [cell_record(p, s, codec.decode(toks)) for (s, p), toks in zip(prompts, res["tokens"])]
+        summary = grid_summary(cells, args.lengths, args.depths)
+        png = os.path.join(out_dir, f"niah_{m.name}.png")
+        plot_grid(summary["grid"], args.lengths, args.depths, png,
+                  f"{m.name}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['total']})\n"
+                  f"{os.path.basename(os.path.normpath(args.model))}, sink {args.sink}, recent {args.recent}")
+        results[m.name] = dict(summary, engine=engine, seconds=round(time.perf_counter() - t0, 1),
+                               generate_seconds=res.get("generate_seconds"), png=os.path.basename(png),
+                               cells=cells)
+        tqdm.write(f"niah: {m.name}: accuracy {summary['accuracy']:.1%}")
+
+    payload = {
+        "model": args.model, "lengths": args.lengths, "depths": args.depths, "samples": args.samples,
+        "chat_template": args.chat_template, "sink": args.sink, "recent": args.recent,
+        "prefill_recent": args.prefill_recent, "pattern": args.pattern, "max_tokens": args.max_tokens,
+        "seed": args.seed, "grid_layout": "grid[depth index][length index] = fraction correct",
+        "accuracy": {k: v.get("accuracy") for k, v in results.items()}, "methods": results,
+    }
+    _print_grids(results, args.lengths, args.depths)
+    write_json(os.path.join(out_dir, "niah.json"), payload)
+    print(f"niah: wrote {out_dir}")
+    failed = [k for k, v in results.items() if "error" in v]
+    if args.record and failed:
+        print(f"niah: figure {args.record} not recorded: {failed} failed", file=sys.stderr)
+    elif args.record:
+        path = record(args.record, payload, {args.record: payload["accuracy"]}, out_dir)
+        print(f"niah: recorded figure {args.record} = {payload['accuracy']} -> {path}")
+    return 1 if failed else 0
+
+
+def _print_grids(results: dict[str, Any], lengths: list[int], depths: list[float]) -> None:
+    """A text copy of each heatmap: '#' found, '.' missed, digits = percent when mixed."""
+    def mark(v: float | None) -> str:
+        return " " if v is None else "#" if v == 1 else "." if v == 0 else str(min(9, int(v * 10)))
+
+    for name, r in results.items():
+        if "grid" not in r:
+            print(f"{name:>12}: FAILED")
+            continue
+        print(f"{name:>12}: {r['accuracy']:.1%}  (rows = depth, columns = {lengths[0]}..{lengths[-1]} tokens)")
+        for d, row in zip(depths, r["grid"]):
+            print(f"{'':>12}  {d:4.0%} |{''.join(mark(v) for v in row)}|")

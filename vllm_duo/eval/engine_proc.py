@@ -1,0 +1,213 @@
+"""Run one vLLM engine job in a fresh process; the job's result comes back as JSON.
+
+Each backend gets its own process so GPU memory, compile caches and vLLM's process-wide
+state never leak between runs. The child's stdout/stderr (vLLM's logs, progress bars) are
+copied live to a log file, and echoed unless asked not to; vLLM's startup figures (KV-cache
+tokens, max concurrency) are parsed from that log, because in V1 they are logged by the
+engine-core process and not returned to the caller. A job running in the child can read
+them too, while it runs (:func:`engine_log_figures`).
+
+    python -m vllm_duo.eval.engine_proc MODULE:FUNCTION IN.json OUT.json
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+LOG_ENV = "VLLM_DUO_ENGINE_LOG"  # "offset:path" of the child's own log, for jobs that read its figures
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+    "bos_token_id": 128000, "eos_token_id": 128001,
+}
+
+
+def write_model(path: str, config: dict) -> str:
+    """A model folder holding only ``config.json`` (use with ``load_format="dummy"``)."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+class EngineJobError(RuntimeError):
+    """The child process failed or timed out; the message carries its log tail."""
+
+
+def run_job(job: str, spec: dict[str, Any], *, log_path: str | None = None, echo: bool = False,
+            timeout: float = 1500, header: str | None = None) -> dict[str, Any]:
+    """Run ``job`` ("module:function", called with ``spec``) in a fresh Python process.
+
+    Returns the function's dict plus the engine figures parsed from the child's log.
+    ``log_path`` (appended to) keeps the full log; ``echo`` also copies it to stderr live.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "in.json"), os.path.join(d, "out.json")
+        log_path = os.path.abspath(log_path or os.path.join(d, "engine.log"))
+        with open(src, "w") as f:
+            json.dump(spec, f)
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            if header:
+                log.write(f"==== {header} ====\n".encode())
+                log.flush()
+            # the child reads only its own part of a log that earlier jobs share
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **{LOG_ENV: f"{start}:{log_path}"})
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+            proc = subprocess.Popen([sys.executable, "-m", "vllm_duo.eval.engine_proc", job, src, dst],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # own group: the engine core dies with it
+            pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo), daemon=True)
+            pump.start()
+            try:
+                rc: int | None = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            finally:  # also reaps an engine core the child left behind, and stops on Ctrl-C
+                _kill_group(proc)
+            pump.join(timeout=30)
+            proc.stdout.close()
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        if not os.path.exists(dst):  # written last, atomically: a job that got there succeeded
+            why = f"timed out after {timeout:.0f} s" if rc is None else f"exited with {rc}"
+            raise EngineJobError(f"engine job {job} {why}; full log: {log_path}\n--- log tail ---\n"
+                                 f"{text[-4000:]}")
+        with open(dst) as f:
+            result = json.load(f)
+    result.update(parse_engine_log(text))
+    return result
+
+
+def _pump(stream, log, echo: bool) -> None:
+    """Copy the child's output to the log (and stderr) as it comes, progress bars included."""
+    fd = stream.fileno()
+    while chunk := os.read(fd, 65536):
+        log.write(chunk)
+        log.flush()
+        if echo:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+
+
+def _kill_group(proc: subprocess.Popen, wait: float = 30.0) -> None:
+    """SIGKILL the child's process group, then wait until it is gone (its GPU memory freed),
+    so the next engine's memory profiling does not see it."""
+    deadline = time.monotonic() + wait
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()  # reap the leader, or its zombie keeps the group alive
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.2)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group has exited
+    proc.wait()
+
+
+_LOG_FIGURES = {
+    "kv_cache_tokens": (r"GPU KV cache size: ([\d,]+) tokens", int),
+    "max_concurrency": (r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", float),
+    "concurrency_request_tokens": (r"Maximum concurrency for ([\d,]+) tokens per request", int),
+    "kv_cache_gib": (r"Available KV cache memory: ([\d.]+) GiB", float),
+    "model_load_gib": (r"Model loading took ([\d.]+) GiB", float),
+}
+
+
+def parse_engine_log(log: str) -> dict[str, float]:
+    """vLLM's own startup figures (the last of each in ``log``); absent ones are left out."""
+    out: dict[str, float] = {}
+    for key, (pattern, cast) in _LOG_FIGURES.items():
+        if found := re.findall(pattern, log):
+            out[key] = cast(found[-1].replace(",", ""))
+    return out
+
+
+def engine_log_figures(wait: float = 20.0, need: str = "max_concurrency") -> dict[str, float]:
+    """Inside a job: the figures vLLM's engine core has logged so far (it logs them before
+    ``LLM(...)`` returns; the parent copies them to the log file within moments)."""
+    where = os.environ.get(LOG_ENV)
+    if not where:
+        raise RuntimeError(f"{LOG_ENV} is not set: run this job through engine_proc.run_job")
+    offset, _, path = where.partition(":")
+    deadline = time.monotonic() + wait
+    while True:
+        with open(path, "rb") as f:
+            f.seek(int(offset))
+            figures = parse_engine_log(f.read().decode(errors="replace"))
+        if need in figures or time.monotonic() > deadline:
+            return figures
+        time.sleep(0.2)
+
+
+def gpu_memory_used_gib() -> float | None:
+    """Device-wide used memory via NVML (no CUDA context in this process); None without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    try:
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        index = int(first) if first.isdigit() else 0
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return round(info.used / 2**30, 2)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def generate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Job: greedy generation from token-id prompts.
+
+    spec: model, prompts (token-id lists), max_tokens, engine (``LLM`` kwargs), and optional
+    ignore_eos (default False), logprobs, use_tqdm (default False).
+    """
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], **spec.get("engine", {}))
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"],
+                            ignore_eos=spec.get("ignore_eos", False), detokenize=False,
+                            logprobs=spec.get("logprobs"))
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params,
+                        use_tqdm=spec.get("use_tqdm", False))
+    result: dict[str, Any] = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "generate_seconds": round(time.perf_counter() - t0, 3),
+    }
+    if spec.get("logprobs"):
+        result["logprobs"] = [[{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs]
+                              for o in outs]
+    return result
+
+
+def _main(job: str, src: str, dst: str) -> None:
+    module, _, func = job.partition(":")
+    fn = getattr(importlib.import_module(module), func)
+    with open(src) as f:
+        spec = json.load(f)
+    result = fn(spec)
+    with open(dst + ".part", "w") as f:
+        json.dump(result, f)
+    os.replace(dst + ".part", dst)
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:4])
