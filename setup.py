@@ -20,14 +20,16 @@ def _cuda_extension():
     if os.environ.get("VLLM_DUO_SKIP_EXT") == "1":
         print("vllm-duo: VLLM_DUO_SKIP_EXT=1, installing without the CUDA extension")
         return [], {}
+    # torch computes CUDA_HOME when cpp_extension is imported, from nvcc on PATH; a wrapper
+    # script there (e.g. /usr/local/bin/nvcc) makes it guess /usr/local and miss libcudart.
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch  # noqa: F401
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
         print("vllm-duo: torch is not importable at build time, installing without the CUDA extension")
         return [], {}
-    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     if not (os.environ.get("CUDA_HOME") or shutil.which("nvcc")):
         print("vllm-duo: no CUDA toolkit (nvcc) found, installing without the CUDA extension")
         return [], {}
