@@ -8,7 +8,7 @@ from typing import Any
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.model_check import check_features, check_model
 from vllm_duo.options import CONFIG_KEY, DuoOptions, parse_options, resolve_options
-from vllm_duo.patterns import check_tp
+from vllm_duo.patterns import check_shape, check_tp
 
 logger = logging.getLogger("vllm_duo")
 
@@ -41,10 +41,15 @@ def resolve_duo_config(vllm_config: Any) -> DuoOptions:
 
 
 def options_from_vllm_config(vllm_config: Any) -> DuoOptions:
-    """Worker side: the already-resolved options (never reads the pattern file)."""
+    """Worker side: the already-resolved options (never reads the pattern file).
+
+    An embedded mask is still checked against the model: a config built without the front
+    process's wrapper (or edited after it) must not reach the slot plan with the wrong shape.
+    """
     extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
     opts = parse_options(extra.get(CONFIG_KEY))
+    shape, model = model_shape(vllm_config.model_config), str(vllm_config.model_config.model)
     if not opts.resolved:
-        opts = resolve_options(opts, *model_shape(vllm_config.model_config),
-                               model=str(vllm_config.model_config.model))
+        return resolve_options(opts, *shape, model=model)
+    check_shape(opts.mask(), *shape, model)
     return opts

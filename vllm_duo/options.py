@@ -61,24 +61,37 @@ class DuoOptions:
 _FIELDS = tuple(DuoOptions.__dataclass_fields__)
 
 
+def show(value: Any, limit: int = 60) -> str:
+    """A short repr for error messages: never huge, never raising (ints past Python's
+    4300-digit str limit, objects with broken __repr__)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - any repr failure just means "show the type"
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit - 15]}...({type(value).__name__})"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _whole(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (isinstance(value, float) and (not math.isfinite(value) or not value.is_integer())):
-        raise DuoConfigError(f"duo_attention.{name} must be a whole number of tokens, got {value!r}")
-    value = int(value)
+    if not _is_number(value) or (isinstance(value, float) and (not math.isfinite(value) or not value.is_integer())):
+        raise DuoConfigError(f"duo_attention.{name} must be a whole number of tokens, got {show(value)}")
     if not minimum <= value <= _MAX_TOKENS:
         raise DuoConfigError(
-            f"duo_attention.{name} must be between {minimum} and {_MAX_TOKENS}, got {value}")
-    return value
+            f"duo_attention.{name} must be between {minimum} and {_MAX_TOKENS}, got {show(value)}")
+    return int(value)
 
 
 def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DuoConfigError(f"duo_attention.{name} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= value <= 1.0:
+    # Ints are compared exactly (math.isfinite overflows on ints past float range).
+    if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
+        raise DuoConfigError(f"duo_attention.{name} must be a number in [0, 1], got {show(value)}")
+    if not 0 <= value <= 1:
         raise DuoConfigError(
             f"duo_attention.{name} must be in [0, 1] (the fraction of streaming heads for "
-            f"sparsity), got {value}")
+            f"sparsity), got {show(value)}")
     return float(value)
 
 
@@ -88,7 +101,8 @@ def _mask(value: Any) -> tuple[tuple[int, ...], ...]:
         raise DuoConfigError("duo_attention.retrieval_mask must be a non-empty list of rows (layers) of 0/1")
     if len({len(r) for r in value}) != 1:
         raise DuoConfigError("duo_attention.retrieval_mask is ragged; every layer needs one entry per KV head")
-    if not all(v in (0, 1) and not isinstance(v, float) for r in value for v in r):
+    # Type first: ``v in (0, 1)`` would call __eq__ of arbitrary objects (numpy arrays raise).
+    if not all(isinstance(v, (int, np.integer)) and v in (0, 1) for r in value for v in r):
         raise DuoConfigError("duo_attention.retrieval_mask entries must be 0 (streaming) or 1 (retrieval)")
     return tuple(tuple(int(v) for v in r) for r in value)
 
@@ -99,15 +113,16 @@ def parse_options(raw: Any) -> DuoOptions:
         raise DuoConfigError(_missing_pattern_message())
     if not isinstance(raw, dict):
         raise DuoConfigError(f"additional_config['{CONFIG_KEY}'] must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(map(str, raw)) - set(_FIELDS))
+    unknown = [show(k) for k in raw if not (isinstance(k, str) and k in _FIELDS)]
     if unknown:
-        raise DuoConfigError(f"unknown duo_attention option(s) {unknown}; valid options are {list(_FIELDS)}")
+        raise DuoConfigError(f"unknown duo_attention option(s) {', '.join(sorted(unknown)[:5])}; "
+                             f"valid options are {', '.join(_FIELDS)}")
     pattern = raw.get("pattern")
     if pattern is None and raw.get("retrieval_mask") is None:
         raise DuoConfigError(_missing_pattern_message())
     if pattern is not None and (not isinstance(pattern, str) or not pattern.strip()):
         raise DuoConfigError(
-            f"duo_attention.pattern must be a path, '{PATTERN_FULL}' or '{PATTERN_STREAMING}', got {pattern!r}")
+            f"duo_attention.pattern must be a path, '{PATTERN_FULL}' or '{PATTERN_STREAMING}', got {show(pattern)}")
     sparsity = None if raw.get("sparsity") is None else _fraction("sparsity", raw["sparsity"])
     threshold = None if raw.get("threshold") is None else _fraction("threshold", raw["threshold"])
     if sparsity is not None and threshold is not None:
@@ -123,7 +138,7 @@ def parse_options(raw: Any) -> DuoOptions:
                 f"it widens the streaming window during prefill, it cannot narrow it")
     seed = raw.get("seed", DEFAULT_SEED)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise DuoConfigError(f"duo_attention.seed must be an integer in [0, 2**32), got {seed!r}")
+        raise DuoConfigError(f"duo_attention.seed must be an integer in [0, 2**32), got {show(seed)}")
     mask = None if raw.get("retrieval_mask") is None else _mask(raw["retrieval_mask"])
     return DuoOptions(pattern=pattern, sparsity=sparsity, threshold=threshold, sink_size=sink,
                       recent_size=recent, prefill_recent_size=prefill, seed=seed, retrieval_mask=mask)

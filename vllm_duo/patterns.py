@@ -21,6 +21,9 @@ PATTERN_FILE = "full_attention_heads.tsv"
 # Tie-break noise exactly as the reference's sparsify_attention_heads (U(0, 1e-6)).
 TIE_NOISE = 1e-6
 DEFAULT_SEED = 42
+# A 1,000-layer x 1,000-head TSV is ~10 MB; anything larger is not a head pattern (and
+# reading a multi-GB file by mistake would stall startup).
+MAX_FILE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -44,51 +47,79 @@ def load_gates(path: str) -> GatePattern:
         tsv = os.path.join(path, PATTERN_FILE)
         if not os.path.isfile(tsv):
             raise DuoConfigError(
-                f"pattern folder {path!r} has no {PATTERN_FILE}; point 'pattern' at a "
+                f"pattern folder {_short(path)} has no {PATTERN_FILE}; point 'pattern' at a "
                 f"DuoAttention pattern folder or directly at its {PATTERN_FILE}")
         cfg_path = os.path.join(path, "config.json")
     elif os.path.isfile(path):
         tsv, cfg_path = path, os.path.join(os.path.dirname(path), "config.json")
+    elif os.path.exists(path):
+        # A FIFO or device would block or stream forever; only regular files are read.
+        raise DuoConfigError(
+            f"pattern {_short(path)} is not a regular file or a folder; pass a DuoAttention "
+            f"pattern folder (with {PATTERN_FILE}) or the TSV file itself")
     else:
         raise DuoConfigError(
-            f"pattern {path!r} does not exist; pass a DuoAttention pattern folder (with "
+            f"pattern {_short(path)} does not exist; pass a DuoAttention pattern folder (with "
             f"{PATTERN_FILE}), a TSV file, or 'full' / 'streaming' for testing")
     gates = _read_tsv(tsv)
     sink, recent = _read_pattern_config(cfg_path)
     return GatePattern(gates=gates, source=tsv, sink_size=sink, recent_size=recent)
 
 
+def _short(path: str, limit: int = 160) -> str:
+    """A path for a message: quoted, and cut in the middle if very long."""
+    text = repr(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise DuoConfigError(
+                f"{what} {_short(path)} is {size} bytes; a head pattern is at most a few MB "
+                f"(one row of gates per layer). Is this the right file?")
+        with open(path, "rb") as f:
+            return f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise DuoConfigError(f"{what} {_short(path)} cannot be read ({e.strerror or e}); "
+                             f"check the path and its permissions") from None
+
+
 def _read_tsv(tsv: str) -> np.ndarray:
     try:
-        with open(tsv, "rb") as f:
-            raw = f.read()
-        text = raw.decode("utf-8")
+        text = _read_bytes(tsv, "pattern file").decode("utf-8-sig")  # -sig: tolerate a BOM
     except UnicodeDecodeError:
         raise DuoConfigError(
-            f"pattern file {tsv!r} is not text; expected tab-separated gate values "
+            f"pattern file {_short(tsv)} is not text (invalid UTF-8); expected tab-separated gate values "
             f"(rows = layers, columns = KV heads)") from None
     rows = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not rows:
-        raise DuoConfigError(f"pattern file {tsv!r} is empty; expected one row of gates per layer")
+        raise DuoConfigError(f"pattern file {_short(tsv)} is empty; expected one row of gates per layer")
     parsed: list[list[float]] = []
     for i, ln in enumerate(rows):
         try:
-            parsed.append([float(x) for x in ln.replace(",", "\t").split()])
+            values = [float(x) for x in ln.replace(",", "\t").split()]
         except ValueError:
             raise DuoConfigError(
-                f"pattern file {tsv!r}, row {i + 1}: {ln[:60]!r} is not a row of numbers; "
+                f"pattern file {_short(tsv)}, row {i + 1}: {ln[:60]!r} is not a row of numbers; "
                 f"expected tab-separated gate values") from None
+        if not values:
+            raise DuoConfigError(
+                f"pattern file {_short(tsv)}, row {i + 1}: {ln[:60]!r} holds no gate values; "
+                f"expected tab-separated numbers, one per KV head")
+        parsed.append(values)
     widths = {len(r) for r in parsed}
     if len(widths) != 1:
         raise DuoConfigError(
-            f"pattern file {tsv!r} is ragged (rows have {sorted(widths)} columns); every row "
-            f"must have one gate per KV head. Is the file truncated?")
+            f"pattern file {_short(tsv)} is ragged (rows have {sorted(widths)[:6]} columns); every "
+            f"row must have one gate per KV head. Is the file truncated?")
     gates = np.asarray(parsed, dtype=np.float64)
     bad = ~np.isfinite(gates)
     if bad.any():
         layer, head = map(int, np.argwhere(bad)[0])
         raise DuoConfigError(
-            f"pattern file {tsv!r} has {int(bad.sum())} NaN/inf gate(s), first at layer "
+            f"pattern file {_short(tsv)} has {int(bad.sum())} NaN/inf gate(s), first at layer "
             f"{layer}, KV head {head}; re-run identification or fix the file")
     # The reference clips (gates are trained with a clamp and stored slightly outside [0, 1]).
     return np.clip(gates, 0.0, 1.0)
@@ -97,15 +128,20 @@ def _read_tsv(tsv: str) -> np.ndarray:
 def _read_pattern_config(cfg_path: str) -> tuple[int | None, int | None]:
     if not os.path.isfile(cfg_path):
         return None, None
+    raw = _read_bytes(cfg_path, "pattern config")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DuoConfigError(f"pattern config {cfg_path!r} is not valid JSON ({e}); fix or remove it") from None
+        cfg = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise DuoConfigError(f"pattern config {_short(cfg_path)} is not valid JSON "
+                             f"({str(e)[:80]}); fix or remove it") from None
     if not isinstance(cfg, dict):
-        raise DuoConfigError(f"pattern config {cfg_path!r} must be a JSON object")
+        raise DuoConfigError(f"pattern config {_short(cfg_path)} must be a JSON object")
     sink, recent = cfg.get("sink_size"), cfg.get("recent_size")
-    return (sink if isinstance(sink, int) else None, recent if isinstance(recent, int) else None)
+
+    def whole(v: object) -> int | None:  # informational: anything but a sane token count is dropped
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 24 else None
+
+    return whole(sink), whole(recent)
 
 
 def binarize(gates: np.ndarray, *, sparsity: float | None = None,
