@@ -65,3 +65,19 @@ def test_all_streaming_short_prompts_equal_full(llama3):
     stream = run_engine(dict(spec, engine=_engine(
         attention_backend="duo", additional_config={"duo_attention": {"pattern": "streaming"}})))
     assert full["tokens"] == stream["tokens"]
+
+
+def test_model_runner_v1(llama3, monkeypatch):
+    """vLLM's V1 model runner (V2 is the default for Llama): pattern='full' equals FLASH_ATTN,
+    and a mixed pattern runs through chunked prefill and decode."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    prompts = _prompts([100, 900, 3000, 6000], seed=3)
+    spec = dict(model=llama3, prompts=prompts, max_tokens=32)
+    fa = run_engine(dict(spec, engine=_engine(attention_backend="FLASH_ATTN")))
+    duo = run_engine(dict(spec, engine=_engine(**DUO_FULL)))
+    assert _match(fa["tokens"], duo["tokens"]) == 1.0
+    mask = [[(layer + head) % 2 for head in range(8)] for layer in range(32)]
+    mixed = run_engine(dict(spec, engine=_engine(
+        max_num_batched_tokens=1024, attention_backend="duo",
+        additional_config={"duo_attention": {"retrieval_mask": mask}})))
+    assert [len(t) for t in mixed["tokens"]] == [32] * len(prompts)

@@ -1,0 +1,79 @@
+"""Offline duo generation over Ray: tensor parallel 2 (or pipeline parallel) on one host.
+
+    python examples/ray_tp.py [--model HF_FOLDER] [--pattern PATTERN_FOLDER] [--sparsity 0.5] [--tp 2] [--pp 1]
+
+Without ``--model`` it writes a Llama-3-8B-shaped config.json and uses dummy weights (token-id
+prompts, no tokenizer). The pattern defaults to Llama-3-8B-Instruct-Gradient-1048k under
+``$VLLM_DUO_PATTERNS``, else ``../shared/patterns``, else ``./.patterns``. The front process
+resolves the pattern into a mask inside the config, so Ray workers never read the file.
+Run ``python -m ray.scripts.scripts stop --force`` (``ray stop --force``) before starting
+another engine on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+    "bos_token_id": 128000, "eos_token_id": 128001,
+}
+
+
+def default_pattern() -> str:
+    roots = [os.environ.get("VLLM_DUO_PATTERNS"), os.path.join(ROOT, "..", "shared", "patterns"),
+             os.path.join(ROOT, ".patterns")]
+    for root in filter(None, roots):
+        path = os.path.join(root, "Llama-3-8B-Instruct-Gradient-1048k")
+        if os.path.isdir(path):
+            return os.path.abspath(path)
+    raise SystemExit("no Llama-3-8B pattern found; pass --pattern or set VLLM_DUO_PATTERNS")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model folder (default: dummy Llama-3-8B shape)")
+    ap.add_argument("--pattern", help="DuoAttention pattern folder or TSV")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--tp", type=int, default=2, help="tensor_parallel_size")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    dummy = args.model is None
+    model = args.model or tempfile.mkdtemp()
+    if dummy:
+        with open(os.path.join(model, "config.json"), "w") as f:
+            json.dump(LLAMA3_8B, f)
+    llm = LLM(model, attention_backend="duo",
+              additional_config={"duo_attention": {"pattern": args.pattern or default_pattern(),
+                                                   "sparsity": args.sparsity}},
+              tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
+              distributed_executor_backend="ray", max_model_len=16384, seed=0,
+              **(dict(load_format="dummy", skip_tokenizer_init=True) if dummy else {}))
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=dummy, detokenize=not dummy)
+    rng = np.random.RandomState(0)
+    lengths = (50, 500, 4000, 12000)
+    prompts = ([TokensPrompt(prompt_token_ids=rng.randint(1000, 100000, n).tolist()) for n in lengths] if dummy
+               else ["The capital of France is", "Write a haiku about the sea."])
+    for o in llm.generate(prompts, params):
+        print(len(o.prompt_token_ids), list(o.outputs[0].token_ids) if dummy else repr(o.outputs[0].text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""One engine job in a fresh process (vllm_duo.eval.engine_proc) that also asks every worker rank
+for its KV-cache block count and layout (``LLM.collective_rpc``); Ray is stopped afterwards.
+
+Ranks must agree on the number of blocks and, within a TP group, on every slot layer's cache
+shape (duo pads slots so all TP ranks report identical specs).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+from vllm_duo.eval.engine_proc import run_job
+
+JOB = "tests.e2e.ray_run:generate_ranked"
+
+
+def run_ranked(spec: dict[str, Any], log_path: str | None = None, timeout: float = 1500) -> dict[str, Any]:
+    """spec: model, prompts (token ids), max_tokens, engine (LLM kwargs over: no tokenizer, seed 0),
+    optional name (a log header). The result has ``tokens``, ``num_gpu_blocks`` and ``ranks``."""
+    engine = dict(skip_tokenizer_init=True, seed=0)
+    engine.update(spec.get("engine", {}))
+    try:
+        return run_job(JOB, dict(spec, engine=engine), log_path=log_path, timeout=timeout,
+                       header=spec.get("name"))
+    finally:
+        if engine.get("distributed_executor_backend") == "ray":
+            ray_stop()
+
+
+def ray_stop() -> None:
+    """``ray stop --force`` (devkit: an engine started after a Ray run once hung without it);
+    through the module because the ``ray`` console script may not be installed."""
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                   capture_output=True, text=True, timeout=120)
+
+
+def rank_probe():
+    """A function for ``collective_rpc``; built in a closure so cloudpickle ships it by value
+    (a Ray worker need not be able to import this module)."""
+
+    def probe(worker) -> dict[str, Any]:
+        import torch
+
+        ctx = worker.vllm_config.compilation_config.static_forward_context
+        layout = sorted([name, list(layer.kv_cache.shape)] for name, layer in ctx.items()
+                        if isinstance(getattr(layer, "kv_cache", None), torch.Tensor) and layer.kv_cache.numel())
+        return {"rank": getattr(worker, "rank", None), "num_gpu_blocks": worker.cache_config.num_gpu_blocks,
+                "layout": layout}
+
+    return probe
+
+
+def generate_ranked(spec: dict[str, Any]) -> dict[str, Any]:
+    """Job: greedy tokens (ignore_eos) from token-id prompts, plus every rank's probe."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends the probe by cloudpickle
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+            "ranks": llm.collective_rpc(rank_probe())}
