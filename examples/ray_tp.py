@@ -19,14 +19,9 @@ import tempfile
 
 import numpy as np
 
+from vllm_duo.eval.engine_proc import LLAMA3_8B
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
-    "bos_token_id": 128000, "eos_token_id": 128001,
-}
 
 
 def default_pattern() -> str:

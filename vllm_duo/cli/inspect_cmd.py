@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.hf_config import read_hf_config
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, DEFAULT_SPARSITY
 from vllm_duo.patterns import DEFAULT_SEED, binarize, check_shape, kv_fraction, load_gates
 from vllm_duo.plots import plot_heatmap
@@ -33,17 +33,13 @@ def add_parser(sub) -> None:
 
 def _model_shape(path: str) -> tuple[int, int, int, int, str]:
     """(layers, kv heads, head_dim, dtype bytes, name) from an HF config.json."""
-    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(cfg_path):
-        raise DuoConfigError(f"--model {path!r}: no config.json there")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg = cfg.get("text_config", cfg)
+    cfg = read_hf_config(path)
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads", heads)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     dtype = _DTYPE_BYTES.get(str(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))), 2)
-    return cfg["num_hidden_layers"], kv, head_dim, dtype, os.path.basename(os.path.dirname(cfg_path)) or cfg_path
+    return cfg["num_hidden_layers"], kv, head_dim, dtype, os.path.basename(os.path.normpath(
+        path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
 
 
 def run(args: argparse.Namespace) -> int:

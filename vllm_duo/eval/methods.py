@@ -7,12 +7,12 @@ the same sink/recent), the paper's baseline.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.hf_config import read_hf_config
 
 METHOD_CHOICES = ("full", "duo", "streaming")
 
@@ -65,12 +65,7 @@ def expand_methods(names: list[str], *, pattern: str | None, sparsities: list[fl
 
 def model_shape(config_path: str) -> tuple[int, int, int]:
     """(layers, KV heads, max_position_embeddings) of an HF model folder or config.json."""
-    path = os.path.join(config_path, "config.json") if os.path.isdir(config_path) else config_path
-    if not os.path.isfile(path):
-        raise DuoConfigError(f"model {config_path!r} has no config.json; pass an HF model folder")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg = cfg.get("text_config", cfg)
+    cfg = read_hf_config(config_path)
     heads = cfg["num_attention_heads"]
     return cfg["num_hidden_layers"], cfg.get("num_key_value_heads", heads), cfg.get("max_position_embeddings", 0)
 
