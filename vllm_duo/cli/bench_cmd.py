@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_duo.eval import bench
     from vllm_duo.eval.engine_proc import LLAMA3_8B, EngineJobError, run_job, write_model
     from vllm_duo.eval.methods import check_pattern, expand_methods
+    from vllm_duo.eval.bench_plot import plot_bench
     from vllm_duo.eval.results import default_out, record, write_json
 
     parts = parse_parts(args.only)
@@ -176,12 +177,19 @@ def run(args: argparse.Namespace) -> int:
     name = f"e2e_bench_{parts}"
     write_json(os.path.join(out_dir, f"{name}.json"), payload)
     _print_table(rows)
+    if not failed_all(rows):
+        print(f"bench: plot {plot_bench([payload], os.path.join(out_dir, f'{name}.png'))}")
     print(f"bench: figures {figures}; extra {extra}")
     failed = [m for m, r in rows.items() if r.get("errors")]
     if figures:
         print(f"bench: recorded -> {record(name, payload, figures, out_dir)}")
     print(f"bench: wrote {out_dir}")
     return 1 if failed else 0
+
+
+def failed_all(rows: dict[str, Any]) -> bool:
+    """Every method failed every part: nothing to plot."""
+    return all(set(r) <= {"engine_kwargs", "errors"} for r in rows.values())
 
 
 def _print_row(method: str, label: str, row: dict[str, Any]) -> None:
