@@ -105,3 +105,27 @@ def test_front_process_refuses(plugins_loaded, tmp_path, duo, overrides, msg):
         duo = {"pattern": pattern_dir(duo["pattern"].split(":", 1)[1])}
     with pytest.raises(DuoConfigError, match=msg):
         _create(_model_dir(tmp_path, **overrides), duo)
+
+
+MISTRAL_7B_V02 = dict(LLAMA3_8B, architectures=["MistralForCausalLM"], model_type="mistral",
+                      vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6,
+                      sliding_window=None, bos_token_id=1, eos_token_id=2)
+QWEN2_7B = dict(LLAMA3_8B, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                intermediate_size=18944, num_attention_heads=28, num_hidden_layers=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                rope_theta=1e6, sliding_window=None, use_sliding_window=False,
+                bos_token_id=151643, eos_token_id=151643)
+
+
+@pytest.mark.parametrize("config,duo,retrieval", [
+    (MISTRAL_7B_V02, {"pattern": "PATTERN:Mistral-7B-Instruct-v0.2", "sparsity": 0.5}, 128),
+    (QWEN2_7B, {"retrieval_mask": [[h % 2 for h in range(4)] for _ in range(28)]}, 56),
+])
+def test_front_process_accepts_mistral_and_qwen2(plugins_loaded, tmp_path, config, duo, retrieval):
+    """The other two architectures duo serves pass the startup checks with their own shapes."""
+    if str(duo.get("pattern", "")).startswith("PATTERN:"):
+        duo = dict(duo, pattern=pattern_dir(duo["pattern"].split(":", 1)[1]))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = _create(str(tmp_path), duo)
+    mask = cfg.additional_config["duo_attention"]["retrieval_mask"]
+    assert len(mask) == config["num_hidden_layers"] and sum(map(sum, mask)) == retrieval
