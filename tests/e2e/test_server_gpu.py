@@ -20,8 +20,10 @@ from tests.e2e.server import MODEL_NAME, VllmServer, chat, complete, free_port, 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not os.path.isdir(SMOLLM2), reason=f"{SMOLLM2} not found (devkit --model)")]
 
+# Prefix caching off on every server: duo turns it off, and cached prefixes change FLASH_ATTN's
+# numerics (first run: "duo full == FLASH_ATTN over HTTP" failed with it on for FLASH_ATTN only).
 COMMON = ["--max-model-len", "8192", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.3",
-          "--seed", "0"]
+          "--seed", "0", "--no-enable-prefix-caching"]
 # (pass key, filler repeats of about 25 tokens, depth): about 1K to 6.5K tokens.
 PASSKEYS = [(31415, 45, 0.2), (27182, 110, 0.5), (16180, 180, 0.7), (14142, 260, 0.9)]
 SHORT = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "1, 2, 3, 4, 5,"]
@@ -72,11 +74,16 @@ def test_streamed_equals_non_streamed(duo_full):
     assert duo_full["streamed"] == duo_full["short"]
 
 
+def _hits(answers: list[str]) -> int:
+    return sum(str(k) in a for (k, _, _), a in zip(PASSKEYS, answers, strict=True))
+
+
 def test_passkey_found(duo_full, flash_attn):
-    """SmolLM2 found 39/40 pass keys at 1K-7K tokens on FLASH_ATTN (devkit); 3 of 4 is the bar."""
-    for answers in (duo_full["passkey"], duo_full["chat"]):
-        hits = sum(str(k) in a for (k, _, _), a in zip(PASSKEYS, answers, strict=True))
-        assert hits >= 3, (answers, flash_attn["passkey"])
+    """All-retrieval duo finds every pass key FLASH_ATTN finds (an absolute bar of 3 of 4 failed
+    on the first H100 run; SmolLM2 is weak at high depths on this prompt, see vllm-duo niah)."""
+    for key in ("passkey", "chat"):
+        print(f"{key}: FLASH_ATTN {_hits(flash_attn[key])}/4, duo full {_hits(duo_full[key])}/4")
+        assert _hits(duo_full[key]) >= _hits(flash_attn[key]), (duo_full[key], flash_attn[key])
 
 
 def test_mixed_mask_short_prompts_equal_full(duo_mixed, duo_full):
@@ -85,8 +92,7 @@ def test_mixed_mask_short_prompts_equal_full(duo_mixed, duo_full):
     assert duo_mixed["short"] == duo_full["short"]
     assert duo_mixed["short_chat"] == duo_full["short_chat"]
     assert all(a.strip() for a in duo_mixed["passkey"] + duo_mixed["chat"])
-    hits = sum(str(k) in a for (k, _, _), a in zip(PASSKEYS, duo_mixed["passkey"], strict=True))
-    print(f"mixed-mask pass keys: {hits} / {len(PASSKEYS)}")
+    print(f"mixed-mask pass keys: {_hits(duo_mixed['passkey'])} / {len(PASSKEYS)}")
 
 
 def test_bad_pattern_is_refused_before_gpu_work(tmp_path):
