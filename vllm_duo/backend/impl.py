@@ -59,8 +59,9 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         if isinstance(metas, list):
             metas = metas[0]
         step = StepTables.for_step(metas, self.slots)
-        if self._tables is None or self._tables[0] != step.group_keys(self.slots):
-            self._tables = (step.group_keys(self.slots), slot_tensors(self.slots, step, key.device))
+        keys = step.group_keys(self.slots)
+        if self._tables is None or self._tables[0] != keys:
+            self._tables = (keys, slot_tensors(self.slots, step, key.device))
         t = self._tables[1]
         n = attn_metadata.num_actual_tokens
         ops.write_kv(key[:n], value[:n], t.kv_ptrs, t.slot_kv_head, t.slot_group,
