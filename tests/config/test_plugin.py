@@ -10,13 +10,10 @@ import pytest
 
 from tests.conftest import CPU_PLATFORM_SNIPPET, pattern_dir
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.eval.engine_proc import LLAMA3_8B as ENGINE_LLAMA3_8B
+from vllm_duo.eval.engine_proc import MISTRAL_7B_V02, QWEN2_7B
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
-}
+LLAMA3_8B = dict(ENGINE_LLAMA3_8B, max_position_embeddings=8192)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +102,6 @@ def test_front_process_refuses(plugins_loaded, tmp_path, duo, overrides, msg):
         duo = {"pattern": pattern_dir(duo["pattern"].split(":", 1)[1])}
     with pytest.raises(DuoConfigError, match=msg):
         _create(_model_dir(tmp_path, **overrides), duo)
-
-
-MISTRAL_7B_V02 = dict(LLAMA3_8B, architectures=["MistralForCausalLM"], model_type="mistral",
-                      vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6,
-                      sliding_window=None, bos_token_id=1, eos_token_id=2)
-QWEN2_7B = dict(LLAMA3_8B, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
-                intermediate_size=18944, num_attention_heads=28, num_hidden_layers=28,
-                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                rope_theta=1e6, sliding_window=None, use_sliding_window=False,
-                bos_token_id=151643, eos_token_id=151643)
 
 
 @pytest.mark.parametrize("config,duo,retrieval", [

@@ -7,14 +7,15 @@ import random
 import pytest
 
 from tests.e2e.engine_run import LLAMA3_8B, run_engine, write_model
+from vllm_duo.eval.engine_proc import MISTRAL_7B_V02, QWEN2_7B
 
 pytestmark = pytest.mark.gpu
 DUO_FULL = {"attention_backend": "duo", "additional_config": {"duo_attention": {"pattern": "full"}}}
 
 
-def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+def _prompts(lengths: list[int], seed: int = 0, vocab: int = 100000) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(1000, 100000) for _ in range(n)] for n in lengths]
+    return [[rng.randrange(1000, vocab) for _ in range(n)] for n in lengths]
 
 
 def _engine(**kw):
@@ -81,3 +82,22 @@ def test_model_runner_v1(llama3, monkeypatch):
         max_num_batched_tokens=1024, attention_backend="duo",
         additional_config={"duo_attention": {"retrieval_mask": mask}})))
     assert [len(t) for t in mixed["tokens"]] == [32] * len(prompts)
+
+
+@pytest.mark.parametrize("name,config,mask", [
+    ("mistral", MISTRAL_7B_V02, [[(layer + head) % 2 for head in range(8)] for layer in range(32)]),
+    ("qwen2", QWEN2_7B, [[(layer + head) % 2 for head in range(4)] for layer in range(28)]),
+])
+def test_mistral_and_qwen2(tmp_path, name, config, mask):
+    """The other two architectures at their 7B shapes: pattern='full' equals FLASH_ATTN, and a
+    mixed mask gives identical tokens under chunk budgets 256 and 8192."""
+    model = write_model(str(tmp_path / name), config)
+    prompts = _prompts([100, 700, 2500, 6000], seed=4, vocab=config["vocab_size"])
+    spec = dict(model=model, prompts=prompts, max_tokens=32)
+    fa = run_engine(dict(spec, engine=_engine(attention_backend="FLASH_ATTN")))
+    duo = run_engine(dict(spec, engine=_engine(**DUO_FULL)))
+    assert _match(fa["tokens"], duo["tokens"]) == 1.0
+    mixed = {"attention_backend": "duo", "additional_config": {"duo_attention": {"retrieval_mask": mask}}}
+    a = run_engine(dict(spec, engine=_engine(max_num_batched_tokens=256, **mixed)))
+    b = run_engine(dict(spec, engine=_engine(max_num_batched_tokens=8192, **mixed)))
+    assert a["tokens"] == b["tokens"]

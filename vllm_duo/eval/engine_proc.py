@@ -34,6 +34,15 @@ LLAMA3_8B = {
     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
     "bos_token_id": 128000, "eos_token_id": 128001,
 }
+# The other two architectures duo serves, at their 7B shapes (no sliding window).
+MISTRAL_7B_V02 = dict(LLAMA3_8B, architectures=["MistralForCausalLM"], model_type="mistral",
+                      vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6,
+                      sliding_window=None, bos_token_id=1, eos_token_id=2)
+QWEN2_7B = dict(LLAMA3_8B, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                intermediate_size=18944, num_attention_heads=28, num_hidden_layers=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                rope_theta=1e6, sliding_window=None, use_sliding_window=False,
+                bos_token_id=151643, eos_token_id=151643)
 
 
 def write_model(path: str, config: dict) -> str:
