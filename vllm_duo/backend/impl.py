@@ -4,8 +4,8 @@ Per step and layer:
 - one ``write_kv`` launch stores the step's K/V into every slot cache;
 - one ``paged_decode`` launch (csrc split-head kernel) attends every decode token over every
   slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
-- prompt chunks, per slot: retrieval via FA3 paged varlen attention (as FLASH_ATTN), streaming
-  via vLLM's Triton unified attention with its exact sink + window (R-SWA) mask.
+- prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN); all streaming
+  slots one ``streaming_prefill`` launch (Triton), which visits only the sink and window tiles.
 """
 
 from __future__ import annotations
@@ -75,23 +75,33 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
                              block_size=step.block_size, sink_size=self.opts.sink_size,
                              window=self.opts.recent_size, scale=self.scale, out=output[:ndt])
         if nd < attn_metadata.num_reqs:
-            self._prefill(query, output, metas, nd, ndt, n)
+            self._prefill_retrieval(query, output, metas, nd, ndt, n)
+            self._prefill_streaming(query, output, step, t, attn_metadata, nd, ndt, n)
         return output
 
-    def _prefill(self, query, output, metas, nd: int, ndt: int, n: int) -> None:
-        """Prompt chunks (requests ``nd..``), one slot at a time."""
+    def _prefill_retrieval(self, query, output, metas, nd: int, ndt: int, n: int) -> None:
+        """Prompt chunks (requests ``nd..``) of the retrieval slots, one FA3 call each."""
         for slot in self.slots:
-            if slot.head < 0:
+            if slot.head < 0 or slot.kind != RETRIEVAL:
                 continue
-            meta: DuoMetadata = metas[slot.name]
             k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
             h = slot.head
-            q = query[ndt:n, h * self.group:(h + 1) * self.group]
-            out = output[ndt:n, h * self.group:(h + 1) * self.group]
-            if slot.kind == RETRIEVAL:
-                self._retrieval(q, k_cache, v_cache, out, meta, nd)
-            else:
-                self._streaming(q, k_cache, v_cache, out, meta, nd)
+            self._retrieval(query[ndt:n, h * self.group:(h + 1) * self.group], k_cache, v_cache,
+                            output[ndt:n, h * self.group:(h + 1) * self.group], metas[slot.name], nd)
+
+    def _prefill_streaming(self, query, output, step: StepTables, t, meta: DuoMetadata, nd: int,
+                           ndt: int, n: int) -> None:
+        """Prompt chunks of every streaming slot: one launch, sink + prefill window only."""
+        if t.streaming.numel() == 0:
+            return
+        groups = t.slot_group[t.streaming]
+        ops.streaming_prefill(
+            query[ndt:n], t.kv_ptrs[t.streaming], step.block_table_ptrs[groups],
+            step.block_table_strides[groups], t.slot_kv_head[t.streaming],
+            meta.query_start_loc[nd:], meta.seq_lens[nd:], max_query_len=meta.max_query_len,
+            num_kv_heads=self.num_kv_heads, block_size=step.block_size,
+            sink_size=self.opts.sink_size, window=self.opts.prefill_window, scale=self.scale,
+            block_table_row0=nd, out=output[ndt:n])
 
     def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
@@ -103,16 +113,3 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             cu_seqlens_q=qsl - qsl[:1], max_seqlen_q=meta.max_query_len,
             seqused_k=meta.seq_lens[r0:], max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
             causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version)
-
-    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
-        """Exact sink + window mask with the prefill window (decodes went through the kernel)."""
-        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
-
-        qsl = meta.query_start_loc[r0:]
-        unified_attention(
-            q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl - qsl[:1],
-            max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens[r0:],
-            max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale, causal=True,
-            window_size=(-1, -1), block_table=meta.block_table[r0:], softcap=0,
-            q_descale=None, k_descale=None, v_descale=None,
-            rswa_prefix_lens=meta.sink_lens[r0:], rswa_window=meta.prefill_window)

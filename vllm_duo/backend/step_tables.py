@@ -58,6 +58,7 @@ class SlotTensors:
     slot_kv_head: torch.Tensor  # int32 [num_slots], -1 = padding slot
     slot_streaming: torch.Tensor  # int32 [num_slots]
     slot_group: torch.Tensor  # int32 [num_slots]: the slot's row in StepTables
+    streaming: torch.Tensor  # int64 [num_streaming]: indices of the real streaming slots
 
 
 def slot_tensors(slots: list, step: StepTables, device: torch.device) -> SlotTensors:
@@ -74,4 +75,6 @@ def slot_tensors(slots: list, step: StepTables, device: torch.device) -> SlotTen
         slot_kv_head=torch.tensor([s.head for s in slots], dtype=torch.int32, device=device),
         slot_streaming=torch.tensor([int(s.kind != RETRIEVAL) for s in slots], dtype=torch.int32,
                                     device=device),
-        slot_group=torch.tensor(step.group_keys(slots), dtype=torch.int32, device=device))
+        slot_group=torch.tensor(step.group_keys(slots), dtype=torch.int32, device=device),
+        streaming=torch.tensor([i for i, s in enumerate(slots) if s.head >= 0 and s.kind != RETRIEVAL],
+                               dtype=torch.int64, device=device))

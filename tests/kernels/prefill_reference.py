@@ -1,0 +1,112 @@
+"""Cases and a float32 PyTorch reference for ``streaming_prefill`` (prompt chunks, sink + window).
+
+Every cache cell no query of the chunk may read (positions between the sink and the first
+query's window) is NaN and its block-table entry, when the whole block is in that gap, a garbage
+id: the kernel must neither read such an entry nor load such a cell.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tests.kernels.reference import GARBAGE_IDS, cdiv
+
+
+@dataclass
+class PrefillCase:
+    q: torch.Tensor  # [num_tokens, num_q_heads, D]
+    caches: list[torch.Tensor]  # per streaming slot [pool_blocks, block_size, 2D]
+    tables: list[torch.Tensor]  # per slot int32 [row0 + num_reqs, width]
+    kv_heads: list[int]
+    q_lens: list[int]
+    seq_lens: list[int]
+    num_kv_heads: int
+    block_size: int
+    sink: int
+    window: int
+    row0: int
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.num_kv_heads
+
+    def args(self) -> dict:
+        dev = self.q.device
+        qsl = [7]  # a nonzero base, as a slice of vLLM's query_start_loc has
+        for n in self.q_lens:
+            qsl.append(qsl[-1] + n)
+        return dict(
+            kv_ptrs=torch.tensor([c.data_ptr() for c in self.caches], dtype=torch.int64, device=dev),
+            block_table_ptrs=torch.tensor([t.data_ptr() for t in self.tables], dtype=torch.int64, device=dev),
+            block_table_strides=torch.tensor([t.stride(0) for t in self.tables], dtype=torch.int64, device=dev),
+            slot_kv_head=torch.tensor(self.kv_heads, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(self.q_lens), num_kv_heads=self.num_kv_heads, block_size=self.block_size,
+            sink_size=self.sink, window=self.window, block_table_row0=self.row0)
+
+
+def make_prefill_case(q_lens: list[int], ctx_lens: list[int], *, num_kv_heads: int, group: int,
+                      head_dim: int, kv_heads: list[int], block_size: int = 16, sink: int = 64,
+                      window: int = 256, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                      device: str = "cuda") -> PrefillCase:
+    """Requests with ``ctx_lens[i]`` cached tokens and a chunk of ``q_lens[i]`` new ones."""
+    rng = random.Random(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    seq_lens = [c + n for c, n in zip(ctx_lens, q_lens, strict=True)]
+    width = max(cdiv(s, block_size) for s in seq_lens) + 3
+    row0 = rng.randrange(0, 3)
+    need = sum(cdiv(s, block_size) for s in seq_lens)
+    pool = need + 5
+    caches, tables = [], []
+    for _ in kv_heads:
+        cache = torch.randn(pool, block_size, 2 * head_dim, generator=gen).to(dtype)
+        ids = torch.randperm(pool, generator=gen).tolist()
+        table = torch.tensor([[rng.choice(GARBAGE_IDS) for _ in range(width + 2)]
+                              for _ in range(row0 + len(q_lens))], dtype=torch.int32)
+        for r, (s, n) in enumerate(zip(seq_lens, q_lens)):
+            first = s - n
+            for j in range(cdiv(s, block_size)):
+                blk = ids.pop()
+                pos = torch.arange(j * block_size, (j + 1) * block_size)
+                gap = (pos >= sink) & (pos < first - window + 1)
+                if bool(gap.all()):
+                    continue  # entry stays garbage: the whole block lies in the gap
+                table[row0 + r, j] = blk
+                cache[blk, gap] = float("nan")
+        caches.append(cache.to(device))
+        tables.append(table.to(device)[:, :width])  # row stride width + 2 > width
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
+    return PrefillCase(q=q, caches=caches, tables=tables, kv_heads=list(kv_heads), q_lens=list(q_lens),
+                       seq_lens=seq_lens, num_kv_heads=num_kv_heads, block_size=block_size, sink=sink,
+                       window=window, row0=row0)
+
+
+def reference(case: PrefillCase, scale: float, rows_per_step: int = 1024) -> torch.Tensor:
+    """float32 sink + window attention for the slots' query heads; other heads NaN.
+
+    Queries go ``rows_per_step`` at a time over the keys any of them may see (sink plus the
+    window behind them), so 64K-token prompts fit in memory.
+    """
+    out = torch.full(case.q.shape, float("nan"), dtype=torch.float32, device=case.q.device)
+    d, bs, g, dev = case.q.shape[2], case.block_size, case.group, case.q.device
+    tok = 0
+    for r, (n, s) in enumerate(zip(case.q_lens, case.seq_lens)):
+        for i0 in range(0, n, rows_per_step):
+            t = torch.arange(s - n + i0, s - n + min(n, i0 + rows_per_step), device=dev)
+            lo = max(int(t[0]) - case.window + 1, 0)
+            p = torch.cat([torch.arange(min(case.sink, lo), device=dev), torch.arange(lo, int(t[-1]) + 1, device=dev)])
+            seen = (p[None] <= t[:, None]) & ((p[None] < case.sink) | (p[None] > t[:, None] - case.window))
+            rows = slice(tok + i0, tok + i0 + len(t))
+            for cache, table, h in zip(case.caches, case.tables, case.kv_heads):
+                blocks = table[case.row0 + r, p // bs].long()
+                kv = cache[blocks, p % bs].float()  # only positions some query sees: never NaN
+                k, v = kv[:, :d], kv[:, d:]
+                for hq in range(h * g, (h + 1) * g):
+                    logits = (case.q[rows, hq].float() @ k.T) * scale
+                    out[rows, hq] = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1) @ v
+        tok += n
+    return out

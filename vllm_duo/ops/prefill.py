@@ -1,0 +1,182 @@
+"""``streaming_prefill``: prompt-chunk attention of every streaming slot of a layer, one launch.
+
+A query at absolute position t reads keys p <= t with p < sink or p > t - window. Each program
+takes a tile of BLOCK_M queries of one request and one query head and visits only the key tiles
+of the sink and of the window behind its queries: O(sink + window) work per query, not
+O(context). Keys are read from the paged slot caches (the chunk's own K/V is already written
+there), so chunked prefill sees exactly what one long prefill sees. A Triton kernel: FA3's local
+window cannot express the sink, and a two-call window + sink merge gave wrong rows on H100
+(docs/wip/fa3_streaming_prefill.patch); this one applies the exact mask inside each tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (64, 128, 256)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, kv, bt, lo, hi, t, sink, window, scale_log2,
+            BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over keys [lo, hi) of one slot cache."""
+    offs_d = tl.arange(0, D)
+    for start in range(lo, hi, BLOCK_N):
+        p = start + tl.arange(0, BLOCK_N)
+        p_ok = p < hi
+        blk = tl.load(bt + p // BLOCK_SIZE, mask=p_ok, other=0).to(tl.int64)
+        row = (blk * BLOCK_SIZE + p % BLOCK_SIZE) * (2 * D)
+        k = tl.load(kv + row[None, :] + offs_d[:, None], mask=p_ok[None, :], other=0.0)
+        v = tl.load(kv + row[:, None] + D + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+        s = tl.dot(q, k) * scale_log2
+        seen = p_ok[None, :] & (p[None, :] <= t[:, None]) & \
+            ((p[None, :] < sink) | (p[None, :] > t[:, None] - window))
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        w = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _streaming_prefill_kernel(
+        Q, O, KV_PTRS, BT_PTRS, BT_STRIDES, SLOT_HEAD, QSL, SEQ_LENS,
+        stride_qt, stride_qh, stride_ot, stride_oh, bt_row0, sink, window, scale_log2,
+        G: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    req = tl.program_id(0)
+    tile = tl.program_id(1)
+    slot = tl.program_id(2) // G
+    g = tl.program_id(2) % G
+    q0 = tl.load(QSL)
+    q_start = tl.load(QSL + req) - q0
+    q_len = tl.load(QSL + req + 1) - q0 - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(SEQ_LENS + req)
+    ctx = seq_len - q_len  # position of the request's first query
+    dtype = Q.dtype.element_ty
+    kv = tl.load(KV_PTRS + slot).to(tl.pointer_type(dtype))
+    bt = tl.load(BT_PTRS + slot).to(tl.pointer_type(tl.int32)) + \
+        (bt_row0 + req).to(tl.int64) * tl.load(BT_STRIDES + slot)
+    head = tl.load(SLOT_HEAD + slot) * G + g
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < q_len
+    tok = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    t = ctx + offs_m
+    t_lo = ctx + tile * BLOCK_M
+    t_hi = tl.minimum(t_lo + BLOCK_M, seq_len)  # one past the tile's last query
+
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sink_end = tl.minimum(sink, t_hi)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, 0, sink_end, t, sink, window, scale_log2,
+                            BLOCK_SIZE, D, BLOCK_N)
+    win_lo = tl.maximum(sink_end, t_lo - window + 1)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, win_lo, t_hi, t, sink, window, scale_log2,
+                            BLOCK_SIZE, D, BLOCK_N)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(dtype), mask=m_ok[:, None])
+
+
+def _check(q: torch.Tensor, out: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch.Tensor,
+           block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor, query_start_loc: torch.Tensor,
+           seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, sink_size: int,
+           window: int) -> None:
+    """Errors worded for the caller; shared by the wrapper and the fake impl."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.dim() != 3:
+        raise ValueError(f"streaming_prefill: q must be bfloat16/float16 [num_tokens, num_q_heads, "
+                         f"head_dim], got {q.dtype} {tuple(q.shape)}")
+    if q.shape[2] not in HEAD_DIMS or q.stride(2) != 1:
+        raise ValueError(f"streaming_prefill: head_dim must be one of {HEAD_DIMS} with a contiguous "
+                         f"last dimension, got {q.shape[2]} (stride {q.stride(2)})")
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError(f"streaming_prefill: out must be {q.dtype} {tuple(q.shape)} with a contiguous "
+                         f"last dimension, got {out.dtype} {tuple(out.shape)}")
+    if num_kv_heads <= 0 or q.shape[1] % num_kv_heads:
+        raise ValueError(f"streaming_prefill: num_q_heads ({q.shape[1]}) must be a multiple of "
+                         f"num_kv_heads ({num_kv_heads})")
+    if block_size <= 0 or block_size & (block_size - 1) or sink_size < 0 or window < 1:
+        raise ValueError(f"streaming_prefill: need a power-of-two block_size, sink_size >= 0, window "
+                         f">= 1, got {block_size}, {sink_size}, {window}")
+    n = kv_ptrs.numel()
+    for name, t, dt in (("kv_ptrs", kv_ptrs, torch.int64), ("block_table_ptrs", block_table_ptrs, torch.int64),
+                        ("block_table_strides", block_table_strides, torch.int64),
+                        ("slot_kv_head", slot_kv_head, torch.int32)):
+        if t.dtype != dt or t.shape != (n,) or t.device != q.device:
+            raise ValueError(f"streaming_prefill: {name} must be {dt} [num_slots={n}] on {q.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    r = seq_lens.numel()
+    if seq_lens.dtype != torch.int32 or query_start_loc.dtype != torch.int32 or \
+            query_start_loc.shape != (r + 1,) or seq_lens.device != q.device or \
+            query_start_loc.device != q.device:
+        raise ValueError(f"streaming_prefill: query_start_loc/seq_lens must be int32 [num_reqs + 1] / "
+                         f"[num_reqs] on {q.device}, got {query_start_loc.dtype} "
+                         f"{tuple(query_start_loc.shape)} / {seq_lens.dtype} {tuple(seq_lens.shape)}")
+
+
+@torch.library.custom_op("vllm_duo::streaming_prefill", mutates_args=("out",))
+def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, kv_ptrs: torch.Tensor,
+                          block_table_ptrs: torch.Tensor, block_table_strides: torch.Tensor,
+                          slot_kv_head: torch.Tensor, query_start_loc: torch.Tensor,
+                          seq_lens: torch.Tensor, block_table_row0: int, max_query_len: int,
+                          num_kv_heads: int, block_size: int, sink_size: int, window: int,
+                          scale: float) -> None:
+    num_slots, group, d = kv_ptrs.numel(), q.shape[1] // num_kv_heads, q.shape[2]
+    if num_slots == 0 or seq_lens.numel() == 0 or max_query_len <= 0:
+        return
+    block_m = 64 if d <= 128 else 32
+    grid = (seq_lens.numel(), triton.cdiv(max_query_len, block_m), num_slots * group)
+    _streaming_prefill_kernel[grid](
+        q, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+        seq_lens, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table_row0,
+        sink_size, window, scale * 1.4426950408889634,
+        G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=64,
+        num_warps=4 if d <= 128 else 8, num_stages=2)
+
+
+@_streaming_prefill_op.register_fake
+def _(out, q, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+      seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window,
+      scale) -> None:
+    _check(q, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+           seq_lens, num_kv_heads, block_size, sink_size, window)
+
+
+def streaming_prefill(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch.Tensor,
+                      block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, *, max_query_len: int,
+                      num_kv_heads: int, block_size: int, sink_size: int, window: int,
+                      scale: float | None = None, block_table_row0: int = 0,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sink + window attention of prompt chunks for the streaming slots listed; returns ``out``.
+
+    ``q``/``out``: ``[num_tokens, num_q_heads, head_dim]``, request i's queries at rows
+    ``query_start_loc[i] - query_start_loc[0]`` onward, at absolute positions ending at
+    ``seq_lens[i] - 1``. Slot s (a cache ``[num_blocks, block_size, 2 * head_dim]`` at
+    ``kv_ptrs[s]``, K then V) serves KV head ``slot_kv_head[s]``, i.e. query heads
+    ``h*G .. h*G+G-1``, and reads request i's block ids from row ``block_table_row0 + i`` of its
+    int32 table. Query heads of other slots are left untouched. Block-table entries between the
+    sink and each query tile's window are never read.
+    """
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _check(q, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+           seq_lens, num_kv_heads, block_size, sink_size, window)
+    torch.ops.vllm_duo.streaming_prefill(
+        out, q, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+        seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window,
+        q.shape[2] ** -0.5 if scale is None else scale)
+    return out
