@@ -22,6 +22,11 @@ PATTERN_STREAMING = "streaming"  # every head a streaming head (StreamingLLM bas
 DEFAULT_SINK = 64  # paper's NIAH/LongBench deployment setting
 DEFAULT_RECENT = 256
 DEFAULT_SPARSITY = 0.5
+# Streaming heads' prompt-chunk kernel: "rswa" = vLLM's Triton unified attention with its exact
+# sink + window mask (O(context), validated on H100); "window" = vllm-duo's Triton kernel that
+# visits only sink + window tiles (O(sink + window); validated against the float32 reference
+# under Triton's CPU interpreter, not yet on a GPU).
+PREFILL_KERNELS = ("rswa", "window")
 _MAX_TOKENS = 1 << 24
 
 
@@ -37,6 +42,7 @@ class DuoOptions:
     # Streaming heads' recent window while a prompt is prefilled (>= recent_size).
     prefill_recent_size: int | None = None
     seed: int = DEFAULT_SEED
+    streaming_prefill: str = PREFILL_KERNELS[0]
     retrieval_mask: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)
 
     @property
@@ -139,9 +145,14 @@ def parse_options(raw: Any) -> DuoOptions:
     seed = raw.get("seed", DEFAULT_SEED)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise DuoConfigError(f"duo_attention.seed must be an integer in [0, 2**32), got {show(seed)}")
+    kernel = raw.get("streaming_prefill", PREFILL_KERNELS[0])
+    if not isinstance(kernel, str) or kernel not in PREFILL_KERNELS:
+        raise DuoConfigError(f"duo_attention.streaming_prefill must be one of "
+                             f"{', '.join(map(repr, PREFILL_KERNELS))}, got {show(kernel)}")
     mask = None if raw.get("retrieval_mask") is None else _mask(raw["retrieval_mask"])
     return DuoOptions(pattern=pattern, sparsity=sparsity, threshold=threshold, sink_size=sink,
-                      recent_size=recent, prefill_recent_size=prefill, seed=seed, retrieval_mask=mask)
+                      recent_size=recent, prefill_recent_size=prefill, seed=seed,
+                      streaming_prefill=kernel, retrieval_mask=mask)
 
 
 def _missing_pattern_message() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from tests.e2e.engine_run import LLAMA3_8B, run_engine, write_model
@@ -47,7 +48,6 @@ def test_chunk_invariance_mixed_pattern(llama3):
     """The same prompts under chunk budgets 256 and 8192 give identical greedy tokens."""
     mixed = {"attention_backend": "duo", "additional_config": {"duo_attention": {
         "pattern": "full", "sparsity": 0.5}}}
-    import numpy as np
 
     mask = np.random.RandomState(0).randint(0, 2, (32, 8)).tolist()
     mixed["additional_config"]["duo_attention"] = {"retrieval_mask": mask}
@@ -56,6 +56,19 @@ def test_chunk_invariance_mixed_pattern(llama3):
     a = run_engine(dict(spec, engine=_engine(max_num_batched_tokens=256, **mixed)))
     b = run_engine(dict(spec, engine=_engine(max_num_batched_tokens=8192, **mixed)))
     assert a["tokens"] == b["tokens"]
+
+
+def test_window_kernel_equals_rswa(llama3):
+    """streaming_prefill='window' (O(sink + window)) gives the greedy tokens of 'rswa', chunked
+    at 256 and 8192 (long prompts: the windows lie far behind the sink)."""
+    mask = np.random.RandomState(1).randint(0, 2, (32, 8)).tolist()
+    prompts = _prompts([300, 2000, 9000, 16000], seed=5)
+    spec = dict(model=llama3, prompts=prompts, max_tokens=32)
+    runs = [run_engine(dict(spec, engine=_engine(
+        max_num_batched_tokens=budget, attention_backend="duo", additional_config={"duo_attention": {
+            "retrieval_mask": mask, "streaming_prefill": kernel}})))["tokens"]
+        for kernel, budget in (("rswa", 8192), ("window", 8192), ("window", 256))]
+    assert runs[0] == runs[1] == runs[2]
 
 
 def test_all_streaming_short_prompts_equal_full(llama3):

@@ -40,25 +40,28 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, TINY_LLAMA["vocab_size"]) for _ in range(n)] for n in PROMPT_LENS]
 
 
-def _engine(backend: str, budget: int | None) -> dict:
+def _engine(backend: str, budget: int | None, kernel: str = "rswa") -> dict:
     engine = dict(load_format="auto", dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
                   gpu_memory_utilization=0.5, enable_prefix_caching=False, attention_backend=backend)
     if budget:
         engine["max_num_batched_tokens"] = budget
     if backend == "duo":
         engine["additional_config"] = {"duo_attention": {
-            "retrieval_mask": MASK, "sink_size": SINK, "recent_size": RECENT}}
+            "retrieval_mask": MASK, "sink_size": SINK, "recent_size": RECENT,
+            "streaming_prefill": kernel}}
     return engine
 
 
-@pytest.mark.parametrize("backend,budget", [("duo", None), ("duo", 128), ("FLASH_ATTN", None)],
-                         ids=["duo_one_step_prefill", "duo_chunked_128", "flash_attn_harness"])
-def test_matches_float32_reference(tiny, backend, budget) -> None:
+@pytest.mark.parametrize("backend,budget,kernel", [
+    ("duo", None, "rswa"), ("duo", 128, "rswa"), ("duo", None, "window"), ("duo", 128, "window"),
+    ("FLASH_ATTN", None, "rswa")], ids=["duo_one_step_prefill", "duo_chunked_128", "duo_window_kernel",
+                                        "duo_window_kernel_chunked_128", "flash_attn_harness"])
+def test_matches_float32_reference(tiny, backend, budget, kernel) -> None:
     import torch
 
     prompts = _prompts()
     res = run_engine(dict(model=tiny, prompts=prompts, max_tokens=STEPS, logprobs=TOP_K,
-                          engine=_engine(backend, budget)))
+                          engine=_engine(backend, budget, kernel)))
     config, weights = load(tiny)
     mask = MASK if backend == "duo" else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +76,7 @@ def test_matches_float32_reference(tiny, backend, budget) -> None:
             if token != best and ref[i, best] - ref[i, token] > TIE:
                 bad_tokens.append((len(prompt), i, token, best, round(float(ref[i, best] - ref[i, token]), 3)))
     mean, worst = statistics.fmean(errors), max(errors)
-    print(f"{backend} budget={budget}: logprob error mean {mean:.4f} max {worst:.4f} "
+    print(f"{backend} budget={budget} streaming_prefill={kernel}: logprob error mean {mean:.4f} max {worst:.4f} "
           f"over {len(errors)} values")
     assert not bad_tokens, f"greedy tokens off the reference's argmax (prompt, step, got, want, gap): {bad_tokens}"
     assert mean < MEAN_ERR and worst < MAX_ERR, f"logprob error mean {mean:.4f}, max {worst:.4f}"

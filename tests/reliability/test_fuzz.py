@@ -40,7 +40,7 @@ from vllm_duo.patterns import MAX_FILE_BYTES, PATTERN_FILE, load_gates
 
 LAYERS, KV_HEADS = 32, 8  # the model every case is resolved against (Llama-3-8B shape)
 FIELDS = ("pattern", "sparsity", "threshold", "sink_size", "recent_size", "prefill_recent_size",
-          "seed", "retrieval_mask")
+          "seed", "streaming_prefill", "retrieval_mask")
 CASES: Counter[str] = Counter()
 SETTINGS = settings(max_examples=int(os.environ.get("VLLM_DUO_FUZZ_EXAMPLES", "150")),
                     deadline=timedelta(seconds=5), database=None, print_blob=True,
@@ -190,7 +190,8 @@ def bad_options(draw: st.DrawFn) -> tuple[Any, tuple[str, ...]]:
     hints: list[str] = []
     for what in draw(st.lists(st.sampled_from(
             ["sparsity", "threshold", "sink_size", "recent_size", "prefill_recent_size", "prefill_lt_recent",
-             "seed", "pattern", "retrieval_mask", "both", "unknown"]), min_size=1, max_size=3)):
+             "seed", "streaming_prefill", "pattern", "retrieval_mask", "both", "unknown"]),
+            min_size=1, max_size=3)):
         if what in ("sparsity", "threshold"):
             raw[what] = draw(FRACTION_BAD)
         elif what in ("sink_size", "recent_size", "prefill_recent_size"):
@@ -202,6 +203,9 @@ def bad_options(draw: st.DrawFn) -> tuple[Any, tuple[str, ...]]:
             what = "prefill_recent_size"
         elif what == "seed":
             raw[what] = draw(SEED_BAD)
+        elif what == "streaming_prefill":
+            raw[what] = draw(st.one_of(st.text(max_size=10).filter(lambda k: k not in ("rswa", "window")),
+                                       st.none(), st.integers(), st.lists(st.just("window"), max_size=1)))
         elif what == "pattern":
             raw[what] = draw(PATTERN_BAD)
             hints += ["pattern", "does not exist"]

@@ -44,6 +44,7 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
             return meta
         spec = self.kv_cache_spec
         meta.decode_window, meta.prefill_window = spec.recent_size, spec.sliding_window
+        meta.sink_lens = torch.full((num_reqs,), spec.sink_size, dtype=torch.int32, device=self.device)
         meta.block_table = self._null_gap(meta, spec.sink_size, spec.block_size)
         return meta
 

@@ -4,8 +4,10 @@ Per step and layer:
 - one ``write_kv`` launch stores the step's K/V into every slot cache;
 - one ``paged_decode`` launch (csrc split-head kernel) attends every decode token over every
   slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
-- prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN); all streaming
-  slots one ``streaming_prefill`` launch (Triton), which visits only the sink and window tiles.
+- prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN); streaming slots
+  by the ``streaming_prefill`` option: ``"rswa"`` (default) vLLM's Triton unified attention per
+  slot with its exact sink + window mask, O(context); ``"window"`` one vllm-duo Triton launch for
+  all streaming slots that visits only the sink and window tiles, O(sink + window).
 """
 
 from __future__ import annotations
@@ -75,19 +77,24 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
                              block_size=step.block_size, sink_size=self.opts.sink_size,
                              window=self.opts.recent_size, scale=self.scale, out=output[:ndt])
         if nd < attn_metadata.num_reqs:
-            self._prefill_retrieval(query, output, metas, nd, ndt, n)
-            self._prefill_streaming(query, output, step, t, attn_metadata, nd, ndt, n)
+            window_kernel = self.opts.streaming_prefill == "window"
+            self._prefill_per_slot(query, output, metas, nd, ndt, n, streaming=not window_kernel)
+            if window_kernel:
+                self._prefill_streaming(query, output, step, t, attn_metadata, nd, ndt, n)
         return output
 
-    def _prefill_retrieval(self, query, output, metas, nd: int, ndt: int, n: int) -> None:
-        """Prompt chunks (requests ``nd..``) of the retrieval slots, one FA3 call each."""
+    def _prefill_per_slot(self, query, output, metas, nd: int, ndt: int, n: int,
+                          streaming: bool) -> None:
+        """Prompt chunks (requests ``nd..``) one slot at a time: retrieval slots through FA3,
+        and, when ``streaming``, streaming slots through vLLM's Triton R-SWA."""
         for slot in self.slots:
-            if slot.head < 0 or slot.kind != RETRIEVAL:
+            retrieval = slot.kind == RETRIEVAL
+            if slot.head < 0 or not (retrieval or streaming):
                 continue
             k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-            h = slot.head
-            self._retrieval(query[ndt:n, h * self.group:(h + 1) * self.group], k_cache, v_cache,
-                            output[ndt:n, h * self.group:(h + 1) * self.group], metas[slot.name], nd)
+            heads = slice(slot.head * self.group, (slot.head + 1) * self.group)
+            run = self._retrieval if retrieval else self._streaming
+            run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd)
 
     def _prefill_streaming(self, query, output, step: StepTables, t, meta: DuoMetadata, nd: int,
                            ndt: int, n: int) -> None:
@@ -113,3 +120,16 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             cu_seqlens_q=qsl - qsl[:1], max_seqlen_q=meta.max_query_len,
             seqused_k=meta.seq_lens[r0:], max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
             causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version)
+
+    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
+        """Exact sink + window mask with the prefill window (decodes went through the kernel)."""
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+        qsl = meta.query_start_loc[r0:]
+        unified_attention(
+            q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl - qsl[:1],
+            max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens[r0:],
+            max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale, causal=True,
+            window_size=(-1, -1), block_table=meta.block_table[r0:], softcap=0,
+            q_descale=None, k_descale=None, v_descale=None,
+            rswa_prefix_lens=meta.sink_lens[r0:], rswa_window=meta.prefill_window)

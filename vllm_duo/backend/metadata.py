@@ -22,6 +22,7 @@ class DuoMetadata:
     num_decodes: int  # leading requests with one query token
     num_decode_tokens: int
     is_prefilling: torch.Tensor | None = None  # bool [num_reqs]: first query is a prompt token
-    # Streaming groups: the windows (decode, prefill) the block manager keeps.
+    # Streaming groups: sink length per request (vLLM's R-SWA prefix), and the windows.
+    sink_lens: torch.Tensor | None = None
     decode_window: int = 0
     prefill_window: int = 0
