@@ -74,6 +74,7 @@ class Layer:
         nb = L // BS + 1
         dev = "cuda"
         self.q = torch.randn(L, HQ, D, dtype=DTYPE, device=dev)
+        self.k_new, self.v_new = torch.randn(2, L, HKV, D, dtype=DTYPE, device=dev)  # step's K/V
         self.out = torch.empty_like(self.q)
         self.kv = torch.empty(2, nb, BS, HKV, D, dtype=DTYPE, device=dev).uniform_(-1, 1)
         self.table = torch.randperm(nb, device=dev, dtype=torch.int32)[None, :]
@@ -147,8 +148,8 @@ def duo(layer: Layer, chunk: int, n_streaming: int, streaming_path: str) -> Call
                 continue
             if streaming_path == "kernel":
                 bt_ptrs = torch.full((len(streaming),), table.data_ptr(), dtype=torch.int64, device=dev)
-                streaming_prefill(layer.q[s:e], kv_ptrs, bt_ptrs, strides, heads, cu, seq,
-                                  max_query_len=n, num_kv_heads=HKV, block_size=BS,
+                streaming_prefill(layer.q[s:e], layer.k_new[s:e], layer.v_new[s:e], kv_ptrs, bt_ptrs,
+                                  strides, heads, cu, seq, max_query_len=n, num_kv_heads=HKV, block_size=BS,
                                   sink_size=layer.sink, window=layer.window, scale=D ** -0.5,
                                   out=layer.out[s:e])
                 continue

@@ -83,9 +83,10 @@ def random_mask(seed: int = 0, retrieval_fraction: float = 0.5) -> np.ndarray:
     return np.random.default_rng(seed).permutation(flat).reshape(NUM_LAYERS, NUM_KV_HEADS)
 
 
-def duo_specs(mask: np.ndarray, prefill_window: int = RECENT) -> dict[str, KVCacheSpec]:
+def duo_specs(mask: np.ndarray, prefill_window: int = RECENT, tail_only_batches: int = 0) -> dict[str, KVCacheSpec]:
     return duo_kv_cache_specs(mask, block_size=BLOCK, head_size=HEAD_DIM, dtype=DTYPE, sink_size=SINK,
-                              recent_size=RECENT, prefill_window=prefill_window)
+                              recent_size=RECENT, prefill_window=prefill_window,
+                              tail_only_batches=tail_only_batches)
 
 
 def full_specs() -> dict[str, KVCacheSpec]:
@@ -130,6 +131,7 @@ class Window:
     sink: int
     recent: int
     prefill_window: int
+    tail_only: bool = False  # the window prefill kernel: chunks store only their last window
 
     def needed_blocks(self, processed: int, num_tokens: int, num_prompt_tokens: int) -> set[int]:
         """Blocks holding keys p < sink or p >= min over future queries t >= processed of t - W(t) + 1."""
@@ -146,14 +148,29 @@ def held(manager: KVCacheManager, request_id: str) -> Iterator[tuple[KVCacheSpec
 
 
 def assert_footprint(manager: KVCacheManager, request: Request, window: Window) -> None:
-    """Retrieval groups hold every block; streaming groups exactly sink + window + in flight."""
+    """Retrieval groups hold every block; streaming groups exactly sink + window + in flight.
+
+    Tail-only streaming groups hold at least the sink, the window behind the processed tokens
+    and the last chunk's window, and at most their admission cap (which blocks attention reads
+    is checked by tests/reliability/sim.py).
+    """
     processed = request.num_computed_tokens - request.num_in_flight_tokens
     num_tokens = request.num_computed_tokens
-    for spec, positions in held(manager, request.request_id):
-        if isinstance(spec, DuoStreamingSpec):
+    for single in manager.coordinator.single_type_managers:
+        spec = single.kv_cache_spec
+        positions = {i for i, b in enumerate(single.req_to_blocks.get(request.request_id, []))
+                     if not b.is_null}
+        if not isinstance(spec, DuoStreamingSpec):
+            assert positions == set(range(cdiv(num_tokens, BLOCK)))
+        elif not window.tail_only:
             assert positions == window.needed_blocks(processed, num_tokens, request.num_prompt_tokens)
         else:
-            assert positions == set(range(cdiv(num_tokens, BLOCK)))
+            future_w = window.recent if num_tokens >= request.num_prompt_tokens else window.prefill_window
+            last_window = max(0, num_tokens - future_w + 1) // BLOCK
+            must = window.needed_blocks(processed, processed, request.num_prompt_tokens) | \
+                set(range(last_window, cdiv(num_tokens, BLOCK)))
+            assert must <= positions and len(positions) <= single._max_admission_blocks_per_request, \
+                (sorted(must - positions), len(positions))
 
 
 def assert_pool_empty(manager: KVCacheManager) -> None:

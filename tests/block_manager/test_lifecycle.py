@@ -57,16 +57,17 @@ class Driver:
         return dict(counts)
 
 
+@pytest.mark.parametrize("tail_only", [False, True])
 @pytest.mark.parametrize("lag", [0, 1])
 @pytest.mark.parametrize("prefill_window", [RECENT, 1024])
-def test_prefill_decode_finish(model_config, prefill_window: int, lag: int) -> None:
+def test_prefill_decode_finish(model_config, prefill_window: int, lag: int, tail_only: bool) -> None:
     config = make_vllm_config(model_config, max_model_len=8192, max_num_batched_tokens=CHUNK,
                               async_scheduling=bool(lag))  # max_in_flight_tokens = (1 + lag) chunks
-    specs = duo_specs(random_mask(), prefill_window)
+    specs = duo_specs(random_mask(), prefill_window, tail_only_batches=(1 + lag) * tail_only)
     manager = kv_cache_manager(config, kv_cache_config(config, specs, num_blocks=2000))
     caps = [s._max_admission_blocks_per_request for s in manager.coordinator.single_type_managers
             if isinstance(s.kv_cache_spec, DuoStreamingSpec)]
-    window = Window(SINK, RECENT, prefill_window)
+    window = Window(SINK, RECENT, prefill_window, tail_only)
     prompt, decode = 3000, 300
     driver = Driver(manager, make_request("r", prompt, decode), window, lag)
 
@@ -82,6 +83,8 @@ def test_prefill_decode_finish(model_config, prefill_window: int, lag: int) -> N
     assert decode_blocks <= cdiv(SINK, BLOCK) + RECENT // BLOCK + 1 + lag
     if prefill_window > RECENT:
         assert prefill_peak > cdiv(SINK, BLOCK) + prefill_window // BLOCK  # wide while prefilling
+    if tail_only:  # sink + the processed window + each in-flight chunk's last window, at most
+        assert prefill_peak <= cdiv(SINK, BLOCK) + (2 + lag) * (cdiv(prefill_window - 1, BLOCK) + 1)
     assert driver.live_blocks()[FullAttentionSpec] == cdiv(prompt + decode, BLOCK)
 
     manager.free(driver.request)
@@ -100,6 +103,22 @@ def test_window_shrinks_when_prompt_ends(model_config) -> None:
     assert last_prefill == 4 + 96
     # The first decode query (token 2048) reads keys from 2048 - 255 = 1793: blocks 112..128.
     assert first_decode == 4 + 17
+
+
+def test_tail_only_long_chunk_takes_only_its_tail(model_config) -> None:
+    """One 4096-token chunk: retrieval slots take 256 blocks, tail-only streaming slots the 4 sink
+    blocks and the 17 blocks of the chunk's last window; the middle entries are the null block."""
+    config = make_vllm_config(model_config, max_model_len=8192, max_num_batched_tokens=4096)
+    manager = kv_cache_manager(config, kv_cache_config(config, duo_specs(random_mask(), RECENT, 1), 2000))
+    driver = Driver(manager, make_request("r", 6000, 10), Window(SINK, RECENT, RECENT, True), lag=0)
+    blocks = driver.step(4096)
+    assert blocks[FullAttentionSpec] == 256 and blocks[DuoStreamingSpec] == 4 + 16
+    # Tokens 4096..5999 read keys 3841..4095 (blocks 240..255) from the cache and keep their own
+    # last window, keys 5745..5999 (blocks 359..374).
+    blocks = driver.step(1904)
+    assert blocks[DuoStreamingSpec] == 4 + 16 + 16
+    manager.free(driver.request)
+    assert_pool_empty(manager)
 
 
 def test_abort_mid_prefill_returns_every_block(model_config) -> None:

@@ -1,8 +1,10 @@
 """Cases and a float32 PyTorch reference for ``streaming_prefill`` (prompt chunks, sink + window).
 
-Every cache cell no query of the chunk may read (positions between the sink and the first
-query's window) is NaN and its block-table entry, when the whole block is in that gap, a garbage
-id: the kernel must neither read such an entry nor load such a cell.
+The kernel reads keys before the chunk from the cache and the chunk's own keys from the step's
+K/V tensors. So every cache cell it must not load is NaN: positions between the sink and the
+first query's window, and every position of the chunk itself (the block manager maps most of a
+long chunk to the null block). A block-table entry whose block holds only such positions is a
+garbage id. In the step's K/V tensors, heads of no listed slot are NaN.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from tests.kernels.reference import GARBAGE_IDS, cdiv
 @dataclass
 class PrefillCase:
     q: torch.Tensor  # [num_tokens, num_q_heads, D]
+    k: torch.Tensor  # [num_tokens, num_kv_heads, D]: this step's keys
+    v: torch.Tensor
+    truth: list[list[torch.Tensor]]  # [slot][request] -> [seq_len, 2D] float32 K|V of every position
     caches: list[torch.Tensor]  # per streaming slot [pool_blocks, block_size, 2D]
     tables: list[torch.Tensor]  # per slot int32 [row0 + num_reqs, width]
     kv_heads: list[int]
@@ -57,30 +62,41 @@ def make_prefill_case(q_lens: list[int], ctx_lens: list[int], *, num_kv_heads: i
     rng = random.Random(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     seq_lens = [c + n for c, n in zip(ctx_lens, q_lens, strict=True)]
+    starts = [sum(q_lens[:r]) for r in range(len(q_lens))]
+    k_new = torch.full((sum(q_lens), num_kv_heads, head_dim), float("nan"))
+    v_new = torch.full_like(k_new, float("nan"))
+    truth: list[list[torch.Tensor]] = []
     width = max(cdiv(s, block_size) for s in seq_lens) + 3
     row0 = rng.randrange(0, 3)
     need = sum(cdiv(s, block_size) for s in seq_lens)
     pool = need + 5
     caches, tables = [], []
-    for _ in kv_heads:
+    for h in kv_heads:
         cache = torch.randn(pool, block_size, 2 * head_dim, generator=gen).to(dtype)
         ids = torch.randperm(pool, generator=gen).tolist()
         table = torch.tensor([[rng.choice(GARBAGE_IDS) for _ in range(width + 2)]
                               for _ in range(row0 + len(q_lens))], dtype=torch.int32)
+        truth.append([])
         for r, (s, n) in enumerate(zip(seq_lens, q_lens)):
             first = s - n
+            true_kv = torch.randn(cdiv(s, block_size) * block_size, 2 * head_dim, generator=gen).to(dtype)
+            truth[-1].append(true_kv[:s].float().to(device))
+            k_new[starts[r]:starts[r] + n, h] = true_kv[first:s, :head_dim].float()
+            v_new[starts[r]:starts[r] + n, h] = true_kv[first:s, head_dim:].float()
             for j in range(cdiv(s, block_size)):
                 blk = ids.pop()
                 pos = torch.arange(j * block_size, (j + 1) * block_size)
-                gap = (pos >= sink) & (pos < first - window + 1)
-                if bool(gap.all()):
-                    continue  # entry stays garbage: the whole block lies in the gap
+                unread = ((pos >= sink) & (pos < first - window + 1)) | (pos >= first)
+                if bool(unread.all()):
+                    continue  # entry stays garbage: the kernel must not even read it
                 table[row0 + r, j] = blk
-                cache[blk, gap] = float("nan")
+                cache[blk] = true_kv[j * block_size:(j + 1) * block_size]
+                cache[blk, unread] = float("nan")
         caches.append(cache.to(device))
         tables.append(table.to(device)[:, :width])  # row stride width + 2 > width
     q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
-    return PrefillCase(q=q, caches=caches, tables=tables, kv_heads=list(kv_heads), q_lens=list(q_lens),
+    return PrefillCase(q=q, k=k_new.to(dtype).to(device), v=v_new.to(dtype).to(device), truth=truth,
+                       caches=caches, tables=tables, kv_heads=list(kv_heads), q_lens=list(q_lens),
                        seq_lens=seq_lens, num_kv_heads=num_kv_heads, block_size=block_size, sink=sink,
                        window=window, row0=row0)
 
@@ -92,7 +108,7 @@ def reference(case: PrefillCase, scale: float, rows_per_step: int = 1024) -> tor
     window behind them), so 64K-token prompts fit in memory.
     """
     out = torch.full(case.q.shape, float("nan"), dtype=torch.float32, device=case.q.device)
-    d, bs, g, dev = case.q.shape[2], case.block_size, case.group, case.q.device
+    d, g, dev = case.q.shape[2], case.group, case.q.device
     tok = 0
     for r, (n, s) in enumerate(zip(case.q_lens, case.seq_lens)):
         for i0 in range(0, n, rows_per_step):
@@ -101,9 +117,8 @@ def reference(case: PrefillCase, scale: float, rows_per_step: int = 1024) -> tor
             p = torch.cat([torch.arange(min(case.sink, lo), device=dev), torch.arange(lo, int(t[-1]) + 1, device=dev)])
             seen = (p[None] <= t[:, None]) & ((p[None] < case.sink) | (p[None] > t[:, None] - case.window))
             rows = slice(tok + i0, tok + i0 + len(t))
-            for cache, table, h in zip(case.caches, case.tables, case.kv_heads):
-                blocks = table[case.row0 + r, p // bs].long()
-                kv = cache[blocks, p % bs].float()  # only positions some query sees: never NaN
+            for truth, h in zip(case.truth, case.kv_heads):
+                kv = truth[r][p]
                 k, v = kv[:, :d], kv[:, d:]
                 for hq in range(h * g, (h + 1) * g):
                     logits = (case.q[rows, hq].float() @ k.T) * scale

@@ -31,7 +31,7 @@ def run_case(dtype: torch.dtype, device: str, q_lens: list[int], ctx_lens: list[
                              kv_heads=kv_heads, block_size=block_size, sink=sink, window=window,
                              dtype=dtype, seed=seed, device=device)
     out = torch.full_like(case.q, float("nan"))  # poisoned: every row the kernel owns is written
-    streaming_prefill(case.q, out=out, **case.args())
+    streaming_prefill(case.q, case.k, case.v, out=out, **case.args())
     ref = reference(case, head_dim ** -0.5)
     heads = [h for k in kv_heads for h in range(k * group, (k + 1) * group)]
     others = [h for h in range(num_kv_heads * group) if h not in heads]

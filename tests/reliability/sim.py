@@ -85,6 +85,8 @@ class SoakConfig:
     prefill_window: int = 1024
     arrivals_per_step: int = 4
     async_scheduling: bool = False
+    # Streaming slots store only each chunk's last window (streaming_prefill="window").
+    tail_only: bool = False
     check_every: int = 10  # steps between whole-pool ownership checks
     seed: int = 0
 
@@ -102,6 +104,8 @@ SOAK_RUNS = {
     # vLLM's default admission (the whole prompt must fit): preemption only in decode, and rare,
     # since streaming heads free blocks when decode narrows their window.
     "async-full-isl": SoakConfig(reserve_full_isl=True, async_scheduling=True, max_tokens=128, seed=1),
+    # Tail-only streaming slots (the window prefill kernel): chunk middles are never stored.
+    "async-tail-only": SoakConfig(tail_only=True, async_scheduling=True, max_tokens=64, seed=3),
 }
 
 
@@ -177,7 +181,11 @@ class FakeRunner:
                 # The window is fixed by the chunk's first query, as the manager and builder do.
                 window = spec.sliding_window if start < self.prompt_len[rid] else spec.recent_size
                 first = max(0, start - window + 1) // BLOCK
-                reads = [*range(min(spec.num_sink_blocks, first)), *range(first, last + 1)]
+                # The window kernel reads a chunk's own keys from the step's K/V, not the cache
+                # (a one-token step goes through the decode kernel, which reads its own slot).
+                cache_last = (start - 1) // BLOCK if spec.tail_only_batches and end - start > 1 else last
+                reads = [*range(min(spec.num_sink_blocks, first, cache_last + 1)),
+                         *range(first, cache_last + 1)]
             else:
                 reads = range(last + 1)
             owned, table = single.req_to_blocks[rid], self.tables[rid][g]
@@ -216,7 +224,8 @@ def make_scheduler(model_dir: str, cfg: SoakConfig) -> Scheduler:
     config = make_vllm_config(model_config, max_model_len=cfg.max_model_len,
                               max_num_batched_tokens=cfg.max_num_batched_tokens,
                               max_num_seqs=cfg.max_num_seqs, async_scheduling=cfg.async_scheduling)
-    kv: KVCacheConfig = kv_cache_config(config, duo_specs(random_mask(cfg.seed), cfg.prefill_window),
+    tail_only = config.max_concurrent_batches if cfg.tail_only else 0
+    kv: KVCacheConfig = kv_cache_config(config, duo_specs(random_mask(cfg.seed), cfg.prefill_window, tail_only),
                                         num_blocks=cfg.num_blocks)
     config.cache_config.num_gpu_blocks = kv.num_blocks  # as EngineCore sets it
     config.scheduler_config.scheduler_reserve_full_isl = cfg.reserve_full_isl
@@ -268,7 +277,7 @@ def run_soak(model_dir: str, cfg: SoakConfig = SoakConfig(),
     by_id = {r.request_id: r for r in requests}
     arrivals = deque(requests)
     high_water: dict[str, int] = {}
-    window = Window(SINK, RECENT, cfg.prefill_window)
+    window = Window(SINK, RECENT, cfg.prefill_window, tail_only=cfg.tail_only)
     result = SoakResult(requests=len(requests), pool_blocks=scheduler.kv_cache_manager.block_pool.num_gpu_blocks)
     pending: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
     max_steps = 200 * cfg.num_requests + 100_000

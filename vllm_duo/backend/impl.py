@@ -80,7 +80,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             window_kernel = self.opts.streaming_prefill == "window"
             self._prefill_per_slot(query, output, metas, nd, ndt, n, streaming=not window_kernel)
             if window_kernel:
-                self._prefill_streaming(query, output, step, t, attn_metadata, nd, ndt, n)
+                self._prefill_streaming(query, key, value, output, step, t, attn_metadata, nd, ndt, n)
         return output
 
     def _prefill_per_slot(self, query, output, metas, nd: int, ndt: int, n: int,
@@ -96,14 +96,15 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             run = self._retrieval if retrieval else self._streaming
             run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd)
 
-    def _prefill_streaming(self, query, output, step: StepTables, t, meta: DuoMetadata, nd: int,
-                           ndt: int, n: int) -> None:
-        """Prompt chunks of every streaming slot: one launch, sink + prefill window only."""
+    def _prefill_streaming(self, query, key, value, output, step: StepTables, t, meta: DuoMetadata,
+                           nd: int, ndt: int, n: int) -> None:
+        """Prompt chunks of every streaming slot: one launch, sink + prefill window only; keys of
+        the chunk itself come from this step's K/V (the cache may hold only the chunk's tail)."""
         if t.streaming.numel() == 0:
             return
         groups = t.slot_group[t.streaming]
         ops.streaming_prefill(
-            query[ndt:n], t.kv_ptrs[t.streaming], step.block_table_ptrs[groups],
+            query[ndt:n], key[ndt:n], value[ndt:n], t.kv_ptrs[t.streaming], step.block_table_ptrs[groups],
             step.block_table_strides[groups], t.slot_kv_head[t.streaming],
             meta.query_start_loc[nd:], meta.seq_lens[nd:], max_query_len=meta.max_query_len,
             num_kv_heads=self.num_kv_heads, block_size=step.block_size,

@@ -32,14 +32,18 @@ class SlotInfo:
     layer: AttentionLayerBase  # holds ``kv_cache`` once vLLM binds it
 
 
-def slot_spec(kind: int, block_size: int, head_size: int, dtype: torch.dtype,
+def slot_spec(kind: int, vllm_config: VllmConfig, head_size: int, dtype: torch.dtype,
               opts: DuoOptions) -> KVCacheSpec:
+    block_size = vllm_config.cache_config.block_size
     if kind == RETRIEVAL:
         return FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size,
                                  dtype=dtype)
+    # The window prefill kernel reads a chunk's own keys from the step's K/V: store tails only.
+    tail_only = vllm_config.max_concurrent_batches if opts.streaming_prefill == "window" else 0
     return DuoStreamingSpec(block_size=block_size, num_kv_heads=1, head_size=head_size,
                             dtype=dtype, sliding_window=opts.prefill_window,
-                            sink_size=opts.sink_size, recent_size=opts.recent_size)
+                            sink_size=opts.sink_size, recent_size=opts.recent_size,
+                            tail_only_batches=tail_only)
 
 
 class DuoKVSlot(AttentionLayerBase):
@@ -61,8 +65,8 @@ class DuoKVSlot(AttentionLayerBase):
         return self.attn_backend
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
-        return slot_spec(self._kind, vllm_config.cache_config.block_size, self.head_size,
-                         self.kv_cache_torch_dtype, self._opts)
+        return slot_spec(self._kind, vllm_config, self.head_size, self.kv_cache_torch_dtype,
+                         self._opts)
 
 
 def _tp() -> tuple[int, int]:
@@ -86,7 +90,7 @@ def attach_slots(layer) -> None:
         if i == 0:
             obj = layer
             layer.get_kv_cache_spec = types.MethodType(
-                lambda self, cfg, _k=kind: slot_spec(_k, cfg.cache_config.block_size, self.head_size,
+                lambda self, cfg, _k=kind: slot_spec(_k, cfg, self.head_size,
                                                      self.kv_cache_torch_dtype, opts), layer)
             name = layer.layer_name
         else:

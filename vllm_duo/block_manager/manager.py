@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vllm.v1.core.block_pool import BlockPool
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock, resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import KVCacheSpec
@@ -23,6 +24,10 @@ class DuoStreamingManager(SlidingWindowManager):
     point are freed (replaced by the null block, as sliding window does), so a
     request holds sink + window + in-flight blocks.
 
+    With ``tail_only_batches`` (the prefill kernel reads a chunk's own keys from the step's
+    K/V), a chunk's blocks that no later query reads (past the sink, before the chunk's last
+    window) are the null block from the start: a long chunk never occupies the pool.
+
     No prefix is ever skipped (the sink is at the front), so
     ``get_num_skipped_tokens`` is 0. Prefix-cache hits need the sink blocks
     cached as well as the sliding-window tail; a missing sink block bounds the
@@ -34,13 +39,77 @@ class DuoStreamingManager(SlidingWindowManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.recent_size = kv_cache_spec.recent_size
         self.num_sink_blocks = kv_cache_spec.num_sink_blocks
+        self.tail_only = kv_cache_spec.tail_only_batches > 0
+        self._admission_cap = self._max_admission_blocks_per_request
+        # Per request: every entry in [num_sink_blocks, freed_upto) is the null block.
+        self._freed_upto: dict[str, int] = {}
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         decoding = num_prompt_tokens is not None and processed_computed_tokens >= num_prompt_tokens
         window = self.recent_size if decoding else self.sliding_window
         first_needed_block = (processed_computed_tokens - window + 1) // self.block_size
-        self._remove_blocks_in_range(request_id, self.num_sink_blocks, first_needed_block)
+        self._free_range(request_id, first_needed_block)
+
+    def _free_range(self, request_id: str, end: int) -> None:
+        """Free the real blocks in [sink, end) and null them. Unlike sliding window's backward
+        walk, this does not stop at a null entry: null chunk middles sit between real tails."""
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        start = self._freed_upto.get(request_id, self.num_sink_blocks)
+        end = min(end, len(blocks))
+        if end <= start:
+            return
+        freed = [b for b in blocks[start:end] if not b.is_null]
+        blocks[start:end] = [self._null_block] * (end - start)
+        self._freed_upto[request_id] = end
+        if freed:
+            self.block_pool.free_blocks(reversed(freed))
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        self._freed_upto.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+    def _null_entries(self, start: int, end: int, num_tokens: int) -> range:
+        """New entries [start, end) that stay null: past the sink and wholly before the window
+        that queries after this chunk need (t >= num_tokens reads p > t - W)."""
+        first_needed = (num_tokens - self.sliding_window + 1) // self.block_size
+        return range(max(start, self.num_sink_blocks), min(end, first_needed))
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
+                                   new_computed_blocks: Sequence[KVCacheBlock],
+                                   total_computed_tokens: int, num_local_computed_tokens: int,
+                                   num_tokens_main_model: int, apply_admission_cap: bool = False) -> int:
+        if not self.tail_only or new_computed_blocks:
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap)
+        blocks = self.req_to_blocks.get(request_id, [])
+        start, end = len(blocks), cdiv(num_tokens, self.block_size)
+        if apply_admission_cap:
+            # The full-sequence gate: what the request may still take, up to its peak.
+            held = sum(not b.is_null for b in blocks)
+            return max(min(end, self._admission_cap) - held, 0)
+        return max(end - start, 0) - len(self._null_entries(start, end, num_tokens))
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int,
+                            num_tokens_main_model: int) -> list[KVCacheBlock]:
+        if not self.tail_only:
+            return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        assert request_id not in self._partial_hit_reqs, "duo runs without prefix caching"
+        blocks = self.req_to_blocks[request_id]
+        start, end = len(blocks), cdiv(num_tokens, self.block_size)
+        if end <= start:
+            return []
+        nulls = self._null_entries(start, end, num_tokens)
+        real = self.block_pool.get_new_blocks(end - start - len(nulls))
+        if self._record_new_block_ids:
+            self.new_block_ids.extend(b.block_id for b in real)
+        head = max(0, nulls.start - start) if nulls else end - start
+        new = real[:head] + [self._null_block] * len(nulls) + real[head:]
+        blocks.extend(new)
+        return new
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         return 0

@@ -28,14 +28,21 @@ class DuoStreamingSpec(SlidingWindowSpec):
 
     sink_size: int
     recent_size: int
+    # 0: every prompt token is stored (the prefill kernel reads the chunk from the cache).
+    # n > 0: the prefill kernel reads a chunk's own keys from the step's K/V, so only the sink
+    # and each chunk's last window are stored, and n = vLLM's concurrent batches bounds how
+    # many chunks of one request are in flight.
+    tail_only_batches: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sink_size < 0 or not 0 < self.recent_size <= self.sliding_window:
+        if self.sink_size < 0 or self.tail_only_batches < 0 or \
+                not 0 < self.recent_size <= self.sliding_window:
             raise ValueError(
-                f"DuoStreamingSpec needs sink_size >= 0 and 0 < recent_size <= "
-                f"sliding_window (the prefill window), got sink_size={self.sink_size}, "
-                f"recent_size={self.recent_size}, sliding_window={self.sliding_window}")
+                f"DuoStreamingSpec needs sink_size >= 0, tail_only_batches >= 0 and 0 < "
+                f"recent_size <= sliding_window (the prefill window), got sink_size="
+                f"{self.sink_size}, tail_only_batches={self.tail_only_batches}, recent_size="
+                f"{self.recent_size}, sliding_window={self.sliding_window}")
 
     @property
     def num_sink_blocks(self) -> int:
@@ -52,11 +59,20 @@ class DuoStreamingSpec(SlidingWindowSpec):
         (the startup pool check) is derived from this, as in the parent.
         """
         window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
+        if self.tail_only_batches:
+            # Real blocks: the window behind the processed tokens, plus the last window of
+            # each chunk in flight (the rest of a chunk is the null block).
+            window = min(window, (1 + self.tail_only_batches) * self.window_blocks)
         return min(self.num_sink_blocks + window, cdiv(max_model_len, self.block_size))
+
+    @property
+    def window_blocks(self) -> int:
+        """Most blocks W - 1 consecutive tokens can touch (an unaligned start adds one)."""
+        return cdiv(self.sliding_window - 1, self.block_size) + 1
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
             isinstance(spec, DuoStreamingSpec)
-            and (spec.sink_size, spec.recent_size, spec.sliding_window)
-            == (self.sink_size, self.recent_size, self.sliding_window)
+            and (spec.sink_size, spec.recent_size, spec.sliding_window, spec.tail_only_batches)
+            == (self.sink_size, self.recent_size, self.sliding_window, self.tail_only_batches)
             for spec in kv_cache_specs.values())

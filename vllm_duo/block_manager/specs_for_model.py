@@ -32,6 +32,7 @@ def duo_kv_cache_specs(
     tp_size: int = 1,
     tp_rank: int = 0,
     layer_names: Mapping[int, str] | None = None,
+    tail_only_batches: int = 0,
 ) -> dict[str, KVCacheSpec]:
     """Spec of every slot of this rank: retrieval slots full attention, streaming slots duo.
 
@@ -47,7 +48,8 @@ def duo_kv_cache_specs(
                                   dtype=dtype)
     streaming = DuoStreamingSpec(block_size=block_size, num_kv_heads=1, head_size=head_size,
                                  dtype=dtype, sliding_window=prefill_window,
-                                 sink_size=sink_size, recent_size=recent_size)
+                                 sink_size=sink_size, recent_size=recent_size,
+                                 tail_only_batches=tail_only_batches)
     specs: dict[str, KVCacheSpec] = {}
     for layer, name in layer_names.items():
         slots = layer_slots(mask, layer, tp_size, tp_rank)

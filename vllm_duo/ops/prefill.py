@@ -3,8 +3,10 @@
 A query at absolute position t reads keys p <= t with p < sink or p > t - window. Each program
 takes a tile of BLOCK_M queries of one request and one query head and visits only the key tiles
 of the sink and of the window behind its queries: O(sink + window) work per query, not
-O(context). Keys are read from the paged slot caches (the chunk's own K/V is already written
-there), so chunked prefill sees exactly what one long prefill sees. A Triton kernel: FA3's local
+O(context). Keys before the chunk come from the paged slot caches, the chunk's own keys from the
+step's K/V tensors, so the cache only has to hold what later steps read (the block manager maps
+the rest of a long chunk to the null block) and chunked prefill sees exactly what one long
+prefill sees. A Triton kernel: FA3's local
 window cannot express the sink, and a two-call window + sink merge gave wrong rows on H100
 (docs/wip/fa3_streaming_prefill.patch); this one applies the exact mask inside each tile.
 """
@@ -19,17 +21,24 @@ HEAD_DIMS = (64, 128, 256)
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, kv, bt, lo, hi, t, sink, window, scale_log2,
-            BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) over keys [lo, hi) of one slot cache."""
+def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, lo, hi, t,
+            sink, window, scale_log2, FRESH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+            D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over keys [lo, hi): from the slot cache, or
+    (``FRESH``, keys of this chunk: p >= ctx) from the step's K/V rows tok0 + p - ctx."""
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         p = start + tl.arange(0, BLOCK_N)
         p_ok = p < hi
-        blk = tl.load(bt + p // BLOCK_SIZE, mask=p_ok, other=0).to(tl.int64)
-        row = (blk * BLOCK_SIZE + p % BLOCK_SIZE) * (2 * D)
-        k = tl.load(kv + row[None, :] + offs_d[:, None], mask=p_ok[None, :], other=0.0)
-        v = tl.load(kv + row[:, None] + D + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+        if FRESH:
+            tok = (tok0 + p - ctx).to(tl.int64)
+            k = tl.load(k_new + tok[None, :] * stride_kt + offs_d[:, None], mask=p_ok[None, :], other=0.0)
+            v = tl.load(v_new + tok[:, None] * stride_vt + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+        else:
+            blk = tl.load(bt + p // BLOCK_SIZE, mask=p_ok, other=0).to(tl.int64)
+            row = (blk * BLOCK_SIZE + p % BLOCK_SIZE) * (2 * D)
+            k = tl.load(kv + row[None, :] + offs_d[:, None], mask=p_ok[None, :], other=0.0)
+            v = tl.load(kv + row[:, None] + D + offs_d[None, :], mask=p_ok[:, None], other=0.0)
         s = tl.dot(q, k) * scale_log2
         seen = p_ok[None, :] & (p[None, :] <= t[:, None]) & \
             ((p[None, :] < sink) | (p[None, :] > t[:, None] - window))
@@ -46,8 +55,9 @@ def _attend(acc, m_i, l_i, q, kv, bt, lo, hi, t, sink, window, scale_log2,
 
 @triton.jit
 def _streaming_prefill_kernel(
-        Q, O, KV_PTRS, BT_PTRS, BT_STRIDES, SLOT_HEAD, QSL, SEQ_LENS,
-        stride_qt, stride_qh, stride_ot, stride_oh, bt_row0, sink, window, scale_log2,
+        Q, K, V, O, KV_PTRS, BT_PTRS, BT_STRIDES, SLOT_HEAD, QSL, SEQ_LENS,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        bt_row0, sink, window, scale_log2,
         G: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     req = tl.program_id(0)
@@ -65,7 +75,10 @@ def _streaming_prefill_kernel(
     kv = tl.load(KV_PTRS + slot).to(tl.pointer_type(dtype))
     bt = tl.load(BT_PTRS + slot).to(tl.pointer_type(tl.int32)) + \
         (bt_row0 + req).to(tl.int64) * tl.load(BT_STRIDES + slot)
-    head = tl.load(SLOT_HEAD + slot) * G + g
+    kv_head = tl.load(SLOT_HEAD + slot)
+    head = kv_head * G + g
+    k_new = K + kv_head * stride_kh
+    v_new = V + kv_head * stride_vh
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -80,18 +93,27 @@ def _streaming_prefill_kernel(
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Sink [0, sink_end) and window [win_lo, t_hi), each split at ctx into cache and chunk parts.
     sink_end = tl.minimum(sink, t_hi)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, 0, sink_end, t, sink, window, scale_log2,
-                            BLOCK_SIZE, D, BLOCK_N)
     win_lo = tl.maximum(sink_end, t_lo - window + 1)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, win_lo, t_hi, t, sink, window, scale_log2,
-                            BLOCK_SIZE, D, BLOCK_N)
+    cache_end = tl.minimum(sink_end, ctx)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
+                            0, cache_end, t, sink, window, scale_log2, False, BLOCK_SIZE, D, BLOCK_N)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
+                            ctx, sink_end, t, sink, window, scale_log2, True, BLOCK_SIZE, D, BLOCK_N)
+    cache_end = tl.minimum(t_hi, ctx)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
+                            win_lo, cache_end, t, sink, window, scale_log2, False, BLOCK_SIZE, D, BLOCK_N)
+    fresh_lo = tl.maximum(win_lo, ctx)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
+                            fresh_lo, t_hi, t, sink, window, scale_log2, True, BLOCK_SIZE, D, BLOCK_N)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(dtype), mask=m_ok[:, None])
 
 
-def _check(q: torch.Tensor, out: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch.Tensor,
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, kv_ptrs: torch.Tensor,
+           block_table_ptrs: torch.Tensor,
            block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor, query_start_loc: torch.Tensor,
            seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, sink_size: int,
            window: int) -> None:
@@ -108,6 +130,11 @@ def _check(q: torch.Tensor, out: torch.Tensor, kv_ptrs: torch.Tensor, block_tabl
     if num_kv_heads <= 0 or q.shape[1] % num_kv_heads:
         raise ValueError(f"streaming_prefill: num_q_heads ({q.shape[1]}) must be a multiple of "
                          f"num_kv_heads ({num_kv_heads})")
+    want = (q.shape[0], num_kv_heads, q.shape[2])
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != want or t.dtype != q.dtype or t.stride(2) != 1 or t.device != q.device:
+            raise ValueError(f"streaming_prefill: {name} (this chunk's keys/values) must be {q.dtype} "
+                             f"{want} with a contiguous last dimension, got {t.dtype} {tuple(t.shape)}")
     if block_size <= 0 or block_size & (block_size - 1) or sink_size < 0 or window < 1:
         raise ValueError(f"streaming_prefill: need a power-of-two block_size, sink_size >= 0, window "
                          f">= 1, got {block_size}, {sink_size}, {window}")
@@ -128,7 +155,8 @@ def _check(q: torch.Tensor, out: torch.Tensor, kv_ptrs: torch.Tensor, block_tabl
 
 
 @torch.library.custom_op("vllm_duo::streaming_prefill", mutates_args=("out",))
-def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, kv_ptrs: torch.Tensor,
+def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          kv_ptrs: torch.Tensor,
                           block_table_ptrs: torch.Tensor, block_table_strides: torch.Tensor,
                           slot_kv_head: torch.Tensor, query_start_loc: torch.Tensor,
                           seq_lens: torch.Tensor, block_table_row0: int, max_query_len: int,
@@ -140,22 +168,24 @@ def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, kv_ptrs: torch.Ten
     block_m = 64 if d <= 128 else 32
     grid = (seq_lens.numel(), triton.cdiv(max_query_len, block_m), num_slots * group)
     _streaming_prefill_kernel[grid](
-        q, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
-        seq_lens, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table_row0,
+        q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+        seq_lens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), block_table_row0,
         sink_size, window, scale * 1.4426950408889634,
         G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=64,
         num_warps=4 if d <= 128 else 8, num_stages=2)
 
 
 @_streaming_prefill_op.register_fake
-def _(out, q, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+def _(out, q, k, v, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
       seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window,
       scale) -> None:
-    _check(q, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+    _check(q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
            seq_lens, num_kv_heads, block_size, sink_size, window)
 
 
-def streaming_prefill(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch.Tensor,
+def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ptrs: torch.Tensor,
+                      block_table_ptrs: torch.Tensor,
                       block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, *, max_query_len: int,
                       num_kv_heads: int, block_size: int, sink_size: int, window: int,
@@ -165,7 +195,8 @@ def streaming_prefill(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: 
 
     ``q``/``out``: ``[num_tokens, num_q_heads, head_dim]``, request i's queries at rows
     ``query_start_loc[i] - query_start_loc[0]`` onward, at absolute positions ending at
-    ``seq_lens[i] - 1``. Slot s (a cache ``[num_blocks, block_size, 2 * head_dim]`` at
+    ``seq_lens[i] - 1``; ``k``/``v``: ``[num_tokens, num_kv_heads, head_dim]``, the same rows'
+    keys and values, read for keys inside the chunk (the caches only for keys before it). Slot s (a cache ``[num_blocks, block_size, 2 * head_dim]`` at
     ``kv_ptrs[s]``, K then V) serves KV head ``slot_kv_head[s]``, i.e. query heads
     ``h*G .. h*G+G-1``, and reads request i's block ids from row ``block_table_row0 + i`` of its
     int32 table. Query heads of other slots are left untouched. Block-table entries between the
@@ -173,10 +204,10 @@ def streaming_prefill(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: 
     """
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _check(q, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+    _check(q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
            seq_lens, num_kv_heads, block_size, sink_size, window)
     torch.ops.vllm_duo.streaming_prefill(
-        out, q, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+        out, q, k, v, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
         seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window,
         q.shape[2] ** -0.5 if scale is None else scale)
     return out
