@@ -2,9 +2,11 @@
 
 Starts one engine per configuration (fresh process each, dummy weights, same model shape,
 gpu_memory_utilization 0.85) and reads vLLM's own startup figures: KV-cache size in tokens
-and the maximum concurrency of 64K-token requests.
+and the maximum concurrency of 64K-token requests. Duo runs once per ``--modes`` entry
+(``streaming_prefill``: "rswa" stores every prompt token, "window" only chunk tails); the
+summary figures are the first mode's.
 
-    python benchmarks/capacity.py [--patterns ../shared/patterns] [--max-model-len 65536]
+    python benchmarks/capacity.py [--patterns ../shared/patterns] [--max-model-len 65536] [--modes rswa window]
 """
 
 from __future__ import annotations
@@ -28,23 +30,24 @@ def main() -> None:
     ap.add_argument("--patterns", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "patterns"))
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--modes", nargs="+", default=["rswa", "window"], choices=["rswa", "window"])
     args = ap.parse_args()
-    cases = [
-        ("llama3_full", LLAMA3_8B, None, None),
-        ("llama3_duo_s050", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5),
-        ("llama3_duo_s075", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.75),
-        ("llama2_full", LLAMA2_7B, None, None),
-        ("llama2_duo_s075", LLAMA2_7B, "Llama-2-7B-32K-Instruct", 0.75),
-    ]
+    duo = [("llama3_duo_s050", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5),
+           ("llama3_duo_s075", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.75),
+           ("llama2_duo_s075", LLAMA2_7B, "Llama-2-7B-32K-Instruct", 0.75)]
+    cases = [("llama3_full", LLAMA3_8B, None, None, None), ("llama2_full", LLAMA2_7B, None, None, None)]
+    for i, mode in enumerate(args.modes):
+        cases += [(name + ("" if i == 0 else f"_{mode}"), cfg, p, sp, mode) for name, cfg, p, sp in duo]
     rows = {}
     with tempfile.TemporaryDirectory() as d:
-        for name, cfg, pattern, sparsity in cases:
+        for name, cfg, pattern, sparsity, mode in cases:
             model = write_model(os.path.join(d, name.split("_")[0]), cfg)
             engine = dict(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                           max_num_seqs=64, enforce_eager=True)
             if pattern:
                 engine.update(attention_backend="duo", additional_config={"duo_attention": {
-                    "pattern": os.path.join(args.patterns, pattern), "sparsity": sparsity}})
+                    "pattern": os.path.join(args.patterns, pattern), "sparsity": sparsity,
+                    "streaming_prefill": mode}})
             else:
                 engine.update(attention_backend="FLASH_ATTN")
             r = run_engine(dict(model=model, prompts=[[1000] * 16], max_tokens=4, engine=engine))
@@ -59,8 +62,13 @@ def main() -> None:
         "capacity_ratio_llama2_s075": ratio("llama2_duo_s075", "llama2_full", "max_concurrency"),
     }
     extra = {"capacity_ratio_llama3_s075": ratio("llama3_duo_s075", "llama3_full", "max_concurrency")}
+    for mode in args.modes[1:]:
+        for name, full in (("llama3_duo_s050", "llama3_full"), ("llama3_duo_s075", "llama3_full"),
+                           ("llama2_duo_s075", "llama2_full")):
+            extra[f"capacity_ratio_{name.split('_', 1)[0]}_{name.rsplit('_', 1)[1]}_{mode}"] = \
+                ratio(f"{name}_{mode}", full, "max_concurrency")
     print("figures:", figures, extra)
-    save_result("capacity", {"rows": rows, "figures": figures, "extra": extra,
+    save_result("capacity", {"rows": rows, "figures": figures, "extra": extra, "modes": args.modes,
                              "max_model_len": args.max_model_len}, figures)
 
 
