@@ -18,6 +18,7 @@ for stage in "$@"; do
     models) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "mistral or qwen2" ;;
     reference) gpu_test 300 tests/e2e/test_reference_gpu.py ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
+    prefix-cache) gpu_test 400 tests/e2e/test_prefix_cache_gpu.py ;;
     prefill-attention) timeout 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
     prefill-model) timeout 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 ;;
     capacity) timeout 580 python benchmarks/capacity.py --patterns .patterns ;;

@@ -28,6 +28,11 @@ def resolve_duo_config(vllm_config: Any) -> DuoOptions:
     if not isinstance(extra, dict):
         raise DuoConfigError("additional_config must be a JSON object holding a 'duo_attention' entry")
     opts = parse_options(extra.get(CONFIG_KEY))
+    if vllm_config.cache_config.enable_prefix_caching and opts.streaming_prefill == "window":
+        raise DuoConfigError(
+            "prefix caching cannot be combined with duo_attention.streaming_prefill='window' yet "
+            "(its streaming heads store no chunk middles to cache); use streaming_prefill='rswa' "
+            "or drop --enable-prefix-caching")
     num_layers, num_kv_heads = model_shape(model_config)
     check_tp(num_kv_heads, vllm_config.parallel_config.tensor_parallel_size)
     opts = resolve_options(opts, num_layers, num_kv_heads, model=str(model_config.model))

@@ -43,7 +43,8 @@ def _wrap_create_engine_config() -> None:
     """Resolve duo options once, in the front process, before any worker starts.
 
     There is no config hook for general plugins. Wrapping ``EngineArgs.create_engine_config``
-    lets us (1) turn prefix caching off for duo (not yet sink-aware) with one warning,
+    lets us (1) turn prefix caching off for duo by default (its sink-aware hits are checked on
+    CPU only), with one warning, while an explicit request keeps it,
     (2) refuse bad patterns, models and feature combinations with a clear message before GPU
     work, and (3) embed the binary pattern in ``additional_config`` so workers on other
     nodes never read the pattern file.
@@ -57,10 +58,15 @@ def _wrap_create_engine_config() -> None:
     @functools.wraps(original)
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any):
         if _names_duo(self.attention_backend) or _names_duo(getattr(self.attention_config, "backend", None)):
-            if self.enable_prefix_caching is not False:
-                logger.warning("vllm-duo: prefix caching is turned off for the duo backend "
-                               "(streaming heads' sink blocks are not prefix-cache aware yet).")
-            self.enable_prefix_caching = False
+            if self.enable_prefix_caching is None:
+                logger.warning("vllm-duo: prefix caching is off by default for the duo backend "
+                               "(its sink-aware cache hits are not yet validated on a GPU); "
+                               "--enable-prefix-caching turns it on (experimental).")
+                self.enable_prefix_caching = False
+            elif self.enable_prefix_caching:
+                logger.warning("vllm-duo: prefix caching with the duo backend is experimental: "
+                               "cache hits bring the streaming heads' sink and window blocks "
+                               "(checked on CPU against vLLM's KV-cache manager).")
         config = original(self, *args, **kwargs)
         from vllm_duo.plugin import is_duo_backend_selected
 

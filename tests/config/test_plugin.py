@@ -91,6 +91,15 @@ def test_front_process_embeds_mask_and_disables_prefix_caching(plugins_loaded, t
     assert cfg.cache_config.enable_prefix_caching is False
 
 
+def test_explicit_prefix_caching_is_kept_but_not_with_the_window_kernel(plugins_loaded, tmp_path):
+    model = _model_dir(tmp_path)
+    cfg = _create(model, {"pattern": "full"}, enable_prefix_caching=True)
+    assert cfg.cache_config.enable_prefix_caching is True
+    assert _create(model, {"pattern": "full"}, enable_prefix_caching=False).cache_config.enable_prefix_caching is False
+    with pytest.raises(DuoConfigError, match="prefix caching cannot be combined.*streaming_prefill='rswa'"):
+        _create(model, {"pattern": "full", "streaming_prefill": "window"}, enable_prefix_caching=True)
+
+
 @pytest.mark.parametrize("duo,overrides,msg", [
     ({}, {}, "needs a head pattern"),
     ({"pattern": "PATTERN:Llama-2-7B-32K-Instruct"}, {}, r"\(32, 32\).*\(32, 8\)"),

@@ -184,7 +184,8 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
     """Job: greedy generation from token-id prompts.
 
     spec: model, prompts (token-id lists), max_tokens, engine (``LLM`` kwargs), and optional
-    ignore_eos (default False), logprobs, use_tqdm (default False).
+    ignore_eos (default False), logprobs, use_tqdm (default False), warmup_prompts (generated
+    first, e.g. to fill the prefix cache; the result then reports prefix-cache queries and hits).
     """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -193,6 +194,9 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"],
                             ignore_eos=spec.get("ignore_eos", False), detokenize=False,
                             logprobs=spec.get("logprobs"))
+    if spec.get("warmup_prompts"):
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["warmup_prompts"]], params,
+                     use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params,
                         use_tqdm=spec.get("use_tqdm", False))
@@ -201,6 +205,9 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
         "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
         "generate_seconds": round(time.perf_counter() - t0, 3),
     }
+    if spec.get("warmup_prompts"):
+        counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+        result["prefix_cache"] = {k: counters.get(f"vllm:prefix_cache_{k}") for k in ("queries", "hits")}
     if spec.get("logprobs"):
         result["logprobs"] = [[{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs]
                               for o in outs]
