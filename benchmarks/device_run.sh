@@ -25,6 +25,7 @@ for stage in "$@"; do
     decode) timeout 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     soak) timeout 570 python benchmarks/soak_gpu.py ;;
     load) timeout 570 python benchmarks/server_load.py ;;
+    bench-window) timeout 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
     *) echo "unknown stage $stage" ;;
   esac 2>&1 | grep -v "^INFO\|^(EngineCore.*INFO\|^DEBUG" | tee "$OUT/$stage.log" | tail -40
 done

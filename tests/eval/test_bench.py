@@ -80,6 +80,18 @@ def test_job_specs_share_ab_engine_and_size_it():
     assert [x[0] for x in only_b] == ["b"] and only_b[0][1]["engine"]["max_model_len"] == 1024 + 128
 
 
+def test_streaming_prefill_reaches_the_engine():
+    from vllm_duo.eval.methods import expand_methods
+
+    args = _args("--streaming-prefill", "window")
+    (duo,) = expand_methods(["duo"], pattern="/p", sparsities=[0.5], sink=64, recent=256,
+                            streaming_prefill=args.streaming_prefill)
+    ((_, spec),) = bench_cmd.job_specs(args, "a", "/m", "/m_long", duo)
+    assert spec["engine"]["additional_config"]["duo_attention"]["streaming_prefill"] == "window"
+    (default,) = expand_methods(["duo"], pattern="/p", sparsities=[0.5], sink=64, recent=256)
+    assert "streaming_prefill" not in default.duo
+
+
 def _fake_rows(tps_full: float, tps_duo: float):
     def row(tps, out_tps, ctx):
         return {"a": {"batch": 6, "decode": {"decode_tokens_per_s": tps}}, "b": {"output_tokens_per_s": out_tps},

@@ -17,7 +17,7 @@ import tempfile
 from typing import Any
 
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
 
 PATTERN_NAME = "Llama-3-8B-Instruct-Gradient-1048k"
 
@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
+                   help="duo's streaming-head prefill kernel (default: the option's default, 'rswa')")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enforce-eager", action="store_true",
                    help="a/b without torch.compile/CUDA graphs (faster start, slower decode)")
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if pattern is None:
             raise DuoConfigError(f"no {PATTERN_NAME} pattern found at {_pattern_candidates()}; pass --pattern")
     methods = expand_methods(args.methods, pattern=pattern, sparsities=[args.sparsity], sink=args.sink,
-                             recent=args.recent)
+                             recent=args.recent, streaming_prefill=args.streaming_prefill)
     if pattern and "duo" in args.methods:
         check_pattern(pattern, LLAMA3_8B["num_hidden_layers"], LLAMA3_8B["num_key_value_heads"], "Llama-3-8B")
     out_dir = os.path.abspath(args.out or default_out("bench"))

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
 
 DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
 
@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
                    help="duo sparsities (fraction of streaming heads); one method each")
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
+                   help="duo's streaming-head prefill kernel (default: the option's default, 'rswa')")
     p.add_argument("--prefill-recent", type=int, default=None,
                    help="streaming heads' window while prefilling (default: --recent; the reference "
                         "prefills densely up to 32K, i.e. --prefill-recent 8192 for an 8K model)")
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     layers, kv_heads, max_positions = model_shape(args.model)
     _check_grid(args, max_positions)
     methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
-                             recent=args.recent, prefill_recent=args.prefill_recent)
+                             recent=args.recent, prefill_recent=args.prefill_recent,
+                             streaming_prefill=args.streaming_prefill)
     if any(m.name.startswith("duo_") for m in methods):
         check_pattern(args.pattern, layers, kv_heads, args.model)
     out_dir = os.path.abspath(args.out or default_out("niah"))

@@ -35,7 +35,8 @@ def duo_name(sparsity: float) -> str:
 
 
 def expand_methods(names: list[str], *, pattern: str | None, sparsities: list[float], sink: int,
-                   recent: int, prefill_recent: int | None = None) -> list[Method]:
+                   recent: int, prefill_recent: int | None = None,
+                   streaming_prefill: str | None = None) -> list[Method]:
     """``full``/``duo``/``streaming`` -> methods; ``duo`` gives one method per sparsity."""
     unknown = sorted(set(names) - set(METHOD_CHOICES))
     if unknown:
@@ -43,6 +44,8 @@ def expand_methods(names: list[str], *, pattern: str | None, sparsities: list[fl
     window = {"sink_size": sink, "recent_size": recent}
     if prefill_recent is not None:
         window["prefill_recent_size"] = prefill_recent
+    if streaming_prefill is not None:
+        window["streaming_prefill"] = streaming_prefill
     out: list[Method] = []
     for name in dict.fromkeys(names):  # keep order, drop repeats
         if name == "full":
