@@ -20,6 +20,16 @@ import triton.language as tl
 HEAD_DIMS = (64, 128, 256)
 
 
+def launch_config(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) per head_dim: the largest tiles that compile for sm_90
+    without register spills (ptxas -v, Triton 3.6; tests/kernels/test_streaming_prefill_compile.py)."""
+    if head_dim <= 64:
+        return 64, 64, 4
+    if head_dim <= 128:
+        return 64, 64, 8
+    return 32, 32, 8
+
+
 @triton.jit
 def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, lo, hi, t,
             sink, window, scale_log2, FRESH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -165,15 +175,15 @@ def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     num_slots, group, d = kv_ptrs.numel(), q.shape[1] // num_kv_heads, q.shape[2]
     if num_slots == 0 or seq_lens.numel() == 0 or max_query_len <= 0:
         return
-    block_m = 64 if d <= 128 else 32
+    block_m, block_n, num_warps = launch_config(d)
     grid = (seq_lens.numel(), triton.cdiv(max_query_len, block_m), num_slots * group)
     _streaming_prefill_kernel[grid](
         q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
         seq_lens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), block_table_row0,
         sink_size, window, scale * 1.4426950408889634,
-        G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=64,
-        num_warps=4 if d <= 128 else 8, num_stages=2)
+        G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=2)
 
 
 @_streaming_prefill_op.register_fake
