@@ -340,3 +340,17 @@ def test_llama3_layout_takes_the_llama3_pattern(tmp_path):
                      ).create_engine_config()
     mask = cfg.additional_config["duo_attention"]["retrieval_mask"]
     assert (len(mask), len(mask[0]), sum(map(sum, mask))) == (32, 8, 128)
+
+
+def test_device_run_stages_match_the_readme():
+    """benchmarks/device_run.sh's stages are the ones the README lists, and each names a file that exists."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = open(os.path.join(root, "benchmarks", "device_run.sh")).read()
+    stages = re.findall(r"^    ([a-z0-9-]+)\) ", script, flags=re.M)
+    readme = " ".join(open(os.path.join(root, "README.md")).read().split())
+    listed = re.search(r"device_run\.sh STAGE…` \(([^)]*)\)", readme).group(1)
+    assert stages == [s.strip() for s in listed.split(",")]
+    for path in re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)", script):
+        assert os.path.exists(os.path.join(root, path)), path
