@@ -52,6 +52,7 @@ def test_slot_tensors():
     assert t.slot_kv_head.tolist() == [0, 1, -1]
     assert t.slot_streaming.tolist() == [0, 1, 1]
     assert t.slot_group.tolist() == [0, 1, 1]
+    assert t.streaming.tolist() == [1]  # the window kernel's slots: real streaming slots only
 
 
 def test_unexpected_cache_layout_is_refused():
