@@ -71,6 +71,18 @@ def test_admission_cap(in_flight: int, max_len: int, expected: int) -> None:
     assert _spec().max_admission_blocks_per_request(in_flight, max_len) == expected
 
 
+def test_tail_only_cap_is_windows_not_in_flight_tokens() -> None:
+    """Tail-only: sink + (1 + batches) windows of cdiv(255, 16) + 1 blocks, whatever is in flight;
+    never more than the plain cap (tiny chunks) or the sequence."""
+    tail = _spec(tail_only_batches=2)
+    assert tail.max_admission_blocks_per_request(32768, 131072) == 4 + 3 * 17
+    assert tail.max_admission_blocks_per_request(16, 131072) == _spec().max_admission_blocks_per_request(16, 131072)
+    assert tail.max_admission_blocks_per_request(32768, 256) == 256 // 16
+    assert not tail.is_uniform_with_collection({"a": tail, "b": _spec()})
+    with pytest.raises(ValueError, match="tail_only_batches"):
+        _spec(tail_only_batches=-1)
+
+
 def test_prefill_window_sets_the_cap() -> None:
     assert _spec(sliding_window=1024).max_admission_blocks_per_request(1024, 131072) == \
         4 + cdiv(1023 + 1024, 16) + 1
