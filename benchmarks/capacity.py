@@ -63,10 +63,9 @@ def main() -> None:
     }
     extra = {"capacity_ratio_llama3_s075": ratio("llama3_duo_s075", "llama3_full", "max_concurrency")}
     for mode in args.modes[1:]:
-        for name, full in (("llama3_duo_s050", "llama3_full"), ("llama3_duo_s075", "llama3_full"),
-                           ("llama2_duo_s075", "llama2_full")):
-            extra[f"capacity_ratio_{name.split('_', 1)[0]}_{name.rsplit('_', 1)[1]}_{mode}"] = \
-                ratio(f"{name}_{mode}", full, "max_concurrency")
+        for model, sp in (("llama3", "s050"), ("llama3", "s075"), ("llama2", "s075")):
+            extra[f"capacity_ratio_{model}_{sp}_{mode}"] = \
+                ratio(f"{model}_duo_{sp}_{mode}", f"{model}_full", "max_concurrency")
     print("figures:", figures, extra)
     save_result("capacity", {"rows": rows, "figures": figures, "extra": extra, "modes": args.modes,
                              "max_model_len": args.max_model_len}, figures)

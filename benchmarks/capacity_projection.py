@@ -34,6 +34,7 @@ CASES = [  # (row, model, measured FLASH_ATTN row, pattern, sparsity)
 
 def project(model_dir: str, cfg: dict, full_blocks: int, pattern: str, sparsity: float,
             args: argparse.Namespace) -> dict:
+    import torch
     from vllm.config import ModelConfig
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
     from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -50,8 +51,6 @@ def project(model_dir: str, cfg: dict, full_blocks: int, pattern: str, sparsity:
     config = make_vllm_config(model, max_model_len=args.max_model_len,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               async_scheduling=not args.no_async)
-    import torch
-
     full = {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
         block_size=16, num_kv_heads=heads, head_size=head_dim, dtype=torch.bfloat16) for i in range(layers)}
     memory = full_blocks * bytes_per_block(config, full)

@@ -52,7 +52,9 @@ def test_slot_tensors():
     assert t.slot_kv_head.tolist() == [0, 1, -1]
     assert t.slot_streaming.tolist() == [0, 1, 1]
     assert t.slot_group.tolist() == [0, 1, 1]
-    assert t.streaming.tolist() == [1]  # the window kernel's slots: real streaming slots only
+    # the window kernel's slots: real streaming slots only (not the padding slot)
+    assert t.stream_kv_ptrs.tolist() == [slots[1].layer.kv_cache.data_ptr()]
+    assert t.stream_kv_head.tolist() == [1] and t.stream_group.tolist() == [1]
 
 
 def test_unexpected_cache_layout_is_refused():

@@ -156,10 +156,8 @@ def assert_footprint(manager: KVCacheManager, request: Request, window: Window) 
     """
     processed = request.num_computed_tokens - request.num_in_flight_tokens
     num_tokens = request.num_computed_tokens
-    for single in manager.coordinator.single_type_managers:
-        spec = single.kv_cache_spec
-        positions = {i for i, b in enumerate(single.req_to_blocks.get(request.request_id, []))
-                     if not b.is_null}
+    managers = manager.coordinator.single_type_managers
+    for single, (spec, positions) in zip(managers, held(manager, request.request_id), strict=True):
         if not isinstance(spec, DuoStreamingSpec):
             assert positions == set(range(cdiv(num_tokens, BLOCK)))
         elif not window.tail_only:

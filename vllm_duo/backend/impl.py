@@ -100,12 +100,12 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
                            nd: int, ndt: int, n: int) -> None:
         """Prompt chunks of every streaming slot: one launch, sink + prefill window only; keys of
         the chunk itself come from this step's K/V (the cache may hold only the chunk's tail)."""
-        if t.streaming.numel() == 0:
+        if t.stream_kv_ptrs.numel() == 0:
             return
-        groups = t.slot_group[t.streaming]
         ops.streaming_prefill(
-            query[ndt:n], key[ndt:n], value[ndt:n], t.kv_ptrs[t.streaming], step.block_table_ptrs[groups],
-            step.block_table_strides[groups], t.slot_kv_head[t.streaming],
+            query[ndt:n], key[ndt:n], value[ndt:n], t.stream_kv_ptrs,
+            step.block_table_ptrs[t.stream_group], step.block_table_strides[t.stream_group],
+            t.stream_kv_head,
             meta.query_start_loc[nd:], meta.seq_lens[nd:], max_query_len=meta.max_query_len,
             num_kv_heads=self.num_kv_heads, block_size=step.block_size,
             sink_size=self.opts.sink_size, window=self.opts.prefill_window, scale=self.scale,

@@ -58,7 +58,11 @@ class SlotTensors:
     slot_kv_head: torch.Tensor  # int32 [num_slots], -1 = padding slot
     slot_streaming: torch.Tensor  # int32 [num_slots]
     slot_group: torch.Tensor  # int32 [num_slots]: the slot's row in StepTables
-    streaming: torch.Tensor  # int64 [num_streaming]: indices of the real streaming slots
+    # The real streaming slots alone (the window prefill kernel's launch): cache pointers,
+    # KV heads and group rows (int64, to index StepTables' per-step tables).
+    stream_kv_ptrs: torch.Tensor
+    stream_kv_head: torch.Tensor
+    stream_group: torch.Tensor
 
 
 def slot_tensors(slots: list, step: StepTables, device: torch.device) -> SlotTensors:
@@ -69,12 +73,16 @@ def slot_tensors(slots: list, step: StepTables, device: torch.device) -> SlotTen
         if c.shape[1] != 1 or c.stride(3) != 1 or c.stride(2) != row or c.stride(0) != bs * row:
             raise RuntimeError(f"duo slot cache {s.name} has layout {tuple(c.shape)}/{c.stride()}; "
                                "expected contiguous [num_blocks, 1, block_size, 2 * head_size]")
+    streaming = [i for i, s in enumerate(slots) if s.head >= 0 and s.kind != RETRIEVAL]
+    groups = step.group_keys(slots)
     return SlotTensors(
         kv_ptrs=torch.tensor([s.layer.kv_cache.data_ptr() for s in slots], dtype=torch.int64,
                              device=device),
         slot_kv_head=torch.tensor([s.head for s in slots], dtype=torch.int32, device=device),
         slot_streaming=torch.tensor([int(s.kind != RETRIEVAL) for s in slots], dtype=torch.int32,
                                     device=device),
-        slot_group=torch.tensor(step.group_keys(slots), dtype=torch.int32, device=device),
-        streaming=torch.tensor([i for i, s in enumerate(slots) if s.head >= 0 and s.kind != RETRIEVAL],
-                               dtype=torch.int64, device=device))
+        slot_group=torch.tensor(groups, dtype=torch.int32, device=device),
+        stream_kv_ptrs=torch.tensor([slots[i].layer.kv_cache.data_ptr() for i in streaming],
+                                    dtype=torch.int64, device=device),
+        stream_kv_head=torch.tensor([slots[i].head for i in streaming], dtype=torch.int32, device=device),
+        stream_group=torch.tensor([groups[i] for i in streaming], dtype=torch.int64, device=device))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vllm.v1.core.block_pool import BlockPool
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock, resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import KVCacheSpec
@@ -40,7 +40,6 @@ class DuoStreamingManager(SlidingWindowManager):
         self.recent_size = kv_cache_spec.recent_size
         self.num_sink_blocks = kv_cache_spec.num_sink_blocks
         self.tail_only = kv_cache_spec.tail_only_batches > 0
-        self._admission_cap = self._max_admission_blocks_per_request
         # Per request: every entry in [num_sink_blocks, freed_upto) is the null block.
         self._freed_upto: dict[str, int] = {}
 
@@ -90,7 +89,7 @@ class DuoStreamingManager(SlidingWindowManager):
         if apply_admission_cap:
             # The full-sequence gate: what the request may still take, up to its peak.
             held = sum(not b.is_null for b in blocks)
-            return max(min(end, self._admission_cap) - held, 0)
+            return max(min(end, self._max_admission_blocks_per_request) - held, 0)
         return max(end - start, 0) - len(self._null_entries(start, end, num_tokens))
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
