@@ -10,8 +10,8 @@ attention: one Llama-3-8B layer (32 q heads, 8 KV heads, head_dim 128, bf16, blo
     optionally vLLM's Triton R-SWA per streaming slot (the earlier path: O(context)).
     CUDA-event time of the whole prompt, median of repeats.
 model: ``LLM`` with Llama-3-8B's shape and dummy weights, one prompt at a time, max_tokens=1,
-    FLASH_ATTN vs duo with a DuoAttention pattern; each engine in its own process. Times what
-    the duo backend does now (whatever its streaming prefill path is).
+    FLASH_ATTN vs duo with a DuoAttention pattern; each engine in its own process. Duo runs
+    with ``--streaming-prefill`` (default "window": the O(window) kernel).
 
     python benchmarks/prefill.py --part attention [--lengths 32768 131072] [--chunks 16384 0]
     python benchmarks/prefill.py --part model [--lengths 32768 131072] [--budgets default]
@@ -232,7 +232,7 @@ def model_engine(backend: str, sparsity: float | None, budget: str, max_len: int
     if backend == "duo":
         engine["additional_config"] = {"duo_attention": {
             "pattern": pattern, "sparsity": sparsity, "sink_size": args.sink,
-            "recent_size": args.window}}
+            "recent_size": args.window, "streaming_prefill": args.streaming_prefill}}
     return engine
 
 
@@ -266,7 +266,8 @@ def model_part(args) -> tuple[list[dict], dict[str, float]]:
                 continue
             for L, sec in zip(args.lengths, res["seconds"]):
                 rows.append(dict(prompt=L, budget=budget, resolved_budget=res["max_num_batched_tokens"],
-                                 backend=backend, sparsity=sp, seconds=sec))
+                                 backend=backend, sparsity=sp, seconds=sec,
+                                 streaming_prefill=args.streaming_prefill if backend == "duo" else None))
     print(f"{'prompt':>7} {'budget':>9} {'backend':>10} {'sparsity':>8} {'prefill s':>9} {'speedup':>8}")
     for row in rows:
         base = next((r["seconds"] for r in rows if r["backend"] == "FLASH_ATTN"
@@ -321,6 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="attention: also time Triton R-SWA streaming slots up to this prompt length")
     ap.add_argument("--budgets", nargs="+", default=["default"],
                     help="model: max_num_batched_tokens values, 'default' or 'unchunked'")
+    ap.add_argument("--streaming-prefill", choices=["window", "rswa"], default="window",
+                    help="model: duo's streaming-head prefill path (rswa is O(context): slow at 128K)")
     ap.add_argument("--pattern", help=f"model: pattern folder (default: {' or '.join(PATTERN_DIRS)})")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--compile", action="store_true", help="model: torch.compile + CUDA graphs "
