@@ -3,10 +3,11 @@
 Starts one engine per configuration (fresh process each, dummy weights, same model shape,
 gpu_memory_utilization 0.85) and reads vLLM's own startup figures: KV-cache size in tokens
 and the maximum concurrency of 64K-token requests. Duo runs once per ``--modes`` entry
-(``streaming_prefill``: "rswa" stores every prompt token, "window" only chunk tails); the
-summary figures are the first mode's.
+(``streaming_prefill``: "window", the default, stores only chunk tails, "rswa" every prompt
+token); the summary figures are the first mode's, the others' go to ``extra``. Writes
+results/capacity_<date>.json (capacity_<modes>_<date>.json for other ``--modes``).
 
-    python benchmarks/capacity.py [--patterns ../shared/patterns] [--max-model-len 65536] [--modes rswa window]
+    python benchmarks/capacity.py [--patterns ../shared/patterns] [--max-model-len 65536] [--modes window rswa]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--patterns", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "patterns"))
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    ap.add_argument("--modes", nargs="+", default=["rswa", "window"], choices=["rswa", "window"])
+    ap.add_argument("--modes", nargs="+", default=["window", "rswa"], choices=["window", "rswa"])
     args = ap.parse_args()
     duo = [("llama3_duo_s050", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5),
            ("llama3_duo_s075", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.75),
@@ -67,7 +68,9 @@ def main() -> None:
             extra[f"capacity_ratio_{model}_{sp}_{mode}"] = \
                 ratio(f"{model}_duo_{sp}_{mode}", f"{model}_full", "max_concurrency")
     print("figures:", figures, extra)
-    save_result("capacity", {"rows": rows, "figures": figures, "extra": extra, "modes": args.modes,
+    default_modes = ap.get_default("modes")
+    name = "capacity" if args.modes == default_modes else "capacity_" + "_".join(args.modes)
+    save_result(name, {"rows": rows, "figures": figures, "extra": extra, "modes": args.modes,
                              "max_model_len": args.max_model_len}, figures)
 
 

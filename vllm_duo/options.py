@@ -22,11 +22,11 @@ PATTERN_STREAMING = "streaming"  # every head a streaming head (StreamingLLM bas
 DEFAULT_SINK = 64  # paper's NIAH/LongBench deployment setting
 DEFAULT_RECENT = 256
 DEFAULT_SPARSITY = 0.5
-# Streaming heads' prompt-chunk kernel: "rswa" = vLLM's Triton unified attention with its exact
-# sink + window mask (O(context), validated on H100); "window" = vllm-duo's Triton kernel that
-# visits only sink + window tiles (O(sink + window); validated against the float32 reference
-# under Triton's CPU interpreter, not yet on a GPU).
-PREFILL_KERNELS = ("rswa", "window")
+# Streaming heads' prompt-chunk kernel: "window" (default) = vllm-duo's Triton kernel that visits
+# only sink + window tiles, O(sink + window), and lets streaming slots keep only each chunk's last
+# window; "rswa" = vLLM's Triton unified attention with the same exact mask, O(context), every
+# prompt token stored (needed by prefix caching). Both pass the float32 reference on H100.
+PREFILL_KERNELS = ("window", "rswa")
 _MAX_TOKENS = 1 << 24
 
 

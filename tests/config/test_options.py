@@ -14,8 +14,8 @@ def test_defaults_follow_the_paper():
     o = parse_options({"pattern": "full"})
     assert (o.sink_size, o.recent_size, o.prefill_window) == (64, 256, 256)
     assert parse_options({"pattern": "full", "prefill_recent_size": 4096}).prefill_window == 4096
-    assert o.streaming_prefill == "rswa"
-    assert parse_options({"pattern": "full", "streaming_prefill": "window"}).streaming_prefill == "window"
+    assert o.streaming_prefill == "window"
+    assert parse_options({"pattern": "full", "streaming_prefill": "rswa"}).streaming_prefill == "rswa"
 
 
 def test_no_silent_default_pattern():
@@ -39,7 +39,7 @@ def test_no_silent_default_pattern():
     ({"pattern": "full", "sparsity_typo": 0.5}, "unknown duo_attention option"),
     ({"pattern": 3}, "must be a path"),
     ({"pattern": "full", "seed": -1}, "seed"),
-    ({"pattern": "full", "streaming_prefill": "fast"}, "streaming_prefill must be one of 'rswa', 'window'"),
+    ({"pattern": "full", "streaming_prefill": "fast"}, "streaming_prefill must be one of 'window', 'rswa'"),
     ("pattern=full", "must be a JSON object"),
     ({"retrieval_mask": [[1, 0], [1]]}, "ragged"),
     ({"retrieval_mask": [[1, 2]]}, "0 \\(streaming\\) or 1"),

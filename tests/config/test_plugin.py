@@ -95,7 +95,10 @@ def test_explicit_prefix_caching_is_kept_but_not_with_the_window_kernel(plugins_
     model = _model_dir(tmp_path)
     cfg = _create(model, {"pattern": "full"}, enable_prefix_caching=True)
     assert cfg.cache_config.enable_prefix_caching is True
-    assert _create(model, {"pattern": "full"}, enable_prefix_caching=False).cache_config.enable_prefix_caching is False
+    assert cfg.additional_config["duo_attention"]["streaming_prefill"] == "rswa"  # the default falls back
+    cfg = _create(model, {"pattern": "full"}, enable_prefix_caching=False)
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.additional_config["duo_attention"]["streaming_prefill"] == "window"
     with pytest.raises(DuoConfigError, match="prefix caching cannot be combined.*streaming_prefill='rswa'"):
         _create(model, {"pattern": "full", "streaming_prefill": "window"}, enable_prefix_caching=True)
 

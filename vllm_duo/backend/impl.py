@@ -5,9 +5,9 @@ Per step and layer:
 - one ``paged_decode`` launch (csrc split-head kernel) attends every decode token over every
   slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
 - prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN); streaming slots
-  by the ``streaming_prefill`` option: ``"rswa"`` (default) vLLM's Triton unified attention per
-  slot with its exact sink + window mask, O(context); ``"window"`` one vllm-duo Triton launch for
-  all streaming slots that visits only the sink and window tiles, O(sink + window).
+  by the ``streaming_prefill`` option: ``"window"`` (default) one vllm-duo Triton launch for all
+  streaming slots that visits only the sink and window tiles, O(sink + window); ``"rswa"``
+  vLLM's Triton unified attention per slot with its exact sink + window mask, O(context).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
     p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
-                   help="duo's streaming-head prefill kernel (default: the option's default, 'rswa')")
+                   help="duo's streaming-head prefill kernel (default: the option's default, 'window')")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enforce-eager", action="store_true",
                    help="a/b without torch.compile/CUDA graphs (faster start, slower decode)")

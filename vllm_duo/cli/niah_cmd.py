@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
     p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
-                   help="duo's streaming-head prefill kernel (default: the option's default, 'rswa')")
+                   help="duo's streaming-head prefill kernel (default: the option's default, 'window')")
     p.add_argument("--prefill-recent", type=int, default=None,
                    help="streaming heads' window while prefilling (default: --recent; the reference "
                         "prefills densely up to 32K, i.e. --prefill-recent 8192 for an 8K model)")
