@@ -32,6 +32,7 @@ for stage in "$@"; do
     prefix-cache) gpu_test 400 tests/e2e/test_prefix_cache_gpu.py ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
+    prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 ;;
     capacity) run_for 580 python benchmarks/capacity.py --patterns .patterns $CAPACITY_ARGS ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     soak) run_for 570 python benchmarks/soak_gpu.py ;;
