@@ -5,8 +5,9 @@ memory alone. This script runs that code (``get_kv_cache_configs``, ``get_kv_cac
 on the CPU for the memory a GPU run measured: it takes FLASH_ATTN's block count from a
 ``benchmarks/capacity.py`` JSON and asks what duo gets in the same memory, with the real
 DuoAttention patterns, for ``streaming_prefill="rswa"`` (every prompt token stored) and
-``"window"`` (tail-only streaming slots). The ``rswa`` rows reproduce the GPU measurement; the
-``window`` rows are a projection until ``benchmarks/capacity.py`` measures them on a GPU.
+``"window"`` (tail-only streaming slots). Both agree with the H100: the ``rswa`` rows reproduce
+``capacity_2026-11-23.json`` exactly, the ``window`` rows (1.974x / 3.845x) what
+``capacity_window_2026-11-23.json`` measured later (1.975x / 3.847x / 3.843x).
 
     python benchmarks/capacity_projection.py [--measured benchmarks/results/capacity_2026-11-23.json]
 """

@@ -345,8 +345,9 @@ def main() -> None:
     sizes = "_".join(f"{L // 1024}k" for L in args.lengths)
     name = f"prefill_{args.part}_{sizes}" + ("" if args.part == "attention" else
                                              "_" + "_".join(args.budgets))
-    payload = dict(part=args.part, sink=args.sink, window=args.window, rows=rows,
-                   layer=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BS, dtype="bf16"))
+    payload = dict(part=args.part, sink=args.sink, window=args.window, rows=rows)
+    if args.part == "attention":  # the model part's shape is Llama-3-8B's whole config
+        payload["layer"] = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BS, dtype="bf16")
     fname = save_result(name, payload, figures)
     png = os.path.join(RESULTS, fname.replace(".json", ".png"))
     plot(rows, args.part, png)
