@@ -24,15 +24,17 @@ for stage in "$@"; do
   case $stage in
     kernels) gpu_test 300 tests/kernels ;;
     window-e2e) gpu_test 420 tests/e2e/test_e2e_gpu.py -k "window_kernel or chunk_invariance or all_streaming" ;;
+    default-e2e) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "chunk_invariance or all_streaming" ;;
     e2e) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "not mistral and not qwen2" ;;
     models) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "mistral or qwen2" ;;
     mistral) gpu_test 580 tests/e2e/test_e2e_gpu.py -k mistral ;;
     reference) gpu_test 300 tests/e2e/test_reference_gpu.py ;;
+    reference-window) gpu_test 300 tests/e2e/test_reference_gpu.py -k "window_kernel_chunked or harness" ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 400 tests/e2e/test_prefix_cache_gpu.py ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
-    prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 ;;
+    prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
     capacity) run_for 580 python benchmarks/capacity.py --patterns .patterns $CAPACITY_ARGS ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     soak) run_for 570 python benchmarks/soak_gpu.py ;;

@@ -46,11 +46,8 @@ def test_all_retrieval_equals_flash_attn(llama3):
 
 def test_chunk_invariance_mixed_pattern(llama3):
     """The same prompts under chunk budgets 256 and 8192 give identical greedy tokens."""
-    mixed = {"attention_backend": "duo", "additional_config": {"duo_attention": {
-        "pattern": "full", "sparsity": 0.5}}}
-
     mask = np.random.RandomState(0).randint(0, 2, (32, 8)).tolist()
-    mixed["additional_config"]["duo_attention"] = {"retrieval_mask": mask}
+    mixed = {"attention_backend": "duo", "additional_config": {"duo_attention": {"retrieval_mask": mask}}}
     prompts = _prompts([300, 700, 1500, 3000], seed=1)
     spec = dict(model=llama3, prompts=prompts, max_tokens=32)
     a = run_engine(dict(spec, engine=_engine(max_num_batched_tokens=256, **mixed)))
