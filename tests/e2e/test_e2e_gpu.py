@@ -94,20 +94,34 @@ def test_model_runner_v1(llama3, monkeypatch):
     assert [len(t) for t in mixed["tokens"]] == [32] * len(prompts)
 
 
-@pytest.mark.parametrize("name,config,mask", [
-    ("mistral", MISTRAL_7B_V02, [[(layer + head) % 2 for head in range(8)] for layer in range(32)]),
-    ("qwen2", QWEN2_7B, [[(layer + head) % 2 for head in range(4)] for layer in range(28)]),
-])
-def test_mistral_and_qwen2(tmp_path, name, config, mask):
-    """The other two architectures at their 7B shapes: pattern='full' equals FLASH_ATTN, and a
-    mixed mask gives identical tokens under chunk budgets 256 and 8192."""
+OTHER_MODELS = {
+    "mistral": (MISTRAL_7B_V02, [[(layer + head) % 2 for head in range(8)] for layer in range(32)]),
+    "qwen2": (QWEN2_7B, [[(layer + head) % 2 for head in range(4)] for layer in range(28)]),
+}
+
+
+def _other_model_spec(tmp_path, name: str) -> dict:
+    config = OTHER_MODELS[name][0]
     model = write_model(str(tmp_path / name), config)
     prompts = _prompts([100, 700, 2500, 6000], seed=4, vocab=config["vocab_size"])
-    spec = dict(model=model, prompts=prompts, max_tokens=32)
+    return dict(model=model, prompts=prompts, max_tokens=32)
+
+
+@pytest.mark.parametrize("name", list(OTHER_MODELS))
+def test_other_model_full_equals_flash_attn(tmp_path, name):
+    """Mistral and Qwen2 at their 7B shapes: pattern='full' equals FLASH_ATTN."""
+    spec = _other_model_spec(tmp_path, name)
     fa = run_engine(dict(spec, engine=_engine(attention_backend="FLASH_ATTN")))
     duo = run_engine(dict(spec, engine=_engine(**DUO_FULL)))
     assert _match(fa["tokens"], duo["tokens"]) == 1.0
-    mixed = {"attention_backend": "duo", "additional_config": {"duo_attention": {"retrieval_mask": mask}}}
+
+
+@pytest.mark.parametrize("name", list(OTHER_MODELS))
+def test_other_model_chunk_invariance(tmp_path, name):
+    """Mistral and Qwen2: a mixed mask gives identical tokens under chunk budgets 256 and 8192."""
+    spec = _other_model_spec(tmp_path, name)
+    mixed = {"attention_backend": "duo", "additional_config": {"duo_attention": {
+        "retrieval_mask": OTHER_MODELS[name][1]}}}
     a = run_engine(dict(spec, engine=_engine(max_num_batched_tokens=256, **mixed)))
     b = run_engine(dict(spec, engine=_engine(max_num_batched_tokens=8192, **mixed)))
     assert a["tokens"] == b["tokens"]

@@ -62,8 +62,10 @@ def run_job(job: str, spec: dict[str, Any], *, log_path: str | None = None, echo
     """Run ``job`` ("module:function", called with ``spec``) in a fresh Python process.
 
     Returns the function's dict plus the engine figures parsed from the child's log.
-    ``log_path`` (appended to) keeps the full log; ``echo`` also copies it to stderr live.
+    ``log_path`` (appended to) keeps the full log; ``echo`` (or ``VLLM_DUO_ENGINE_ECHO=1``, for
+    GPU test runs that need to show where an engine spends its time) also copies it to stderr live.
     """
+    echo = echo or os.environ.get("VLLM_DUO_ENGINE_ECHO") == "1"
     with tempfile.TemporaryDirectory() as d:
         src, dst = os.path.join(d, "in.json"), os.path.join(d, "out.json")
         log_path = os.path.abspath(log_path or os.path.join(d, "engine.log"))
