@@ -18,18 +18,16 @@ model: ``LLM`` with Llama-3-8B's shape and dummy weights, one prompt at a time, 
 
 ``--chunks 0`` / ``--budgets unchunked`` = the whole prompt in one step; ``default`` = vLLM's
 own max_num_batched_tokens (16384 for ``LLM`` on a >= 70 GB GPU). Writes
-results/prefill_<part>_<date>.json (a copy and a PNG to $OUT when set) and the summary entries
-prefill_attn_ratio_128k_s050 (attention, 16K chunks) and prefill_ratio_128k_s050 (model, first
+results/prefill_<part>_<date>.json (and a PNG beside it) and the summary entries
+prefill_attn_ratio_128k_s050 (attention, 16K chunks) and prefill_ratio_128k_s050 / _256k_s050 (model, first
 budget).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -275,9 +273,9 @@ def model_part(args) -> tuple[list[dict], dict[str, float]]:
         row["speedup"] = base / row["seconds"]
         print(f"{row['prompt']:>7} {row['resolved_budget']:>9} {row['backend']:>10} "
               f"{row['sparsity'] or 0:>8.2f} {row['seconds']:>9.2f} {row['speedup']:>8.2f}")
-        if (row["prompt"], row["budget"], row["sparsity"]) == (131072, args.budgets[0], 0.5) \
+        if row["prompt"] in (131072, 262144) and (row["budget"], row["sparsity"]) == (args.budgets[0], 0.5) \
                 and math.isfinite(row["speedup"]):
-            figures["prefill_ratio_128k_s050"] = round(row["speedup"], 3)
+            figures[f"prefill_ratio_{row['prompt'] // 1024}k_s050"] = round(row["speedup"], 3)
     return rows, figures
 
 
@@ -353,11 +351,6 @@ def main() -> None:
     plot(rows, args.part, png)
     print(f"wrote benchmarks/results/{fname}, {os.path.basename(png)}"
           + (f"; summary keys {sorted(figures)}" if figures else ""))
-    if out := os.environ.get("OUT"):
-        for f in (os.path.join(RESULTS, fname), png):
-            shutil.copy(f, out)
-        with open(os.path.join(out, f"{name}_figures.json"), "w") as f:
-            json.dump(figures, f)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ H100 call.
 ``llama3-layout`` is a seeded model with Llama-3-8B's 32 x 8 KV-head layout (tests/e2e/models.py)
 so the real Llama-3-8B pattern applies; about 3x SmolLM2's weights: start with ``--requests 500``
 (an estimate; ``--time-limit`` stops submitting in any case). Writes
-benchmarks/results/soak_gpu[_variant]_<date>.json (and the same JSON to $OUT); exits 1 on a failed check.
+benchmarks/results/soak_gpu[_variant]_<date>.json (``device_run.sh`` copies it to $OUT); exits 1 on a failed check.
 """
 
 from __future__ import annotations
@@ -299,9 +299,6 @@ def main() -> None:
     save_result(name, payload, {f"{prefix}_leaked_blocks": payload["soak_leaked_blocks"],
                                 f"{prefix}_alone_match_rate": payload["alone_match_rate"],
                                 f"{prefix}_preemptions": payload["preemptions"]})
-    if out := os.environ.get("OUT"):
-        with open(os.path.join(out, f"{name}.json"), "w") as f:
-            json.dump(payload, f, indent=2)
     for k in ("requests", "finished", "aborted_before_first_token", "aborted_decoding", "not_run",
               "preemptions", "soak_leaked_blocks", "alone_match_rate", "startup_s", "soak_s"):
         print(f"{k:<28}{payload[k]}")
