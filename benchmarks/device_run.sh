@@ -39,6 +39,8 @@ for stage in "$@"; do
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     soak) run_for 570 python benchmarks/soak_gpu.py ;;
     load) run_for 570 python benchmarks/server_load.py ;;
+    niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern patterns/smollm2-135m-instruct --samples 2 \
+      --record niah_smollm2 --out "$OUT" --quiet ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
     *) echo "unknown stage $stage" ;;
   esac 2>&1 | grep -v "^INFO\|^(EngineCore.*INFO\|^DEBUG" | tee "$OUT/$stage.log" | tail -40

@@ -6,8 +6,8 @@ import pytest
 
 from tests.eval.codec import WordCodec
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.eval.niah import (ANSWER, INTRO, NEEDLE, QUESTION, PromptBuilder, cell_record, first_number,
-                                grid_summary, is_correct, passkey_for, plot_grid)
+from vllm_duo.eval.niah import (ANSWER, CHAT_QUESTION, INTRO, NEEDLE, QUESTION, PromptBuilder, cell_record,
+                                first_number, grid_summary, is_correct, passkey_for, plot_grid)
 
 
 @pytest.fixture
@@ -22,15 +22,16 @@ def test_exact_length_and_needle_depth(codec, length, depth):
     p = b.build(length, depth, 71432)
     assert len(p.ids) == p.length == length
     needle = codec.decode(p.ids[p.needle_start:p.needle_end])
-    assert needle == " The pass key is 71432. Remember it. 71432 is the pass key."
+    assert needle.strip("\n") == "The pass key is 71432. Remember it. 71432 is the pass key."
     haystack = length - len(b.head) - len(b.tail) - (p.needle_end - p.needle_start)
     filler_before = p.needle_start - len(b.head)
     assert abs(filler_before - depth * haystack) <= max(len(u) for u in b.units)  # nearest sentence
     assert p.actual_depth == pytest.approx(filler_before / haystack)
     text = codec.decode(p.ids)
-    assert text.startswith("<s>" + INTRO) and text.endswith(f"\n\n{QUESTION} {ANSWER}")
+    assert text.startswith("<s>" + INTRO + "\n") and text.endswith(f".\n{QUESTION}\nAnswer: {ANSWER}")
+    assert "\n\n" not in text[len("<s>" + INTRO) + 1:]  # a blank line before the question derails small models
     before = codec.decode(p.ids[:p.needle_start])
-    assert before.endswith(".") or before.endswith(INTRO)  # needle at a sentence boundary
+    assert before.endswith(".") or before.endswith(INTRO + "\n")  # needle at a sentence boundary
 
 
 def test_chat_template_layout(codec):
@@ -38,13 +39,13 @@ def test_chat_template_layout(codec):
     p = PromptBuilder(codec, chat=chat).build(500, 0.5, 12345)
     text = codec.decode(p.ids)
     assert len(p.ids) == 500
-    assert text.startswith(chat[0] + INTRO)
-    assert text.endswith(f"\n\n{QUESTION}{chat[1]}{ANSWER}")
+    assert text.startswith(chat[0] + INTRO + "\n")
+    assert text.endswith(f".\n{CHAT_QUESTION}{chat[1]}{ANSWER}")
 
 
 def test_too_short_and_bad_depth(codec):
     b = PromptBuilder(codec)
-    shortest = len(b.head) + len(b.tail) + len(codec.encode(" " + NEEDLE.format(key=99999)))
+    shortest = len(b.head) + len(b.tail) + len(codec.encode(NEEDLE.format(key=99999))) + 2 * len(codec.encode("\n"))
     with pytest.raises(DuoConfigError, match="too short"):
         b.build(shortest - 1, 0.5, 99999)
     assert len(b.build(shortest, 0.5, 99999).ids) == shortest

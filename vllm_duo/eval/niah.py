@@ -4,9 +4,13 @@ Pure Python (plus matplotlib for the plot): prompts are built as token ids from 
 that offers ``encode(text) -> ids`` and ``decode(ids) -> text`` (:class:`HFCodec` wraps an HF
 tokenizer), so every method gets byte-identical prompts and the needle sits at a known token.
 
-The task is sized for a small model (SmolLM2-135M): a 5-digit pass key stated twice in the
-classic passkey filler ("The grass is green. ..."), asked for at the end with the answer
-already begun ("The pass key is"), greedy; correct when the first number generated is the key.
+The task is sized for a small model (SmolLM2-135M): the Landmark-attention passkey prompt (intro,
+"The grass is green. ..." filler, the 5-digit key stated twice on its own line), asked for at the
+end with the answer already begun, greedy; correct when the first number generated is the key.
+The line layout matters for a 135M model: with a blank line before the question it takes the
+question as a new document and invents a definition (full attention, HF transformers on CPU:
+7/15 cells at 1K-4K); with single newlines and a "Question:/Answer:" tail it scores 37/40 at
+1K-7K x 5 depths.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from typing import Any, Protocol
 
 from vllm_duo.errors import DuoConfigError
 
-INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-         "Find it and memorize it. I will quiz you about the important information there.")
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
+         "Find it and memorize them. I will quiz you about the important information there.")
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
           "There and back again.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key?"
+QUESTION = "Question: What is the pass key?"
+CHAT_QUESTION = "What is the pass key?"  # inside the user turn; the assistant turn begins ANSWER
 ANSWER = "The pass key is"
 _MARKER = "\x00NIAH_CONTENT\x00"
 
@@ -81,9 +86,10 @@ class NiahPrompt:
 class PromptBuilder:
     """Builds NIAH prompts of an exact token length, the needle at a sentence boundary.
 
-    Layout: [prefix][chat head] INTRO filler... NEEDLE ...filler "\\n\\n" QUESTION [chat tail] ANSWER.
-    ``prefix`` is the tokenizer's BOS (if any) without a chat template; with one, the
-    template's own text carries it.
+    Layout, one line each: [prefix] INTRO / filler... / NEEDLE / ...filler / QUESTION / "Answer: "
+    ANSWER; with a chat template: [chat head] INTRO / filler / NEEDLE / filler / CHAT_QUESTION
+    [chat tail] ANSWER. ``prefix`` is the tokenizer's BOS (if any) without a chat template; with
+    one, the template's own text carries it.
     """
 
     def __init__(self, codec: Codec, *, chat: tuple[str, str] | None = None,
@@ -91,26 +97,37 @@ class PromptBuilder:
         self.codec = codec
         enc = codec.encode
         if chat is None:
-            self.head = list(prefix) + enc(INTRO)
-            self.tail = enc("\n\n" + QUESTION) + enc(" " + ANSWER)
+            self.head = list(prefix) + enc(INTRO + "\n")
+            self.tail = enc("\n" + QUESTION + "\nAnswer: " + ANSWER)
         else:
-            self.head = enc(chat[0]) + enc(INTRO)
-            self.tail = enc("\n\n" + QUESTION) + enc(chat[1]) + enc(ANSWER)
+            self.head = enc(chat[0]) + enc(INTRO + "\n")
+            self.tail = enc("\n" + CHAT_QUESTION) + enc(chat[1]) + enc(ANSWER)
         self.units = [enc(" " + s) for s in FILLER]
 
     def _needle(self, passkey: int) -> list[int]:
-        return self.codec.encode(" " + NEEDLE.format(key=passkey))
+        """The needle on a line of its own, as (newline, sentence, newline)."""
+        nl = self.codec.encode("\n")
+        return nl, self.codec.encode(NEEDLE.format(key=passkey)), nl
 
     def build(self, length: int, depth: float, passkey: int) -> NiahPrompt:
         if not 0 <= depth <= 1:
             raise DuoConfigError(f"needle depth must be a fraction in [0, 1] (0.5, not 50), got {depth}")
-        needle = self._needle(passkey)
-        n_fill = length - len(self.head) - len(self.tail) - len(needle)
+        before, sentence, after = self._needle(passkey)
+        n_fill = length - len(self.head) - len(self.tail) - len(before + sentence + after)
         if n_fill < 0:
             raise DuoConfigError(f"context length {length} is too short: the prompt without filler "
                                  f"already takes {length - n_fill} tokens")
         filler, bounds = self._filler(n_fill)
         at = min(bounds, key=lambda b: (abs(b - depth * n_fill), b))
+        # At either end the head's or the tail's own newline separates the needle: no blank line
+        # (the filler's surplus is cut from the front, so both ends stay sentence bounds).
+        if 0 < n_fill and at in (0, n_fill):
+            n_fill += len(before if at == 0 else after)
+            filler, _ = self._filler(n_fill)
+            needle = sentence + after if at == 0 else before + sentence
+            at = at and n_fill
+        else:
+            needle = before + sentence + after
         ids = self.head + filler[:at] + needle + filler[at:] + self.tail
         start = len(self.head) + at
         return NiahPrompt(ids=ids, passkey=passkey, length=length, depth=depth, needle_start=start,
