@@ -28,6 +28,7 @@ for stage in "$@"; do
     e2e) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "not mistral and not qwen2" ;;
     models) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "mistral or qwen2" ;;
     mistral) VLLM_DUO_ENGINE_ECHO=1 gpu_test 580 tests/e2e/test_e2e_gpu.py -k mistral ;;
+    mistral-chunks) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "chunk_invariance and mistral" ;;
     reference) gpu_test 300 tests/e2e/test_reference_gpu.py ;;
     reference-window) gpu_test 300 tests/e2e/test_reference_gpu.py -k "window_kernel_chunked or harness" ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;

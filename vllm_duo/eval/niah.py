@@ -9,8 +9,8 @@ The task is sized for a small model (SmolLM2-135M): the Landmark-attention passk
 end with the answer already begun, greedy; correct when the first number generated is the key.
 The line layout matters for a 135M model: with a blank line before the question it takes the
 question as a new document and invents a definition (full attention, HF transformers on CPU:
-7/15 cells at 1K-4K); with single newlines and a "Question:/Answer:" tail it scores 37/40 at
-1K-7K x 5 depths.
+7/15 cells at 1K-4K); this layout scores 35/40 at 1K-7K x 5 depths x 2 (14/15 in the chat
+template at 1K-4K).
 """
 
 from __future__ import annotations
