@@ -354,3 +354,11 @@ def test_device_run_stages_match_the_readme():
     assert stages == [s.strip() for s in listed.split(",")]
     for path in re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)", script):
         assert os.path.exists(os.path.join(root, path)), path
+
+
+def test_niah_hf_names_a_missing_model(tmp_path):
+    """benchmarks/niah_hf.py: a wrong --model path is one clear line, not a transformers traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "niah_hf.py"), "--model",
+                        str(tmp_path / "absent")], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no model folder" in r.stderr and "Traceback" not in r.stderr
