@@ -104,7 +104,7 @@ class PromptBuilder:
             self.tail = enc("\n" + CHAT_QUESTION) + enc(chat[1]) + enc(ANSWER)
         self.units = [enc(" " + s) for s in FILLER]
 
-    def _needle(self, passkey: int) -> list[int]:
+    def _needle(self, passkey: int) -> tuple[list[int], list[int], list[int]]:
         """The needle on a line of its own, as (newline, sentence, newline)."""
         nl = self.codec.encode("\n")
         return nl, self.codec.encode(NEEDLE.format(key=passkey)), nl
