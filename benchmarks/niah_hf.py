@@ -1,12 +1,16 @@
-"""The NIAH prompt itself, checked with full attention in HF transformers (no vLLM, CPU is fine).
+"""``vllm-duo niah``'s grid in HF transformers (no vLLM; CPU is fine): the task and a pattern,
+checked apart from the engine.
 
-A grid where full attention fails says nothing about duo: this script scores ``vllm-duo niah``'s
-exact prompts (same builder, pass keys and scoring) with the plain HF model, greedy, float32.
+A grid where full attention fails says nothing about duo, so this scores the exact prompts of
+``vllm-duo niah`` (same builder, pass keys and scoring) with the plain HF model (``full``), and
+with DuoAttention's semantics applied in HF (``duo`` at each --sparsity, ``streaming``; see
+vllm_duo/eval/hf_duo.py), greedy, float32. The engine's grid should come out close to this one.
 
-    python benchmarks/niah_hf.py --model /tmp/models/smollm2-135m-instruct [--chat-template on]
+    python benchmarks/niah_hf.py --model /tmp/models/smollm2-135m-instruct [--chat-template on] \
+        [--methods full duo streaming --pattern patterns/smollm2-135m-instruct]
 
-Writes benchmarks/results/niah_hf_<plain|chat>_<date>.json (no summary figure: it is a check of
-the task, not of duo). On 2 CPU cores a 7K-token prompt takes about 23 s.
+Writes benchmarks/results/niah_hf_<plain|chat>[_<methods>]_<date>.json (no summary figure: engine
+figures go there). On 2 CPU cores a 7K-token prompt takes about 23 s with full attention.
 """
 
 from __future__ import annotations
@@ -15,13 +19,28 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.summary import save_result  # noqa: E402
 from vllm_duo.cli.niah_cmd import DEFAULT_MODEL, build_prompts  # noqa: E402
+from vllm_duo.errors import DuoConfigError  # noqa: E402
+from vllm_duo.eval.hf_duo import DuoSemantics  # noqa: E402
+from vllm_duo.eval.methods import check_pattern, expand_methods, model_shape  # noqa: E402
 from vllm_duo.eval.niah import HFCodec, PromptBuilder, cell_record, grid_summary  # noqa: E402
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK  # noqa: E402
+from vllm_duo.patterns import binarize, load_gates  # noqa: E402
+
+
+def retrieval_mask(duo: dict, layers: int, kv_heads: int) -> np.ndarray | None:
+    """A method's engine options -> its retrieval mask (None: plain full attention)."""
+    if not duo:
+        return None
+    if duo["pattern"] == "streaming":
+        return np.zeros((layers, kv_heads), dtype=np.uint8)
+    return binarize(load_gates(duo["pattern"]).gates, sparsity=duo["sparsity"])
 
 
 def main() -> None:
@@ -33,9 +52,22 @@ def main() -> None:
     ap.add_argument("--chat-template", choices=["on", "off"], default="off")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="pass-key seed")
+    ap.add_argument("--methods", nargs="+", default=["full"], choices=["full", "duo", "streaming"])
+    ap.add_argument("--pattern", default=None, help="duo head pattern for this model (folder or TSV)")
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
+    ap.add_argument("--sink", type=int, default=DEFAULT_SINK)
+    ap.add_argument("--recent", type=int, default=DEFAULT_RECENT)
     args = ap.parse_args()
     if not os.path.isdir(args.model):
         sys.exit(f"niah_hf: no model folder at {args.model}; pass --model PATH")
+    layers, kv_heads, _ = model_shape(args.model)
+    try:
+        methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
+                                 recent=args.recent)
+        if any(m.name.startswith("duo_") for m in methods):
+            check_pattern(args.pattern, layers, kv_heads, args.model)
+    except DuoConfigError as e:
+        sys.exit(f"niah_hf: {e}")
 
     from transformers import AutoModelForCausalLM
 
@@ -44,24 +76,35 @@ def main() -> None:
     builder = PromptBuilder(codec, chat=chat, prefix=[] if chat else codec.special_prefix())
     prompts = build_prompts(builder, args.lengths, args.depths, args.samples, args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                 attn_implementation="sdpa").to(device).eval()
-    cells = []
-    for sample, prompt in tqdm(prompts, desc="niah_hf prompts", unit="prompt"):
-        ids = torch.tensor([prompt.ids], device=device)
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens,
-                                 do_sample=False)
-        cells.append(cell_record(prompt, sample, codec.decode(out[0, len(prompt.ids):].tolist())))
-    summary = grid_summary(cells, args.lengths, args.depths)
-    payload = dict(model=args.model, attention="full (HF transformers, float32, sdpa)",
+    results = {}
+    for method in methods:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                     attn_implementation="sdpa").to(device).eval()
+        mask = retrieval_mask(method.duo, layers, kv_heads)
+        if mask is not None:
+            DuoSemantics(mask, args.sink, args.recent).install(model)
+        cells = []
+        for sample, prompt in tqdm(prompts, desc=f"niah_hf {method.name}", unit="prompt"):
+            ids = torch.tensor([prompt.ids], device=device)
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens,
+                                     do_sample=False)
+            cells.append(cell_record(prompt, sample, codec.decode(out[0, len(prompt.ids):].tolist())))
+        summary = grid_summary(cells, args.lengths, args.depths)
+        results[method.name] = dict(summary, duo=method.duo, cells=cells)
+        print(f"niah_hf: {method.name} {summary['correct']}/{summary['total']} ({summary['accuracy']:.1%})",
+              flush=True)
+    payload = dict(model=args.model, attention="HF transformers, float32 (duo: vllm_duo/eval/hf_duo.py)",
                    chat_template=args.chat_template, lengths=args.lengths, depths=args.depths,
-                   samples=args.samples, max_tokens=args.max_tokens, seed=args.seed,
-                   grid_layout="grid[depth index][length index] = fraction correct", **summary, cells=cells)
+                   samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, sink=args.sink,
+                   recent=args.recent, pattern=args.pattern,
+                   grid_layout="grid[depth index][length index] = fraction correct",
+                   accuracy={k: v["accuracy"] for k, v in results.items()}, methods=results)
     name = f"niah_hf_{'chat' if chat else 'plain'}"
+    if args.methods != ["full"]:
+        name += "_" + "_".join(args.methods)
     fname = save_result(name, payload, {})
-    print(f"niah_hf: full attention {summary['correct']}/{summary['total']} "
-          f"({summary['accuracy']:.1%}); wrote benchmarks/results/{fname}")
+    print(f"niah_hf: wrote benchmarks/results/{fname}")
 
 
 if __name__ == "__main__":

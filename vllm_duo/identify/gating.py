@@ -27,7 +27,7 @@ DEFAULT_QUERY_CHUNK = 512
 _KEY_ALIGN = 16  # memory-efficient SDPA wants mask rows padded to 16 keys
 
 
-def _expand_kv(t: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+def expand_kv(t: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     """[B, Hkv, S, D] -> [B, Hq, S, D]; query head h reads KV head h // groups (HF's repeat_kv)."""
     groups = num_q_heads // t.shape[1]
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
@@ -36,7 +36,7 @@ def _expand_kv(t: torch.Tensor, num_q_heads: int) -> torch.Tensor:
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float | None = None) -> torch.Tensor:
     """Causal attention. q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D]."""
-    return F.scaled_dot_product_attention(q, _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]),
+    return F.scaled_dot_product_attention(q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]),
                                           is_causal=True, scale=scale)
 
 
@@ -50,7 +50,7 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
     O(S * (sink + W)) instead of O(S^2). Shapes as ``full_attention``.
     """
     b, h, s, d = q.shape
-    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    k, v = expand_kv(k, h), expand_kv(v, h)
     sink = min(sink, s)
     chunk = min(query_chunk, -(-s // _KEY_ALIGN) * _KEY_ALIGN)
     n = -(-s // chunk)
@@ -136,7 +136,7 @@ class HeadGates(nn.Module):
                   attention_mask: torch.Tensor | None, scaling: float | None = None,
                   dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
         """transformers attention-function signature; returns ([B, S, Hq, D], None)."""
-        _refuse_unsupported(query.shape[2], kwargs)
+        refuse_unsupported(query.shape[2], kwargs)
         layer = module.layer_idx
         if self._mode == "teacher":
             out = full_attention(query, key, value, scaling).transpose(1, 2).contiguous()
@@ -154,7 +154,7 @@ class HeadGates(nn.Module):
         return (s32 + a * (full.float() - s32)).to(stream.dtype), None
 
 
-def _refuse_unsupported(seq_len: int, kwargs: dict) -> None:
+def refuse_unsupported(seq_len: int, kwargs: dict) -> None:
     """Attention variants the exact full/streaming pair above would get wrong."""
     window = kwargs.get("sliding_window")
     if window is not None and seq_len > window:
