@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,19 +27,9 @@ from benchmarks.summary import save_result  # noqa: E402
 from vllm_duo.cli.niah_cmd import DEFAULT_MODEL, build_prompts  # noqa: E402
 from vllm_duo.errors import DuoConfigError  # noqa: E402
 from vllm_duo.eval.hf_duo import DuoSemantics  # noqa: E402
-from vllm_duo.eval.methods import check_pattern, expand_methods, model_shape  # noqa: E402
+from vllm_duo.eval.methods import expand_methods, model_shape  # noqa: E402
 from vllm_duo.eval.niah import HFCodec, PromptBuilder, cell_record, grid_summary  # noqa: E402
-from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK  # noqa: E402
-from vllm_duo.patterns import binarize, load_gates  # noqa: E402
-
-
-def retrieval_mask(duo: dict, layers: int, kv_heads: int) -> np.ndarray | None:
-    """A method's engine options -> its retrieval mask (None: plain full attention)."""
-    if not duo:
-        return None
-    if duo["pattern"] == "streaming":
-        return np.zeros((layers, kv_heads), dtype=np.uint8)
-    return binarize(load_gates(duo["pattern"]).gates, sparsity=duo["sparsity"])
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, parse_options, resolve_options  # noqa: E402
 
 
 def main() -> None:
@@ -61,11 +50,11 @@ def main() -> None:
     if not os.path.isdir(args.model):
         sys.exit(f"niah_hf: no model folder at {args.model}; pass --model PATH")
     layers, kv_heads, _ = model_shape(args.model)
-    try:
+    try:  # each method's engine options -> its retrieval mask, as the engine resolves them (None: FLASH_ATTN)
         methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
                                  recent=args.recent)
-        if any(m.name.startswith("duo_") for m in methods):
-            check_pattern(args.pattern, layers, kv_heads, args.model)
+        masks = {m.name: resolve_options(parse_options(m.duo), layers, kv_heads, args.model).mask() if m.duo
+                 else None for m in methods}
     except DuoConfigError as e:
         sys.exit(f"niah_hf: {e}")
 
@@ -80,9 +69,8 @@ def main() -> None:
     for method in methods:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
                                                      attn_implementation="sdpa").to(device).eval()
-        mask = retrieval_mask(method.duo, layers, kv_heads)
-        if mask is not None:
-            DuoSemantics(mask, args.sink, args.recent).install(model)
+        if masks[method.name] is not None:
+            DuoSemantics(masks[method.name], args.sink, args.recent).install(model)
         cells = []
         for sample, prompt in tqdm(prompts, desc=f"niah_hf {method.name}", unit="prompt"):
             ids = torch.tensor([prompt.ids], device=device)

@@ -61,5 +61,5 @@ def test_mixed_differs_from_full(tiny) -> None:
 
 def test_refuses_a_mask_for_another_model(tiny) -> None:
     path, _ = tiny
-    with pytest.raises(DuoConfigError, match=r"shape \(3, 2\).*4 layers x 2 KV heads"):
+    with pytest.raises(DuoConfigError, match=r"shape \(3, 2\).*LlamaForCausalLM has \(4, 2\)"):
         DuoSemantics(np.ones((3, 2)), SINK, RECENT).install(_model(path))

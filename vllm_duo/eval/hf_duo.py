@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.identify.gating import expand_kv, refuse_unsupported, full_attention, streaming_attention
+from vllm_duo.identify.gating import (expand_kv, full_attention, install_attention, refuse_unsupported,
+                                      streaming_attention)
+from vllm_duo.patterns import check_shape
 
 
 def _cached_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, recent: int,
@@ -44,15 +46,10 @@ class DuoSemantics:
 
     def install(self, model: nn.Module) -> None:
         """Register the attention function and switch ``model`` to it (shapes checked first)."""
-        from transformers import AttentionInterface
-
         cfg = model.config
-        shape = (cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-        if tuple(self.retrieval.shape) != shape:
-            raise DuoConfigError(f"retrieval mask has shape {tuple(self.retrieval.shape)} but the model has "
-                                 f"{shape[0]} layers x {shape[1]} KV heads; use a pattern made for this model")
-        AttentionInterface.register(self.name, self.attention)
-        model.set_attn_implementation(self.name)
+        check_shape(self.retrieval.numpy(), cfg.num_hidden_layers,
+                    getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, type(model).__name__)
+        install_attention(model, self.name, self.attention)
 
     def attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, scaling: float | None = None,

@@ -102,15 +102,7 @@ class HeadGates(nn.Module):
 
     def install(self, model: nn.Module) -> None:
         """Register this object's attention function and switch ``model`` to it."""
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(self.name, self.attention)
-        # A name with no mask function makes transformers skip building the (S x S) mask.
-        model.set_attn_implementation(self.name)
-        if model.config._attn_implementation != self.name:
-            raise DuoConfigError(
-                f"{type(model).__name__} does not accept a custom attention function "
-                f"(transformers' AttentionInterface); identification supports models that do")
+        install_attention(model, self.name, self.attention)
 
     @contextlib.contextmanager
     def teacher_pass(self) -> Iterator[None]:
@@ -152,6 +144,19 @@ class HeadGates(nn.Module):
         # Mixed in float32, so that a gate of exactly 1 reproduces the teacher bit for bit.
         s32 = stream.float()
         return (s32 + a * (full.float() - s32)).to(stream.dtype), None
+
+
+def install_attention(model: nn.Module, name: str, fn) -> None:
+    """Register ``fn`` in transformers' ``AttentionInterface`` as ``name`` and switch ``model`` to it."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, fn)
+    # A name with no mask function makes transformers skip building the (S x S) mask.
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise DuoConfigError(
+            f"{type(model).__name__} does not accept a custom attention function "
+            f"(transformers' AttentionInterface); duo's HF paths support models that do")
 
 
 def refuse_unsupported(seq_len: int, kwargs: dict) -> None:
