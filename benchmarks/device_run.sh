@@ -4,7 +4,7 @@
 # carry: [".devkit/bin", "vllm_duo/_C.abi3.so", ".patterns"]. A stage's failure does not stop the next.
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
-# back after every stage so a cut-off call still returns what finished.
+# back after every stage so a cut-off call still returns what finished. SOAK_ARGS: extra soak_gpu.py flags.
 source benchmarks/device_setup.sh
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -15,6 +15,10 @@ BUDGET=${BUDGET:-585}
 left() { local l=$((BUDGET - SECONDS - 10)); echo $(( $1 < l ? $1 : l )); }
 gpu_test() { timeout "$(left "$1")" python -m pytest -q -s -m gpu -p no:cacheprovider "${@:2}"; }
 run_for() { timeout "$(left "$1")" "${@:2}"; }
+free_gpu() {  # a stage cut off by its time limit may leave engine processes holding GPU memory
+  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+  pkill -9 -f "VLLM::|vllm.entrypoints|vllm_duo.eval.engine_proc" 2>/dev/null; sleep 2
+}
 copy_results() {  # flat: the device drops nested folders under $OUT
   find benchmarks/results -type f -newer "$marker" -exec cp {} "$OUT/" \;
 }
@@ -38,7 +42,7 @@ for stage in "$@"; do
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
     capacity) run_for 580 python benchmarks/capacity.py --patterns .patterns $CAPACITY_ARGS ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
-    soak) run_for 570 python benchmarks/soak_gpu.py ;;
+    soak) run_for 570 python benchmarks/soak_gpu.py $SOAK_ARGS ;;
     load) run_for 570 python benchmarks/server_load.py ;;
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern patterns/smollm2-135m-instruct --samples 2 \
       --record niah_smollm2 --out "$OUT" --quiet ;;
@@ -46,4 +50,5 @@ for stage in "$@"; do
     *) echo "unknown stage $stage" ;;
   esac 2>&1 | grep -v "^INFO\|^(EngineCore.*INFO\|^DEBUG" | tee "$OUT/$stage.log" | tail -40
   copy_results
+  free_gpu
 done

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -46,6 +47,10 @@ def serve_argv(model: str, port: int, backend: str, duo: dict | None = None,
     return argv + list(extra)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class VllmServer:
     """A ``vllm serve`` child process in its own session, logging to ``log_path``."""
 
@@ -66,6 +71,10 @@ class VllmServer:
 
     def start(self) -> None:
         """Launch and block until ``/health`` answers 200; raise with the log tail if it dies."""
+        if threading.current_thread() is threading.main_thread():
+            # `timeout` (device_run.sh) ends a stage with SIGTERM, whose default action skips
+            # `finally`/`__exit__` and leaves the server holding GPU memory; exit cleanly instead.
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
