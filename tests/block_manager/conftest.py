@@ -119,7 +119,11 @@ _hasher = get_request_block_hasher(BLOCK, sha256)
 
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int, seed: int = 0) -> Request:
-    tokens = np.random.default_rng(seed).integers(0, 1000, prompt_len).tolist()
+    return request_from_tokens(request_id, np.random.default_rng(seed).integers(0, 1000, prompt_len).tolist(),
+                               max_tokens)
+
+
+def request_from_tokens(request_id: str, tokens: list[int], max_tokens: int) -> Request:
     return Request(request_id, tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True), None,
                    block_hasher=_hasher)
 

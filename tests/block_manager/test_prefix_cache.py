@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.structured_output import StructuredOutputManager
 
 from tests.block_manager.conftest import (
     BLOCK,
@@ -19,7 +22,9 @@ from tests.block_manager.conftest import (
     make_request,
     make_vllm_config,
     random_mask,
+    request_from_tokens,
 )
+from tests.block_manager.test_scheduler import _runner_output
 from vllm_duo.block_manager import DuoStreamingManager, DuoStreamingSpec
 
 PROMPT = 1000
@@ -74,3 +79,33 @@ def test_sparse_retention_keeps_sink_blocks_cached() -> None:
     mask = DuoStreamingManager.reachable_block_mask(**args)
     assert all(mask[:NUM_SINK])
     assert mask[NUM_SINK:] == SlidingWindowManager.reachable_block_mask(**args)[NUM_SINK:]
+
+
+def test_shared_prefix_batch_hits_through_the_scheduler(model_config) -> None:
+    """The GPU test's scenario on vLLM's real scheduler: a warm-up request caches a 6,000-token
+    prefix, then each of 8 prompts sharing it is scheduled with the whole prefix as a hit."""
+    config = make_vllm_config(model_config, max_model_len=8192, max_num_batched_tokens=8192,
+                              enable_prefix_caching=True)
+    cfg = kv_cache_config(config, duo_specs(random_mask(1)), 4000)
+    config.cache_config.num_gpu_blocks = cfg.num_blocks
+    scheduler = Scheduler(vllm_config=config, kv_cache_config=cfg, block_size=BLOCK, log_stats=True,
+                          structured_output_manager=StructuredOutputManager(config))
+    rng = np.random.default_rng(7)
+    prefix = rng.integers(0, 1000, 6000).tolist()
+
+    def run(prompts: list[list[int]]) -> tuple[int, int]:
+        for i, prompt in enumerate(prompts):
+            scheduler.add_request(request_from_tokens(f"{len(prompts)}-{i}", prompt, 4))
+        queries = hits = 0
+        while scheduler.has_requests():
+            out = scheduler.schedule()
+            for eco in scheduler.update_from_output(out, _runner_output(scheduler, out)).values():
+                queries += eco.scheduler_stats.prefix_cache_stats.queries
+                hits += eco.scheduler_stats.prefix_cache_stats.hits
+        return queries, hits
+
+    assert run([prefix + [5]]) == (6001, 0)
+    prompts = [prefix + rng.integers(0, 1000, int(n)).tolist() for n in rng.integers(50, 400, 8)]
+    queries, hits = run(prompts)
+    assert queries == sum(map(len, prompts)) and hits == 8 * (len(prefix) // BLOCK * BLOCK)
+    assert_pool_empty(scheduler.kv_cache_manager)

@@ -1,7 +1,8 @@
 """Prefix caching with duo (explicit ``enable_prefix_caching=True``, experimental; marked gpu).
 
 A batch sharing a long prefix, after one warm-up request has cached it: greedy tokens must equal
-the same run with caching off, and the prefix cache must be hit (hit rate printed). The prefix
+the same run with caching off, and every prompt must hit the cached prefix (``num_cached_tokens``
+of each output; hit rate printed). The prefix
 is far longer than sink + window, so every hit depends on the sink blocks coming back.
 """
 
@@ -29,10 +30,9 @@ def test_shared_prefix_same_tokens_with_caching_on_and_off(tmp_path):
             # eager: the KV-block bookkeeping under test is the same, and the 8B engine starts twice as fast
             engine=dict(max_model_len=8192, gpu_memory_utilization=0.85, max_num_seqs=16, enforce_eager=True,
                         enable_prefix_caching=caching, attention_backend="duo",
-                        disable_log_stats=False,
                         additional_config={"duo_attention": {"retrieval_mask": mask}})))
     stats = runs[True]["prefix_cache"]
     print(f"prefix cache: {stats['hits']} hits of {stats['queries']} queried tokens "
           f"({stats['hits'] / max(stats['queries'], 1):.1%})")
-    assert stats["hits"] > 0.5 * len(prompts) * len(prefix) / 2  # most of every prompt's prefix hit
     assert runs[True]["tokens"] == runs[False]["tokens"]
+    assert all(hit >= len(prefix) // 2 for hit in stats["per_request"]), stats  # every prompt hit its prefix

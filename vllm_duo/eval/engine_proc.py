@@ -208,8 +208,11 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
         "generate_seconds": round(time.perf_counter() - t0, 3),
     }
     if spec.get("warmup_prompts"):
-        counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-        result["prefix_cache"] = {k: counters.get(f"vllm:prefix_cache_{k}") for k in ("queries", "hits")}
+        # Per request, from the scheduler: the Prometheus prefix-cache counters miss steps whose
+        # stats ride on an output-less batch (seen on the H100 with async scheduling: 0 hits).
+        cached = [o.num_cached_tokens or 0 for o in outs]
+        result["prefix_cache"] = {"queries": sum(len(p) for p in spec["prompts"]), "hits": sum(cached),
+                                  "per_request": cached}
     if spec.get("logprobs"):
         result["logprobs"] = [[{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs]
                               for o in outs]
