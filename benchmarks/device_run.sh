@@ -43,6 +43,7 @@ for stage in "$@"; do
     capacity) run_for 580 python benchmarks/capacity.py --patterns .patterns $CAPACITY_ARGS ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     soak) run_for 570 python benchmarks/soak_gpu.py $SOAK_ARGS ;;
+    soak-fa) run_for 570 python benchmarks/soak_gpu.py --backend FLASH_ATTN $SOAK_ARGS ;;  # the re-run control
     load) run_for 570 python benchmarks/server_load.py ;;
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern patterns/smollm2-135m-instruct --samples 2 \
       --record niah_smollm2 --out "$OUT" --quiet ;;

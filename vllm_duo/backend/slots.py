@@ -16,9 +16,9 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import KVCacheSpec
 
-from vllm_duo.block_manager import DuoStreamingSpec
+from vllm_duo.block_manager import slot_kind_specs
 from vllm_duo.engine_config import options_from_vllm_config
 from vllm_duo.options import DuoOptions
 from vllm_duo.slot_plan import RETRIEVAL, layer_slots
@@ -34,16 +34,13 @@ class SlotInfo:
 
 def slot_spec(kind: int, vllm_config: VllmConfig, head_size: int, dtype: torch.dtype,
               opts: DuoOptions) -> KVCacheSpec:
-    block_size = vllm_config.cache_config.block_size
-    if kind == RETRIEVAL:
-        return FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size,
-                                 dtype=dtype)
     # The window prefill kernel reads a chunk's own keys from the step's K/V: store tails only.
     tail_only = vllm_config.max_concurrent_batches if opts.streaming_prefill == "window" else 0
-    return DuoStreamingSpec(block_size=block_size, num_kv_heads=1, head_size=head_size,
-                            dtype=dtype, sliding_window=opts.prefill_window,
-                            sink_size=opts.sink_size, recent_size=opts.recent_size,
-                            tail_only_batches=tail_only)
+    retrieval, streaming = slot_kind_specs(
+        block_size=vllm_config.cache_config.block_size, head_size=head_size, dtype=dtype,
+        sink_size=opts.sink_size, recent_size=opts.recent_size, prefill_window=opts.prefill_window,
+        tail_only_batches=tail_only)
+    return retrieval if kind == RETRIEVAL else streaming
 
 
 class DuoKVSlot(AttentionLayerBase):

@@ -3,7 +3,12 @@
 from vllm_duo.block_manager.manager import DuoStreamingManager
 from vllm_duo.block_manager.registry import register_duo_kv_cache_spec
 from vllm_duo.block_manager.spec import DuoStreamingSpec
-from vllm_duo.block_manager.specs_for_model import LAYER_NAME, duo_kv_cache_specs, slot_layer_names
+from vllm_duo.block_manager.specs_for_model import (
+    LAYER_NAME,
+    duo_kv_cache_specs,
+    slot_kind_specs,
+    slot_layer_names,
+)
 
 __all__ = [
     "LAYER_NAME",
@@ -11,5 +16,6 @@ __all__ = [
     "DuoStreamingSpec",
     "duo_kv_cache_specs",
     "register_duo_kv_cache_spec",
+    "slot_kind_specs",
     "slot_layer_names",
 ]

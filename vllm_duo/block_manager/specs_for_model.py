@@ -20,6 +20,18 @@ def slot_layer_names(layer_name: str, slots: LayerSlots) -> list[str]:
             for i, (suffix, _, _) in enumerate(slots.slots())]
 
 
+def slot_kind_specs(
+    *, block_size: int, head_size: int, dtype: torch.dtype, sink_size: int, recent_size: int,
+    prefill_window: int, tail_only_batches: int,
+) -> tuple[FullAttentionSpec, DuoStreamingSpec]:
+    """(retrieval, streaming) spec of a 1-KV-head slot: the one place both are built."""
+    retrieval = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=dtype)
+    streaming = DuoStreamingSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=dtype,
+                                 sliding_window=prefill_window, sink_size=sink_size, recent_size=recent_size,
+                                 tail_only_batches=tail_only_batches)
+    return retrieval, streaming
+
+
 def duo_kv_cache_specs(
     mask: np.ndarray,
     *,
@@ -44,12 +56,9 @@ def duo_kv_cache_specs(
     """
     if layer_names is None:
         layer_names = {i: LAYER_NAME.format(i) for i in range(mask.shape[0])}
-    retrieval = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size,
-                                  dtype=dtype)
-    streaming = DuoStreamingSpec(block_size=block_size, num_kv_heads=1, head_size=head_size,
-                                 dtype=dtype, sliding_window=prefill_window,
-                                 sink_size=sink_size, recent_size=recent_size,
-                                 tail_only_batches=tail_only_batches)
+    retrieval, streaming = slot_kind_specs(block_size=block_size, head_size=head_size, dtype=dtype,
+                                           sink_size=sink_size, recent_size=recent_size,
+                                           prefill_window=prefill_window, tail_only_batches=tail_only_batches)
     specs: dict[str, KVCacheSpec] = {}
     for layer, name in layer_names.items():
         slots = layer_slots(mask, layer, tp_size, tp_rank)
