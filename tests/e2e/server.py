@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -47,8 +48,16 @@ def serve_argv(model: str, port: int, backend: str, duo: dict | None = None,
     return argv + list(extra)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+_LIVE: weakref.WeakSet[VllmServer] = weakref.WeakSet()
+
+
+def _kill_servers_then_die(signum: int, frame: object) -> None:
+    """`timeout` (device_run.sh) ends a stage with SIGTERM, whose default action would leave the
+    servers (their own sessions) holding GPU memory: kill them, then die of the signal as before."""
+    for server in list(_LIVE):
+        server.kill()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 class VllmServer:
@@ -72,13 +81,12 @@ class VllmServer:
     def start(self) -> None:
         """Launch and block until ``/health`` answers 200; raise with the log tail if it dies."""
         if threading.current_thread() is threading.main_thread():
-            # `timeout` (device_run.sh) ends a stage with SIGTERM, whose default action skips
-            # `finally`/`__exit__` and leaves the server holding GPU memory; exit cleanly instead.
-            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            signal.signal(signal.SIGTERM, _kill_servers_then_die)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
+        _LIVE.add(self)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -110,12 +118,19 @@ class VllmServer:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        try:  # engine-core children left behind share the server's session (its pid)
+        self.kill()
+        self.proc.wait()
+        _LIVE.discard(self)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server's session: engine-core children left behind share its pid as group."""
+        if self.proc is None:
+            return
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        self.proc.wait()
-        return self.proc.returncode
 
     def log_tail(self, chars: int = 6000) -> str:
         with open(self.log_path, errors="replace") as f:
