@@ -208,8 +208,8 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
         "generate_seconds": round(time.perf_counter() - t0, 3),
     }
     if spec.get("warmup_prompts"):
-        # Per request, from the scheduler: the Prometheus prefix-cache counters miss steps whose
-        # stats ride on an output-less batch (seen on the H100 with async scheduling: 0 hits).
+        # Per request, from the scheduler. Not vLLM's Prometheus prefix-cache counters: on the
+        # H100 they held only the warm-up's queries, none of this batch's (cause not found).
         cached = [o.num_cached_tokens or 0 for o in outs]
         result["prefix_cache"] = {"queries": sum(len(p) for p in spec["prompts"]), "hits": sum(cached),
                                   "per_request": cached}

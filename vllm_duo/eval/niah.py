@@ -125,7 +125,7 @@ class PromptBuilder:
             n_fill += len(before if at == 0 else after)
             filler, _ = self._filler(n_fill)
             needle = sentence + after if at == 0 else before + sentence
-            at = at and n_fill
+            at = 0 if at == 0 else n_fill
         else:
             needle = before + sentence + after
         ids = self.head + filler[:at] + needle + filler[at:] + self.tail
