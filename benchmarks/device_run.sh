@@ -7,6 +7,9 @@
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS: extra soak_gpu.py flags.
 source benchmarks/device_setup.sh
 export PYTHONUNBUFFERED=1
+# GPU tests append evidence rows here; kept on the machine while it is warm, copied to $OUT after
+# every stage (collect with benchmarks/evidence.py).
+export VLLM_DUO_EVIDENCE=${VLLM_DUO_EVIDENCE:-/tmp/evidence.jsonl}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 marker=$(mktemp)  # results written after this are copied back (the device returns few files)
@@ -21,20 +24,15 @@ free_gpu() {  # a stage cut off by its time limit may leave engine processes hol
 }
 copy_results() {  # flat: the device drops nested folders under $OUT
   find benchmarks/results -type f -newer "$marker" -exec cp {} "$OUT/" \;
+  [ -f "$VLLM_DUO_EVIDENCE" ] && cp "$VLLM_DUO_EVIDENCE" "$OUT/"
 }
 for stage in "$@"; do
   if (( $(left 600) < 30 )); then echo "=== $stage skipped: budget spent"; continue; fi
   echo "=== $stage $(date +%T) (${SECONDS}s into the call)"
   case $stage in
     kernels) gpu_test 300 tests/kernels ;;
-    window-e2e) gpu_test 420 tests/e2e/test_e2e_gpu.py -k "window_kernel or chunk_invariance or all_streaming" ;;
-    default-e2e) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "chunk_invariance or all_streaming" ;;
-    e2e) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "not mistral and not qwen2" ;;
-    models) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "mistral or qwen2" ;;
-    mistral) VLLM_DUO_ENGINE_ECHO=1 gpu_test 580 tests/e2e/test_e2e_gpu.py -k mistral ;;
-    mistral-chunks) gpu_test 580 tests/e2e/test_e2e_gpu.py -k "chunk_invariance and mistral" ;;
-    reference) gpu_test 300 tests/e2e/test_reference_gpu.py ;;
-    reference-window) gpu_test 300 tests/e2e/test_reference_gpu.py -k "window_kernel_chunked or harness" ;;
+    agreement) gpu_test 580 tests/e2e/test_agreement_gpu.py ;;
+    ray) gpu_test 580 tests/e2e/test_ray_gpu.py ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 400 tests/e2e/test_prefix_cache_gpu.py ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;

@@ -2,7 +2,7 @@
 ``benchmarks/results/evidence_<date>.json`` and the summary keys.
 
     VLLM_DUO_EVIDENCE=/tmp/evidence.jsonl pytest -m gpu tests/kernels tests/e2e/test_agreement_gpu.py
-    python benchmarks/evidence.py /tmp/evidence.jsonl
+    python benchmarks/evidence.py /tmp/evidence.jsonl   # on the GPU machine, or here on its copy
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for path in args.jsonl for r in read_rows(path)]
     figures = summarize(rows)
-    fname = save_result("evidence", {"rows": rows, **figures}, figures)
+    devices = sorted({r["device"] for r in rows})
+    fname = save_result("evidence", {"rows": rows, **figures}, figures, device=", ".join(devices))
     bad = [r["test"] for r in rows if not (r["passed"] and r["separated"])]
     print(f"{fname}: {len(rows)} rows; failing or not separated: {bad or 'none'}")
 

@@ -10,7 +10,8 @@ attention: one Llama-3-8B layer (32 q heads, 8 KV heads, head_dim 128, bf16, blo
     optionally vLLM's Triton R-SWA per streaming slot (the earlier path: O(context)).
     CUDA-event time of the whole prompt, median of repeats.
 model: ``LLM`` with Llama-3-8B's shape and dummy weights, one prompt at a time, max_tokens=1,
-    FLASH_ATTN vs duo with a DuoAttention pattern; each engine in its own process. Duo runs
+    FLASH_ATTN vs duo with a DuoAttention pattern; each engine in its own process, each prompt
+    timed --repeats times (median). Duo runs
     with ``--streaming-prefill`` (default "window": the O(window) kernel).
 
     python benchmarks/prefill.py --part attention [--lengths 32768 131072] [--chunks 16384 0]
@@ -195,7 +196,8 @@ def attention_part(args) -> tuple[list[dict], dict[str, float]]:
 # ---------------------------------------------------------------------------- whole model
 
 def prefill_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """Engine job (child process): warm up, then time each prompt's prefill (max_tokens=1)."""
+    """Engine job (child process): warm up, then time each prompt's prefill (max_tokens=1),
+    ``repeats`` times (prefix caching is off, so every repeat prefills the whole prompt)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -204,9 +206,12 @@ def prefill_job(spec: dict[str, Any]) -> dict[str, Any]:
     llm.generate([TokensPrompt(prompt_token_ids=spec["warmup"])], params, use_tqdm=False)
     seconds = []
     for p in spec["prompts"]:
-        t0 = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
-        seconds.append(time.perf_counter() - t0)
+        times = []
+        for _ in range(spec.get("repeats", 1)):
+            t0 = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+            times.append(time.perf_counter() - t0)
+        seconds.append(times)
     return {"seconds": seconds,
             "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens}
 
@@ -257,14 +262,16 @@ def model_part(args) -> tuple[list[dict], dict[str, float]]:
             engine = model_engine(backend, sp, budget, max_len, pattern, args)
             try:
                 res = run_job("benchmarks.prefill:prefill_job",
-                              dict(model=model, engine=engine, prompts=prompts, warmup=warmup),
+                              dict(model=model, engine=engine, prompts=prompts, warmup=warmup,
+                                   repeats=args.repeats),
                               echo=args.verbose, timeout=1500)
             except EngineJobError as e:  # keep the other engines' figures
                 tqdm.write(f"{backend} s={sp} budget={budget} failed: {str(e)[-1500:]}")
                 continue
-            for L, sec in zip(args.lengths, res["seconds"]):
+            for L, times in zip(args.lengths, res["seconds"]):
                 rows.append(dict(prompt=L, budget=budget, resolved_budget=res["max_num_batched_tokens"],
-                                 backend=backend, sparsity=sp, seconds=sec,
+                                 backend=backend, sparsity=sp, seconds=statistics.median(times),
+                                 repeat_seconds=times,
                                  streaming_prefill=args.streaming_prefill if backend == "duo" else None))
     print(f"{'prompt':>7} {'budget':>9} {'backend':>10} {'sparsity':>8} {'prefill s':>9} {'speedup':>8}")
     for row in rows:

@@ -22,11 +22,14 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any]) -> str:
-    """Write results/<name>_<date>.json and merge ``figures`` into results/summary.json."""
+def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any], device: str | None = None) -> str:
+    """Write results/<name>_<date>.json and merge ``figures`` into results/summary.json.
+
+    ``device``: where the figures were measured, when that is not this machine (results
+    collected here from the GPU machine's files)."""
     os.makedirs(RESULTS, exist_ok=True)
     date = datetime.date.today().isoformat()
-    device = device_name()
+    device = device or device_name()
     fname = f"{name}_{date}.json"
     payload = dict(payload, command=command_line(), device=device, date=date)
     with open(os.path.join(RESULTS, fname), "w") as f:

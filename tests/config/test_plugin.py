@@ -37,10 +37,23 @@ def test_entry_point_registers_duo(plugins_loaded):
 
 
 def test_register_is_idempotent(plugins_loaded):
+    """A second and third register() (vLLM calls it in every process) wraps nothing twice and
+    leaves the backend and spec registrations as they were."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
     from vllm_duo.plugin import register
 
+    def state():
+        create = EngineArgs.create_engine_config
+        return (create, getattr(create, "__wrapped__", None), AttentionBackendEnum["DUO"],
+                AttentionBackendEnum.CUSTOM.get_path())
+
+    before = state()
     register()
     register()
+    assert state() == before
+    assert not getattr(before[1], "_duo_wrapped", False), "create_engine_config wrapped twice"
 
 
 def test_engine_args_accept_duo(plugins_loaded):

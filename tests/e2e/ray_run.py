@@ -18,9 +18,11 @@ JOB = "tests.e2e.ray_run:generate_ranked"
 
 
 def run_ranked(spec: dict[str, Any], log_path: str | None = None, timeout: float = 1500) -> dict[str, Any]:
-    """spec: model, prompts (token ids), max_tokens, engine (LLM kwargs over: no tokenizer, seed 0),
-    optional name (a log header). The result has ``tokens``, ``num_gpu_blocks`` and ``ranks``."""
-    engine = dict(skip_tokenizer_init=True, seed=0)
+    """spec: as :func:`vllm_duo.eval.agreement.generate_and_score` (engine: ``LLM`` kwargs over
+    agreement's defaults), optional name (a log header). The result adds ``num_gpu_blocks``, ``ranks``."""
+    from vllm_duo.eval.agreement import ENGINE
+
+    engine = dict(ENGINE)
     engine.update(spec.get("engine", {}))
     try:
         return run_job(JOB, dict(spec, engine=engine), log_path=log_path, timeout=timeout,
@@ -54,14 +56,13 @@ def rank_probe():
 
 
 def generate_ranked(spec: dict[str, Any]) -> dict[str, Any]:
-    """Job: greedy tokens (ignore_eos) from token-id prompts, plus every rank's probe."""
+    """Job: :func:`vllm_duo.eval.agreement.generate_and_score` (greedy tokens with logprobs, then
+    teacher-forced scores), plus every rank's probe."""
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends the probe by cloudpickle
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
+
+    from vllm_duo.eval.agreement import run_on
 
     llm = LLM(model=spec["model"], **spec["engine"])
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
-    return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
-            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
-            "ranks": llm.collective_rpc(rank_probe())}
+    return dict(run_on(llm, spec), num_gpu_blocks=llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+                ranks=llm.collective_rpc(rank_probe()))

@@ -86,13 +86,16 @@ def test_passkey_found(duo_full, flash_attn):
         assert _hits(duo_full[key]) >= _hits(flash_attn[key]), (duo_full[key], flash_attn[key])
 
 
-def test_mixed_mask_short_prompts_equal_full(duo_mixed, duo_full):
+def test_mixed_mask_short_prompts_equal_full(duo_mixed, duo_full, flash_attn):
     """Prompt + answer < sink + recent (320): streaming heads see every token, so the text
-    equals all-retrieval; long prompts must still be answered (pass keys printed, not asserted)."""
+    equals all-retrieval; on long prompts the identified pattern at 50 % finds at most one pass
+    key fewer than FLASH_ATTN (NIAH: within one or two cases of full on 40 / 80 prompts)."""
     assert duo_mixed["short"] == duo_full["short"]
     assert duo_mixed["short_chat"] == duo_full["short_chat"]
     assert all(a.strip() for a in duo_mixed["passkey"] + duo_mixed["chat"])
-    print(f"mixed-mask pass keys: {_hits(duo_mixed['passkey'])} / {len(PASSKEYS)}")
+    hits, full = _hits(duo_mixed["passkey"]), _hits(flash_attn["passkey"])
+    print(f"mixed-mask pass keys: {hits} / {len(PASSKEYS)} (FLASH_ATTN {full})")
+    assert hits >= full - 1, (duo_mixed["passkey"], flash_attn["passkey"])
 
 
 def test_bad_pattern_is_refused_before_gpu_work(tmp_path):

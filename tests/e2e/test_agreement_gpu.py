@@ -1,0 +1,176 @@
+"""Model-scale agreement on weights where attention drives the output (GPU).
+
+Four attention layouts (Llama-3-8B GQA, Llama-2-7B MHA, Mistral-7B, Qwen2-7B: heads, KV heads,
+head_dim and rope kept; 2 layers, narrow MLP) with seeded weights scaled so attention matters
+(tests/e2e/reference_model.py). Every comparison is a teacher-forced logprob gap
+(vllm_duo/eval/agreement.py) with a tolerance calibrated by FLASH_ATTN against itself, and a
+control that must break it. Each test writes an evidence row (vllm_duo/eval/evidence.py).
+
+All engines of the module start in one fixture, four at a time, with torch.compile and CUDA
+graphs on (vLLM's defaults).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from tests.e2e.reference_model import LAYOUTS, forward_logprobs, load, make_model
+from vllm_duo.eval import agreement
+from vllm_duo.eval.evidence import check
+
+pytestmark = pytest.mark.gpu
+PROMPT_LENS = (100, 700, 2500, 6000)
+SHORT_LENS = (50, 120, 200, 250)  # + 32 generated tokens < sink + recent = 320
+STEPS = 32
+METRIC = "max over requests of mean |logprob diff| over generated tokens, teacher-forced"
+
+
+def mixed_mask(layout: str) -> list[list[int]]:
+    cfg = LAYOUTS[layout]
+    return [[(layer + head) % 2 for head in range(cfg["num_key_value_heads"])]
+            for layer in range(cfg["num_hidden_layers"])]
+
+
+def _prompts(lengths, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 32000) for _ in range(n)] for n in lengths]
+
+
+PROMPTS = _prompts(PROMPT_LENS, 0)
+SHORT = _prompts(SHORT_LENS, 1)
+BOTH = SHORT + PROMPTS
+WITH_SHORT = ("fa", "duo_streaming")  # runs that also generate from the short prompts
+
+
+def prompts_of(gen: str) -> list[list[int]]:
+    return BOTH if gen in WITH_SHORT else PROMPTS
+
+
+def _duo(**options) -> dict:
+    return dict(agreement.ENGINE, attention_backend="duo", additional_config={"duo_attention": options})
+
+
+def _jobs(models: dict[str, str]) -> tuple[dict, dict]:
+    """Generating engines (phase 1), then scoring engines (phase 2) that score phase 1's tokens."""
+    gen, score = {}, {}
+    for layout, model in models.items():
+        base = dict(model=model, prompts=PROMPTS, max_tokens=STEPS)
+        gen[f"{layout}/duo_full"] = dict(base, engine=_duo(pattern="full"))
+        gen[f"{layout}/duo_mixed"] = dict(base, engine=dict(
+            _duo(retrieval_mask=mixed_mask(layout)), max_num_batched_tokens=256))
+        score[f"{layout}/fa"] = dict(base, prompts=BOTH, engine=dict(agreement.ENGINE,
+                                                                   attention_backend="FLASH_ATTN"))
+    llama3 = models["llama3"]
+    gen["llama3/duo_streaming"] = dict(model=llama3, prompts=BOTH, max_tokens=STEPS,
+                                       engine=_duo(pattern="streaming"))
+    gen["llama3/duo_full_v1"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS,
+                                     engine=_duo(pattern="full"), env={"VLLM_USE_V2_MODEL_RUNNER": "0"})
+    score["llama3/rswa"] = dict(model=llama3, engine=_duo(retrieval_mask=mixed_mask("llama3"),
+                                                          streaming_prefill="rswa"))
+    return gen, score
+
+
+def _spread(jobs: dict) -> None:
+    """On a machine with several GPUs, give the engines different ones."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        for i, spec in enumerate(jobs.values()):
+            spec["env"] = dict(spec.get("env", {}), CUDA_VISIBLE_DEVICES=str(i % gpus))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("agreement")
+    models = {name: make_model(str(root / name), seed=0, **cfg) for name, cfg in LAYOUTS.items()}
+    logs = os.environ.get("OUT") or str(root)
+    gen, score = _jobs(models)
+    _spread(gen)
+    done = agreement.run_parallel(gen, log_dir=logs)
+    for name, spec in score.items():
+        layout = name.split("/")[0]
+        mine = {k.split("/", 1)[1]: v for k, v in done.items() if k.startswith(layout + "/")}
+        spec["score"] = {k: agreement.scored_sequences(prompts_of(k), r) for k, r in mine.items()}
+        if name.endswith("/fa"):
+            spec["score"]["self"] = []
+    _spread(score)
+    done.update(agreement.run_parallel(score, log_dir=logs))
+    return {"models": models, **done}
+
+
+def _gap(runs: dict, layout: str, gen: str, scorer: str, part: slice = slice(None)) -> float:
+    """``gen``'s generated tokens scored by ``scorer`` (requests ``part`` of its prompts)."""
+    run = runs[f"{layout}/{gen}"]
+    scores = runs[f"{layout}/{scorer}"]["scores"]["self" if gen == scorer else gen]
+    return agreement.gap(prompts_of(gen)[part], {"logprobs": run["logprobs"][part]}, scores[part])
+
+
+def _fa_noise(runs: dict, layout: str) -> float:
+    """FLASH_ATTN's generated tokens scored by FLASH_ATTN: the comparison's own noise."""
+    return _gap(runs, layout, "fa", "fa")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_full_pattern_equals_flash_attn(runs, layout) -> None:
+    tol = agreement.tolerance(_fa_noise(runs, layout))
+    check(f"agreement::full_equals_flash_attn[{layout}]", f"duo pattern='full' vs FLASH_ATTN ({layout})",
+          METRIC, tol, _gap(runs, layout, "duo_full", "fa"),
+          "duo mixed mask scored by FLASH_ATTN", _gap(runs, layout, "duo_mixed", "fa"))
+
+
+def _reference_scores(runs: dict, layout: str, gen: str, mask: list[list[int]]) -> list[list[float]]:
+    import torch
+
+    config, weights = load(runs["models"][layout])
+    out = []
+    for prompt, tokens in zip(prompts_of(gen), runs[f"{layout}/{gen}"]["tokens"], strict=True):
+        seq = prompt + tokens
+        lp = forward_logprobs(config, weights, seq, mask, sink=64, windows=256, device="cuda")
+        out.append(lp[:-1].gather(1, torch.tensor(seq[1:], device="cuda")[:, None])[:, 0].tolist())
+        del lp
+        torch.cuda.empty_cache()
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixed_mask_equals_float32_reference(runs, layout) -> None:
+    """Duo with a mixed mask, prompts chunked at 256 tokens (window kernel), against the float32
+    plain-PyTorch reference of the semantics (query at t sees p <= t, or p < sink or t - W < p <= t)."""
+    full = [[1] * len(row) for row in mixed_mask(layout)]
+    noise = agreement.gap(BOTH, runs[f"{layout}/fa"], _reference_scores(runs, layout, "fa", full))
+    mixed = mixed_mask(layout)
+    duo = runs[f"{layout}/duo_mixed"]
+    check(f"agreement::mixed_equals_float32_reference[{layout}]",
+          f"duo mixed mask, chunks of 256 vs float32 reference ({layout})", METRIC,
+          agreement.tolerance(noise), agreement.gap(PROMPTS, duo, _reference_scores(runs, layout, "duo_mixed", mixed)),
+          "duo pattern='full' scored by the mixed-mask reference",
+          agreement.gap(PROMPTS, runs[f"{layout}/duo_full"],
+                        _reference_scores(runs, layout, "duo_full", mixed)))
+
+
+def test_window_kernel_chunked_equals_rswa(runs) -> None:
+    """streaming_prefill='window' chunked at 256 tokens vs 'rswa' (vLLM's Triton R-SWA) in one
+    8192-token step: both the streaming kernel and the chunking change."""
+    check("agreement::window_256_equals_rswa_8192[llama3]", "duo mixed: window kernel @256 vs rswa @8192",
+          METRIC, agreement.tolerance(_fa_noise(runs, "llama3")), _gap(runs, "llama3", "duo_mixed", "rswa"),
+          "duo pattern='full' scored by the mixed rswa engine", _gap(runs, "llama3", "duo_full", "rswa"))
+
+
+def test_all_streaming_equals_full_below_sink_plus_recent(runs) -> None:
+    short, long = slice(0, len(SHORT)), slice(len(SHORT), None)
+    check("agreement::all_streaming_short_equals_full[llama3]",
+          "duo all-streaming vs FLASH_ATTN, prompts + output < sink + recent", METRIC,
+          agreement.tolerance(_fa_noise(runs, "llama3")),
+          _gap(runs, "llama3", "duo_streaming", "fa", short),
+          "the same engine on prompts of 100..6000 tokens", _gap(runs, "llama3", "duo_streaming", "fa", long))
+
+
+def test_v1_model_runner_full_equals_flash_attn(runs) -> None:
+    check("agreement::v1_runner_full_equals_flash_attn[llama3]",
+          "duo pattern='full' under vLLM's V1 model runner vs FLASH_ATTN (V2)", METRIC,
+          agreement.tolerance(_fa_noise(runs, "llama3")), _gap(runs, "llama3", "duo_full_v1", "fa"),
+          "duo mixed mask scored by FLASH_ATTN", _gap(runs, "llama3", "duo_mixed", "fa"))
