@@ -87,7 +87,7 @@ def _spread(jobs: dict) -> None:
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("agreement")
     models = {name: make_model(str(root / name), seed=0, **cfg) for name, cfg in LAYOUTS.items()}
-    logs = os.environ.get("OUT") or str(root)
+    logs = os.environ.get("VLLM_DUO_ENGINE_LOGS") or str(root)  # one log per engine
     gen, score = _jobs(models)
     _spread(gen)
     done = agreement.run_parallel(gen, log_dir=logs)

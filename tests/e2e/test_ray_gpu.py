@@ -67,7 +67,7 @@ def runs(tmp_path_factory) -> dict:
         score["FLASH_ATTN/tp2"] = agreement.scored_sequences(prompts, done["FLASH_ATTN/tp2"])
         one[f"{backend}/tp1"] = dict(model=model, prompts=prompts, max_tokens=STEPS, score=score,
                                      engine=dict(agreement.ENGINE, **engine), env={"CUDA_VISIBLE_DEVICES": str(i)})
-    done.update(agreement.run_parallel(one, workers=2, log_dir=os.environ.get("OUT")))
+    done.update(agreement.run_parallel(one, workers=2, log_dir=os.environ.get("VLLM_DUO_ENGINE_LOGS")))
     return dict(done, prompts=prompts)
 
 
