@@ -41,6 +41,11 @@ class PrefillCase:
     def group(self) -> int:
         return self.q.shape[1] // self.num_kv_heads
 
+    @property
+    def heads(self) -> list[int]:
+        """Query heads of the listed slots (the kernel leaves the others untouched)."""
+        return [h for k in self.kv_heads for h in range(k * self.group, (k + 1) * self.group)]
+
     def args(self) -> dict:
         dev = self.q.device
         qsl = [7]  # a nonzero base, as a slice of vLLM's query_start_loc has
@@ -162,3 +167,14 @@ def mutations(case: PrefillCase) -> dict[str, PrefillCase]:
             "window - 1": replace(case, window=case.window - 1),
             "window + 1": replace(case, window=case.window + 1),
             "one block skipped (entry -> a window block)": replace(case, tables=tables, truth=truth)}
+
+
+MUTATION_CASE = dict(q_lens=[200, 64, 512], ctx_lens=[700, 1500, 16000], num_kv_heads=4, group=2,
+                     head_dim=128, kv_heads=[0, 2], block_size=16, sink=64, window=256)
+
+
+def needle_case(device: str, dtype: torch.dtype = torch.bfloat16) -> PrefillCase:
+    """MUTATION_CASE with needles where each mutation bites (chunks behind 700..16000 cached)."""
+    c = MUTATION_CASE
+    return make_prefill_case(**c, dtype=dtype, device=device, seed=1, needles=[
+        needle_positions(ctx, c["sink"], c["window"]) for ctx in c["ctx_lens"]])

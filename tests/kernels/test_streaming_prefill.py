@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.kernels.prefill_reference import PrefillCase, make_prefill_case, mutations, needle_positions, reference
+from tests.kernels.prefill_reference import PrefillCase, make_prefill_case, mutations, needle_case, reference
 from tests.kernels.reference import METRIC, scaled_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,10 +30,6 @@ def run_kernel(case: PrefillCase) -> torch.Tensor:
     return out
 
 
-def slot_heads(case: PrefillCase) -> list[int]:
-    return [h for k in case.kv_heads for h in range(k * case.group, (k + 1) * case.group)]
-
-
 def run_case(dtype: torch.dtype, device: str, q_lens: list[int], ctx_lens: list[int], *, kv_heads: list[int],
              num_kv_heads: int = 8, group: int = 4, head_dim: int = 128, block_size: int = 16,
              sink: int = 64, window: int = 256, seed: int = 0) -> tuple[float, float]:
@@ -42,7 +38,7 @@ def run_case(dtype: torch.dtype, device: str, q_lens: list[int], ctx_lens: list[
                              kv_heads=kv_heads, block_size=block_size, sink=sink, window=window,
                              dtype=dtype, seed=seed, device=device)
     out = run_kernel(case)
-    heads = slot_heads(case)
+    heads = case.heads
     ref = reference(case, head_dim ** -0.5)[:, heads]
     others = [h for h in range(num_kv_heads * group) if h not in heads]
     assert out[:, others].isnan().all(), "heads of other slots must be left untouched"
@@ -111,21 +107,10 @@ def test_gpu_random(seed: int, evidence) -> None:
     evidence(COMPARES, METRIC, gap, "all-zeros output", zeros, label=f"seed {seed}")
 
 
-MUTATION_CASE = dict(q_lens=[200, 64, 512], ctx_lens=[700, 1500, 16000], num_kv_heads=4, group=2,
-                     head_dim=128, kv_heads=[0, 2], block_size=16, sink=64, window=256)
-
-
-def needle_case(device: str, dtype: torch.dtype = torch.bfloat16) -> PrefillCase:
-    """MUTATION_CASE with needles where each mutation bites (chunks behind 700..16000 cached)."""
-    c = MUTATION_CASE
-    return make_prefill_case(**c, dtype=dtype, device=device, seed=1, needles=[
-        needle_positions(ctx, c["sink"], c["window"]) for ctx in c["ctx_lens"]])
-
-
 def test_cpu_mutations_separate() -> None:
     """By design: the reference of each mutated input differs beyond the tolerance."""
     case = needle_case("cpu")
-    heads = slot_heads(case)
+    heads = case.heads
     ref = reference(case, case.q.shape[2] ** -0.5)[:, heads]
     gaps = {what: scaled_error(reference(wrong, case.q.shape[2] ** -0.5)[:, heads], ref)
             for what, wrong in mutations(case).items()}
@@ -139,7 +124,7 @@ def test_gpu_wrong_kernel_inputs_are_rejected(dtype, evidence) -> None:
     """Planted needles: the kernel agrees with the reference; the kernel run with the sink
     dropped or one shorter, the window one shorter or longer, or one block skipped, is rejected."""
     case = needle_case("cuda", dtype)
-    heads = slot_heads(case)
+    heads = case.heads
     ref = reference(case, case.q.shape[2] ** -0.5)[:, heads]
     gap = scaled_error(run_kernel(case)[:, heads], ref)
     compares = COMPARES + ", planted needles, chunks behind 700..16000 cached tokens"
