@@ -61,7 +61,7 @@ def evidence(request) -> Evidence:
 def _write_evidence_rows():
     yield
     for test, row in _ROWS.items():
-        control = f"each of: {'; '.join(row.controls)} (weakest: {row.weakest})"
+        control = f"each of: {'; '.join(row.controls)}; weakest: {row.weakest}"
         compares = row.compares + (f" (worst: {row.worst})" if row.worst else "")
         try:
             ev.check(test, compares, row.metric, row.tolerance, row.gap, control, row.control_gap)
