@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -78,10 +80,11 @@ def test_round_trip_through_decode(evidence) -> None:
     mappings = torch.full((num_slots, T), -1, dtype=torch.int64, device="cuda")
     original = [c.clone() for c in case.caches]
     ref = reference_decode(case)
+    readable = replace(case, sink=case.sink + 1, window=case.window + 1)  # as needle_case built it
     for slot, head in enumerate(case.kv_heads):
         for i, L in enumerate(case.lens):
-            tokens = starts[i] + attended(L, case.streaming[slot], case.sink, case.window, "cuda")
-            rows = case.rows(slot, i)
+            tokens = starts[i] + attended(L, case.streaming[slot], readable.sink, readable.window, "cuda")
+            rows = readable.rows(slot, i)
             key[tokens, head] = original[slot].view(-1, 2 * D)[rows, :D]
             value[tokens, head] = original[slot].view(-1, 2 * D)[rows, D:]
             mappings[slot, tokens] = rows
