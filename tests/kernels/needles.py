@@ -52,13 +52,14 @@ def needle_case(L: int, device: str, seed: int = 0) -> DecodeCase:
     return case
 
 
-def _redirect(case: DecodeCase, moves: dict[int, list[tuple[int, int]]]) -> DecodeCase:
-    """The case with row 0's table entries redirected: ``moves[slot]`` = [(block, source entry
-    as (row, block))]; the source block is fully readable, so the kernel reads wrong keys, not NaN."""
+def _redirect(case: DecodeCase, moves: dict[int, list[tuple[int, int]]], seq: int = 0) -> DecodeCase:
+    """The case with row ``seq``'s table entries redirected: ``moves[slot]`` = [(block, source
+    entry as (row, block))]; the source block is fully readable, so the kernel reads wrong keys,
+    not NaN."""
     tables = [None if t is None else t.clone() for t in case.tables]
     for slot, pairs in moves.items():
         for block, (row, src) in pairs:
-            tables[slot][0, block] = case.tables[slot][row, src]
+            tables[slot][seq, block] = case.tables[slot][row, src]
     slots = decode_slots(case.caches, tables, case.kv_heads, case.streaming, case.q.device)
     return replace(case, tables=tables, slots=slots)
 
@@ -75,9 +76,15 @@ def mutations(case: DecodeCase) -> dict[str, DecodeCase]:
     skip = {slot: [(max(needle_positions(L, case.streaming[slot])[:3]) // BLOCK, (1, 0))]
             for slot in range(len(case.kv_heads))}
     out["one block skipped (entry -> another row's block)"] = _redirect(case, skip)
-    blocks = cdiv(L, BLOCK)
-    if blocks >= 2:  # retrieval slot reads its first half twice instead of its second half
-        half = blocks - blocks // 2
-        out["half the keys skipped (retrieval)"] = _redirect(
-            case, {1: [(j, (0, j - half)) for j in range(half, blocks)]})
+    if cdiv(L, BLOCK) >= 2:
+        out["half the keys skipped (retrieval)"] = half_keys_skipped(case, 0)
     return out
+
+
+def half_keys_skipped(case: DecodeCase, seq: int) -> DecodeCase:
+    """Row ``seq`` of every retrieval slot reads its first half of blocks twice, its second never."""
+    blocks = cdiv(case.lens[seq], case.block_size)
+    half = blocks - blocks // 2
+    moves = {slot: [(j, (seq, j - half)) for j in range(half, blocks)]
+             for slot, head in enumerate(case.kv_heads) if head >= 0 and not case.streaming[slot]}
+    return _redirect(case, moves, seq)

@@ -119,6 +119,7 @@ def reference_decode(case: DecodeCase) -> torch.Tensor:
 
 
 REL, ABS = 1e-2, 1e-3
+COMPARES = "paged_decode vs float32 PyTorch reference"
 METRIC = ("max over (row, head) of max|out - ref| / (1e-2 * max|ref| + 1e-3), float32 reference; "
           "NaN counts as inf; <= 1 passes")
 
@@ -159,7 +160,7 @@ def check(case: DecodeCase, out: torch.Tensor, evidence=None, label: str = "") -
     ref = reference_decode(case)
     gap = scaled_error(out, ref)
     if evidence is not None:
-        evidence("paged_decode vs float32 PyTorch reference", METRIC, gap, "all-zeros output",
+        evidence(COMPARES, METRIC, gap, "all-zeros output",
                  scaled_error(torch.zeros_like(ref), ref), label=label)
     assert gap <= 1, f"paged_decode: scaled error {gap:.3g} > 1 ({METRIC})"
     return gap

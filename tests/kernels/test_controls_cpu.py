@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.kernels.needles import NEEDLE_LENS, mutations, needle_case
-from tests.kernels.reference import reference_decode, scaled_error
+from tests.kernels.needles import NEEDLE_LENS, half_keys_skipped, mutations, needle_case
+from tests.kernels.reference import make_case, reference_decode, scaled_error
 
 
 @pytest.mark.parametrize("name", [n for n in NEEDLE_LENS if n != "128k"])  # 128K: GPU only (time)
@@ -20,6 +20,16 @@ def test_decode_mutations_separate(name: str) -> None:
     gaps = {what: scaled_error(reference_decode(wrong), ref) for what, wrong in mutations(case).items()}
     gaps["all-zeros output"] = scaled_error(torch.zeros_like(ref), ref)
     assert gaps and all(g > 1 for g in gaps.values()), gaps
+
+
+def test_long_random_context_half_keys_separate() -> None:
+    """test_long_contexts' control without needles: half of a 64K row's keys skipped."""
+    case = make_case([65536, 7, 0], num_kv_heads=4, group=4, head_dim=128, dtype=torch.bfloat16,
+                     block_size=16, streaming_heads=[True, False, True, False], pad_slots=1, seed=3,
+                     device="cpu")
+    ref = reference_decode(case)
+    assert scaled_error(reference_decode(half_keys_skipped(case, 0)), ref) > 1
+    assert scaled_error(torch.zeros_like(ref[0]), ref[0]) > 1
 
 
 def test_write_mutations_separate() -> None:
