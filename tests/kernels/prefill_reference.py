@@ -176,5 +176,9 @@ MUTATION_CASE = dict(q_lens=[200, 64, 512], ctx_lens=[700, 1500, 16000], num_kv_
 def needle_case(device: str, dtype: torch.dtype = torch.bfloat16) -> PrefillCase:
     """MUTATION_CASE with needles where each mutation bites (chunks behind 700..16000 cached)."""
     c = MUTATION_CASE
+    # "window + 1" reads key ctx - window from the cache: NaN there, but its block must be mapped
+    # (not a garbage id, whose read would fault and end the session), so it shares a block with
+    # ctx - window + 1.
+    assert all((ctx - c["window"] + 1) % c["block_size"] for ctx in c["ctx_lens"])
     return make_prefill_case(**c, dtype=dtype, device=device, seed=1, needles=[
         needle_positions(ctx, c["sink"], c["window"]) for ctx in c["ctx_lens"]])
