@@ -10,11 +10,14 @@ garbage id. In the step's K/V tensors, heads of no listed slot are NaN.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from tests.kernels.reference import GARBAGE_IDS, cdiv
+
+
+NEEDLE_SCALE = 32.0  # a needle's value: even at softmax weight 1/(sink + window) it moves the output
 
 
 @dataclass
@@ -38,6 +41,11 @@ class PrefillCase:
     def group(self) -> int:
         return self.q.shape[1] // self.num_kv_heads
 
+    @property
+    def heads(self) -> list[int]:
+        """Query heads of the listed slots (the kernel leaves the others untouched)."""
+        return [h for k in self.kv_heads for h in range(k * self.group, (k + 1) * self.group)]
+
     def args(self) -> dict:
         dev = self.q.device
         qsl = [7]  # a nonzero base, as a slice of vLLM's query_start_loc has
@@ -57,8 +65,9 @@ class PrefillCase:
 def make_prefill_case(q_lens: list[int], ctx_lens: list[int], *, num_kv_heads: int, group: int,
                       head_dim: int, kv_heads: list[int], block_size: int = 16, sink: int = 64,
                       window: int = 256, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                      device: str = "cuda") -> PrefillCase:
-    """Requests with ``ctx_lens[i]`` cached tokens and a chunk of ``q_lens[i]`` new ones."""
+                      device: str = "cuda", needles: list[list[int]] | None = None) -> PrefillCase:
+    """Requests with ``ctx_lens[i]`` cached tokens and a chunk of ``q_lens[i]`` new ones; the
+    values at positions ``needles[i]`` are scaled by NEEDLE_SCALE (every slot)."""
     rng = random.Random(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     seq_lens = [c + n for c, n in zip(ctx_lens, q_lens, strict=True)]
@@ -79,7 +88,10 @@ def make_prefill_case(q_lens: list[int], ctx_lens: list[int], *, num_kv_heads: i
         truth.append([])
         for r, (s, n) in enumerate(zip(seq_lens, q_lens)):
             first = s - n
-            true_kv = torch.randn(cdiv(s, block_size) * block_size, 2 * head_dim, generator=gen).to(dtype)
+            true_kv = torch.randn(cdiv(s, block_size) * block_size, 2 * head_dim, generator=gen)
+            if needles:
+                true_kv[needles[r], head_dim:] *= NEEDLE_SCALE
+            true_kv = true_kv.to(dtype)
             truth[-1].append(true_kv[:s].float().to(device))
             k_new[starts[r]:starts[r] + n, h] = true_kv[first:s, :head_dim].float()
             v_new[starts[r]:starts[r] + n, h] = true_kv[first:s, head_dim:].float()
@@ -125,3 +137,48 @@ def reference(case: PrefillCase, scale: float, rows_per_step: int = 1024) -> tor
                     out[rows, hq] = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1) @ v
         tok += n
     return out
+
+
+def needle_positions(ctx: int, sink: int, window: int) -> list[int]:
+    """Where the sink and window mutations bite for the chunk's first query (at ``ctx``): the last
+    sink key, the key just before its window and its oldest window key."""
+    return [sink - 1, ctx - window, ctx - window + 1]
+
+
+def mutations(case: PrefillCase) -> dict[str, PrefillCase]:
+    """The case with one kernel input wrong; its reference is what a kernel with that bug returns.
+
+    "One block skipped": each request's table entry of the block holding the last sink key points
+    at a fully cached block of its window instead (the truth is rewritten to match)."""
+    bs, dev = case.block_size, case.q.device
+    tables = [t.clone() for t in case.tables]
+    truth = [[x.clone() for x in per_slot] for per_slot in case.truth]
+    for r, (n, s) in enumerate(zip(case.q_lens, case.seq_lens)):
+        first = s - n
+        j = (case.sink - 1) // bs
+        src = cdiv(first - case.window + 1, bs)
+        assert (src + 1) * bs <= first and src > j, "needs a fully cached window block"
+        cached = torch.arange(j * bs, min((j + 1) * bs, first), device=dev)
+        for slot in range(len(case.kv_heads)):
+            tables[slot][case.row0 + r, j] = case.tables[slot][case.row0 + r, src]
+            truth[slot][r][cached] = case.truth[slot][r][cached - j * bs + src * bs]
+    return {"sink dropped (sink=0)": replace(case, sink=0),
+            "sink - 1": replace(case, sink=case.sink - 1),
+            "window - 1": replace(case, window=case.window - 1),
+            "window + 1": replace(case, window=case.window + 1),
+            "one block skipped (entry -> a window block)": replace(case, tables=tables, truth=truth)}
+
+
+MUTATION_CASE = dict(q_lens=[200, 64, 512], ctx_lens=[700, 1500, 16000], num_kv_heads=4, group=2,
+                     head_dim=128, kv_heads=[0, 2], block_size=16, sink=64, window=256)
+
+
+def needle_case(device: str, dtype: torch.dtype = torch.bfloat16) -> PrefillCase:
+    """MUTATION_CASE with needles where each mutation bites (chunks behind 700..16000 cached)."""
+    c = MUTATION_CASE
+    # "window + 1" reads key ctx - window from the cache: NaN there, but its block must be mapped
+    # (not a garbage id, whose read would fault and end the session), so it shares a block with
+    # ctx - window + 1.
+    assert all((ctx - c["window"] + 1) % c["block_size"] for ctx in c["ctx_lens"])
+    return make_prefill_case(**c, dtype=dtype, device=device, seed=1, needles=[
+        needle_positions(ctx, c["sink"], c["window"]) for ctx in c["ctx_lens"]])

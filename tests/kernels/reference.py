@@ -118,7 +118,23 @@ def reference_decode(case: DecodeCase) -> torch.Tensor:
     return out
 
 
-ATOL, RTOL = 2e-2, 2e-2  # bf16 output rounding (8 mantissa bits) on values of magnitude ~1
+REL, ABS = 1e-2, 1e-3
+COMPARES = "paged_decode vs float32 PyTorch reference"
+METRIC = ("max over (row, head) of max|out - ref| / (1e-2 * max|ref| + 1e-3), float32 reference; "
+          "NaN counts as inf; <= 1 passes")
+
+
+def scaled_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The error of ``out`` in units of its tolerance, per (row, head) vector: <= 1 passes.
+
+    The tolerance follows each output vector's scale, so tiny outputs (long random contexts give
+    ~1/sqrt(N)) are not swallowed: an all-zeros output fails wherever max|ref| > ~1e-3. Rounding
+    the fp32 result to bf16 moves an element by at most 2^-9 of its magnitude (0.2% of max|ref|),
+    well inside 1e-2 * max|ref|.
+    """
+    out, ref = out.float(), ref.float()
+    err = (out - ref).abs().nan_to_num(nan=float("inf")).amax(-1)
+    return float((err / (REL * ref.abs().amax(-1) + ABS)).max())
 
 
 def run_op(case: DecodeCase, max_seq_len: int, partition_size: int | None = None) -> torch.Tensor:
@@ -138,5 +154,13 @@ def run_op(case: DecodeCase, max_seq_len: int, partition_size: int | None = None
     return out
 
 
-def check(case: DecodeCase, out: torch.Tensor) -> None:
-    torch.testing.assert_close(out.float(), reference_decode(case), atol=ATOL, rtol=RTOL)
+def check(case: DecodeCase, out: torch.Tensor, evidence=None, label: str = "") -> float:
+    """The scaled error of ``out`` (must be <= 1); with ``evidence``, also record it against the
+    all-zeros output as control."""
+    ref = reference_decode(case)
+    gap = scaled_error(out, ref)
+    if evidence is not None:
+        evidence(COMPARES, METRIC, gap, "all-zeros output",
+                 scaled_error(torch.zeros_like(ref), ref), label=label)
+    assert gap <= 1, f"paged_decode: scaled error {gap:.3g} > 1 ({METRIC})"
+    return gap

@@ -9,7 +9,8 @@ import zlib
 import pytest
 import torch
 
-from tests.kernels.reference import check, make_case, run_op
+from tests.kernels.needles import NEEDLE_LENS, half_keys_skipped, mutations, needle_case
+from tests.kernels.reference import COMPARES, METRIC, check, make_case, reference_decode, run_op, scaled_error
 from vllm_duo.ops import paged_decode
 
 pytestmark = [pytest.mark.gpu,
@@ -36,7 +37,7 @@ def pattern_heads(rng: random.Random, pattern: str, num_kv_heads: int) -> list[b
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str) -> None:
+def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str, evidence) -> None:
     seed = zlib.crc32(f"{dtype}-{head_dim}-{group}-{pattern}".encode())
     rng = random.Random(seed)
     num_kv_heads = rng.choice([2, 4])
@@ -46,20 +47,26 @@ def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str) -> 
                      streaming_heads=pattern_heads(rng, pattern, num_kv_heads),
                      pad_slots=rng.randint(0, 2) if pattern == "mixed" else 0,
                      sink=rng.choice([0, 4, 64]), window=rng.choice([1, 16, 256]), seed=seed)
-    check(case, run_op(case, max(lens)))
+    check(case, run_op(case, max(lens)), evidence, f"{dtype} D{head_dim} G{group} {pattern}")
 
 
 @pytest.mark.parametrize("lens", [[131072], [65536, 7, 0], [16384] * 4 + [1] * 12, [4097] * 64],
                          ids=["128k", "64k+short", "16k_x4", "4k_x64"])
-def test_long_contexts(lens: list[int]) -> None:
+def test_long_contexts(lens: list[int], evidence) -> None:
+    """Random keys up to 128K: at this scale an all-zeros output or skipping half a row's keys
+    passed the old absolute 2e-2 tolerance; both must fail the scale-relative one."""
     case = make_case(lens, num_kv_heads=4, group=4, head_dim=128, dtype=torch.bfloat16,
                      block_size=16, streaming_heads=[True, False, True, False], pad_slots=1,
                      seed=len(lens))
-    check(case, run_op(case, max(lens)))
+    label = f"lens {lens[:3]}{'...' if len(lens) > 3 else ''}"
+    gap = check(case, run_op(case, max(lens)), evidence, label)
+    wrong = run_op(half_keys_skipped(case, 0), max(lens))  # random keys: no needle needed
+    evidence(COMPARES, METRIC, gap, "kernel run with half of row 0's keys skipped (retrieval slots)",
+             scaled_error(wrong, reference_decode(case)), label=label)
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64])
-def test_boundary_lengths(block_size: int) -> None:
+def test_boundary_lengths(block_size: int, evidence) -> None:
     """Lengths on the sink/window/block/partition edges, with partitions short enough that
     streaming rows span several of them."""
     S, W = 40, 100
@@ -68,27 +75,28 @@ def test_boundary_lengths(block_size: int) -> None:
     case = make_case(lens, num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16,
                      block_size=block_size, streaming_heads=[True, False], sink=S, window=W,
                      seed=block_size)
-    check(case, run_op(case, max(lens), partition_size=64))
+    check(case, run_op(case, max(lens), partition_size=64), evidence, f"block {block_size}")
 
 
 @pytest.mark.parametrize("group", [3, 8])
 @pytest.mark.parametrize("head_dim", [64, 256])
-def test_other_groups_and_head_dims(group: int, head_dim: int) -> None:
+def test_other_groups_and_head_dims(group: int, head_dim: int, evidence) -> None:
     """G not a power of two (padded register tile), G = 8 and head_dim 256."""
     case = make_case([1, 77, 600, 3000, 0], num_kv_heads=2, group=group, head_dim=head_dim,
                      dtype=torch.float16, block_size=32, streaming_heads=[True, False],
                      pad_slots=1, seed=group * head_dim)
-    check(case, run_op(case, 3000))
+    check(case, run_op(case, 3000), evidence, f"G{group} D{head_dim}")
 
 
 @pytest.mark.parametrize("max_seq_len,partition_size", [(1, None), (3000, 128), (3000, 1 << 20),
                                                         (10**6, None)],
                          ids=["underplanned", "small_parts", "one_part", "overplanned"])
-def test_any_partition_plan_is_correct(max_seq_len: int, partition_size: int | None) -> None:
+def test_any_partition_plan_is_correct(max_seq_len: int, partition_size: int | None, evidence) -> None:
     """A row longer than planned gets longer partitions; an over-planned launch idles CTAs."""
     case = make_case([3000, 2999, 1500, 5], num_kv_heads=2, group=4, head_dim=128,
                      dtype=torch.bfloat16, block_size=16, streaming_heads=[False, True], seed=11)
-    check(case, run_op(case, max_seq_len, partition_size))
+    check(case, run_op(case, max_seq_len, partition_size), evidence,
+          f"max_seq_len {max_seq_len} partition {partition_size}")
 
 
 def test_wrapper_matches_raw_op_and_fills_padding_rows() -> None:
@@ -119,7 +127,7 @@ def test_strided_query_and_output() -> None:
     assert out_buf[:, [0, 9]].isnan().all()
 
 
-def test_cuda_graph_replay_with_new_inputs() -> None:
+def test_cuda_graph_replay_with_new_inputs(evidence) -> None:
     """The launch depends only on shapes: replaying with new lengths, tables and caches is exact."""
     shape = dict(num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16, block_size=16,
                  streaming_heads=[True, False], pad_slots=1, pool_blocks=300, table_width=200)
@@ -132,7 +140,7 @@ def test_cuda_graph_replay_with_new_inputs() -> None:
     with torch.cuda.graph(graph):
         out = paged_decode(first.q, *first.slots, first.seq_lens, **kwargs)
     graph.replay()
-    check(first, out)
+    check(first, out, evidence, "first capture")
     for dst, src in [(first.q, second.q), (first.seq_lens, second.seq_lens)]:
         dst.copy_(src)
     for dst_c, src_c, dst_t, src_t in zip(first.caches, second.caches, first.tables, second.tables):
@@ -140,7 +148,23 @@ def test_cuda_graph_replay_with_new_inputs() -> None:
             dst_c.copy_(src_c)
             dst_t.copy_(src_t)
     graph.replay()
-    check(second, out)
+    check(second, out, evidence, "replay, new inputs")
+
+
+@pytest.mark.parametrize("name", list(NEEDLE_LENS))
+def test_wrong_kernel_inputs_are_rejected(name: str, evidence) -> None:
+    """Planted needles (tests/kernels/needles.py): the kernel agrees with the reference, and the
+    kernel run with a dropped sink, a window off by one, a skipped block or half the keys skipped
+    (and an all-zeros output) is rejected by the same check."""
+    case = needle_case(NEEDLE_LENS[name], "cuda")
+    ref = reference_decode(case)
+    gap = scaled_error(run_op(case, max(case.lens)), ref)
+    compares = "paged_decode vs float32 reference, planted needles"
+    evidence(compares, METRIC, gap, "all-zeros output", scaled_error(torch.zeros_like(ref), ref),
+             label=name)
+    for what, wrong in mutations(case).items():
+        evidence(compares, METRIC, gap, f"kernel run with {what}",
+                 scaled_error(run_op(wrong, max(case.lens)), ref), label=name)
 
 
 def test_opcheck() -> None:

@@ -3,7 +3,9 @@
 On the GPU (marked gpu): bf16 and fp16, GQA, several slots, ragged batches, chunks of 256..16K
 tokens behind up to 48K cached tokens, prompts up to 64K, random sink/window/block sizes. On
 the CPU the same kernel runs under Triton's interpreter (fp16: its bf16 ``tl.dot`` is wrong), on
-small cases, so CI checks the masking logic without a GPU.
+small cases, so CI checks the masking logic without a GPU. Planted needles (prefill_reference)
+make a dropped sink, a window off by one or a skipped block fail the check; on the CPU their
+references show that by design, on the GPU the kernel run with each wrong input is rejected.
 """
 
 from __future__ import annotations
@@ -16,28 +18,38 @@ import sys
 import pytest
 import torch
 
-from tests.kernels.prefill_reference import make_prefill_case, reference
-from tests.kernels.reference import ATOL, RTOL
+from tests.kernels.prefill_reference import PrefillCase, make_prefill_case, mutations, needle_case, reference
+from tests.kernels.reference import METRIC, scaled_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_case(dtype: torch.dtype, device: str, q_lens: list[int], ctx_lens: list[int], *, kv_heads: list[int],
-             num_kv_heads: int = 8, group: int = 4, head_dim: int = 128, block_size: int = 16,
-             sink: int = 64, window: int = 256, seed: int = 0) -> None:
+def run_kernel(case: PrefillCase) -> torch.Tensor:
     from vllm_duo.ops import streaming_prefill
 
+    out = torch.full_like(case.q, float("nan"))  # poisoned: every row the kernel owns is written
+    streaming_prefill(case.q, case.k, case.v, out=out, **case.args())
+    return out
+
+
+def run_case(dtype: torch.dtype, device: str, q_lens: list[int], ctx_lens: list[int], *, kv_heads: list[int],
+             num_kv_heads: int = 8, group: int = 4, head_dim: int = 128, block_size: int = 16,
+             sink: int = 64, window: int = 256, seed: int = 0) -> tuple[float, float]:
+    """(scaled error, scaled error of an all-zeros output); asserts the first is <= 1."""
     case = make_prefill_case(q_lens, ctx_lens, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
                              kv_heads=kv_heads, block_size=block_size, sink=sink, window=window,
                              dtype=dtype, seed=seed, device=device)
-    out = torch.full_like(case.q, float("nan"))  # poisoned: every row the kernel owns is written
-    streaming_prefill(case.q, case.k, case.v, out=out, **case.args())
-    ref = reference(case, head_dim ** -0.5)
-    heads = [h for k in kv_heads for h in range(k * group, (k + 1) * group)]
+    out = run_kernel(case)
+    heads = case.heads
+    ref = reference(case, head_dim ** -0.5)[:, heads]
     others = [h for h in range(num_kv_heads * group) if h not in heads]
-    torch.testing.assert_close(out[:, heads].float(), ref[:, heads], atol=ATOL, rtol=RTOL)
     assert out[:, others].isnan().all(), "heads of other slots must be left untouched"
+    gap = scaled_error(out[:, heads], ref)
+    assert gap <= 1, f"streaming_prefill: scaled error {gap:.3g} > 1 ({METRIC})"
+    return gap, scaled_error(torch.zeros_like(ref), ref)
 
+
+COMPARES = "streaming_prefill vs float32 PyTorch reference"
 
 CPU_CASES = [
     dict(q_lens=[100], ctx_lens=[0], kv_heads=[1], num_kv_heads=2, group=2, head_dim=64, sink=20, window=50),
@@ -72,23 +84,53 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GP
     ([16384], [49152]),  # the last 16K chunk of a 64K prompt
     ([1000, 37, 2048, 5], [0, 3000, 70, 9000]),  # a ragged batch of chunks
 ])
-def test_gpu_against_reference(dtype, q_lens, ctx_lens) -> None:
+def test_gpu_against_reference(dtype, q_lens, ctx_lens, evidence) -> None:
     """Llama-3-8B's head layout (8 KV heads, GQA 4, head_dim 128), half the heads streaming."""
-    run_case(dtype, "cuda", q_lens, ctx_lens, kv_heads=[0, 2, 3, 7])
+    gap, zeros = run_case(dtype, "cuda", q_lens, ctx_lens, kv_heads=[0, 2, 3, 7])
+    evidence(COMPARES, METRIC, gap, "all-zeros output", zeros, label=f"{dtype} q {q_lens} ctx {ctx_lens}")
 
 
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("seed", range(12))
-def test_gpu_random(seed: int) -> None:
+def test_gpu_random(seed: int, evidence) -> None:
     """Random shapes: head_dim 64/128/256, GQA 1..8, block 16/32, sink/window not block-aligned."""
     rng = random.Random(seed)
     n = rng.randint(1, 5)
     num_kv_heads, group = rng.choice([(1, 1), (2, 4), (8, 4), (4, 8), (3, 3)])
     kv_heads = sorted(rng.sample(range(num_kv_heads), rng.randint(1, num_kv_heads)))
-    run_case(rng.choice([torch.bfloat16, torch.float16]), "cuda",
-             [rng.choice([1, rng.randint(2, 300), rng.randint(256, 6000)]) for _ in range(n)],
-             [rng.choice([0, rng.randint(1, 20000)]) for _ in range(n)], kv_heads=kv_heads,
-             num_kv_heads=num_kv_heads, group=group, head_dim=rng.choice([64, 128, 256]),
-             block_size=rng.choice([16, 32]), sink=rng.choice([0, 4, 64, 100]),
-             window=rng.choice([1, 100, 256, 1000, 4000]), seed=seed)
+    gap, zeros = run_case(rng.choice([torch.bfloat16, torch.float16]), "cuda",
+                          [rng.choice([1, rng.randint(2, 300), rng.randint(256, 6000)]) for _ in range(n)],
+                          [rng.choice([0, rng.randint(1, 20000)]) for _ in range(n)], kv_heads=kv_heads,
+                          num_kv_heads=num_kv_heads, group=group, head_dim=rng.choice([64, 128, 256]),
+                          block_size=rng.choice([16, 32]), sink=rng.choice([0, 4, 64, 100]),
+                          window=rng.choice([1, 100, 256, 1000, 4000]), seed=seed)
+    evidence(COMPARES, METRIC, gap, "all-zeros output", zeros, label=f"seed {seed}")
+
+
+def test_cpu_mutations_separate() -> None:
+    """By design: the reference of each mutated input differs beyond the tolerance."""
+    case = needle_case("cpu")
+    heads = case.heads
+    ref = reference(case, case.q.shape[2] ** -0.5)[:, heads]
+    gaps = {what: scaled_error(reference(wrong, case.q.shape[2] ** -0.5)[:, heads], ref)
+            for what, wrong in mutations(case).items()}
+    assert all(g > 1 for g in gaps.values()), gaps
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_wrong_kernel_inputs_are_rejected(dtype, evidence) -> None:
+    """Planted needles: the kernel agrees with the reference; the kernel run with the sink
+    dropped or one shorter, the window one shorter or longer, or one block skipped, is rejected."""
+    case = needle_case("cuda", dtype)
+    heads = case.heads
+    ref = reference(case, case.q.shape[2] ** -0.5)[:, heads]
+    gap = scaled_error(run_kernel(case)[:, heads], ref)
+    compares = COMPARES + ", planted needles, chunks behind 700..16000 cached tokens"
+    label = str(dtype).removeprefix("torch.")
+    evidence(compares, METRIC, gap, "all-zeros output", scaled_error(torch.zeros_like(ref), ref), label=label)
+    for what, wrong in mutations(case).items():
+        evidence(compares, METRIC, gap, f"kernel run with {what}",
+                 scaled_error(run_kernel(wrong)[:, heads], ref), label=label)

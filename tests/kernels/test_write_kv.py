@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from tests.kernels.reference import attended, check, make_case, run_op
+from tests.kernels.needles import needle_case
+from tests.kernels.reference import METRIC, attended, reference_decode, run_op, scaled_error
 from vllm_duo.ops import write_kv
 
 pytestmark = [pytest.mark.gpu,
@@ -15,7 +18,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cells(dtype: torch.dtype, head_dim: int) -> None:
+def test_cells(dtype: torch.dtype, head_dim: int, evidence) -> None:
     """K/V sliced from a fused QKV buffer; two mapping groups, -1 rows, a padding slot (ptr 0)."""
     T, H, HQ, bs, pool, D = 50, 4, 16, 16, 20, head_dim
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
@@ -31,46 +34,86 @@ def test_cells(dtype: torch.dtype, head_dim: int) -> None:
                                       device="cuda"),
              torch.tensor(heads, dtype=torch.int32, device="cuda"),
              torch.tensor(groups, dtype=torch.int32, device="cuda"), mappings)
+    written = [c.clone() for c in caches]
+    expect = [torch.full_like(c, float("nan")) for c in caches]
     for slot, (head, group) in enumerate(zip(heads, groups)):
-        rows = caches[slot].view(-1, 2 * D)
-        if head < 0:
-            assert rows.isnan().all()
-            continue
-        m = mappings[group, :T]
-        keep = m >= 0
-        assert torch.equal(rows[m[keep], :D], key[keep, head])
-        assert torch.equal(rows[m[keep], D:], value[keep, head])
-        assert int((~rows.isnan().all(dim=1)).sum()) == int(keep.sum())
+        if head >= 0:
+            m = mappings[group, :T]
+            keep = m >= 0
+            expect[slot].view(-1, 2 * D)[m[keep]] = torch.cat([key[keep, head], value[keep, head]], -1)
+    # The same check on a wrong kernel result: a token's row written to another (free) row, a row skipped.
+    slot, m = 0, mappings[groups[0], :T]
+    row, free = int(m[m >= 0][0]), sorted(set(range(pool * bs)) - set(m[m >= 0].tolist()))[0]
+    moved, skipped = [c.clone() for c in written], [c.clone() for c in written]
+    moved[slot].view(-1, 2 * D)[free] = moved[slot].view(-1, 2 * D)[row]
+    moved[slot].view(-1, 2 * D)[row] = float("nan")
+    skipped[slot].view(-1, 2 * D)[row] = float("nan")
+    metric = "cache rows not bit-equal to the expected cache (NaN = never written), all slots"
+    compares = "write_kv cells vs the K/V it was given"
+    gap = wrong_rows(written, expect)
+    evidence(compares, metric, gap, "a token written to a wrong row", wrong_rows(moved, expect),
+             tolerance=0, label=f"{dtype} D{head_dim}")
+    evidence(compares, metric, gap, "a row skipped", wrong_rows(skipped, expect), tolerance=0,
+             label=f"{dtype} D{head_dim}")
 
 
-def test_round_trip_through_decode() -> None:
-    """Write every attended key of a case into NaN caches, then decode against the reference."""
-    case = make_case([500, 1200, 0, 37, 300], num_kv_heads=4, group=4, head_dim=128,
-                     dtype=torch.bfloat16, block_size=16, streaming_heads=[True, False, True, False],
-                     pad_slots=1, seed=21)
-    D, num_slots = 128, len(case.kv_heads)
+def wrong_rows(caches: list[torch.Tensor], expect: list[torch.Tensor]) -> int:
+    """Rows of any slot that differ from the expected cache, bit for bit (NaN matches NaN)."""
+    bad = 0
+    for got, want in zip(caches, expect):
+        got, want = got.view(-1, got.shape[-1]), want.view(-1, want.shape[-1])
+        same = (got == want) | (got.isnan() & want.isnan())
+        bad += int((~same.all(-1)).sum())
+    return bad
+
+
+def test_round_trip_through_decode(evidence) -> None:
+    """Write every attended key of a planted-needle case (tests/kernels/needles.py, 4K keys) into
+    NaN caches, then decode against the reference; a write to a wrong row (the other sequence's)
+    or a skipped row (stale contents) on a needle must fail the same decode check."""
+    case = needle_case(4096, "cuda")
+    D, num_slots = case.q.shape[2], len(case.kv_heads)
     starts = torch.tensor([0] + case.lens).cumsum(0).tolist()
     T = starts[-1]
     key = torch.randn(T, case.num_kv_heads, D, device="cuda").to(torch.bfloat16)
     value = torch.randn_like(key)
     mappings = torch.full((num_slots, T), -1, dtype=torch.int64, device="cuda")
-    original = [None if c is None else c.clone() for c in case.caches]
+    original = [c.clone() for c in case.caches]
+    ref = reference_decode(case)
+    readable = replace(case, sink=case.sink + 1, window=case.window + 1)  # as needle_case built it
     for slot, head in enumerate(case.kv_heads):
-        if head < 0:
-            continue
         for i, L in enumerate(case.lens):
-            tokens = starts[i] + attended(L, case.streaming[slot], case.sink, case.window, "cuda")
-            rows = case.rows(slot, i)
+            tokens = starts[i] + attended(L, case.streaming[slot], readable.sink, readable.window, "cuda")
+            rows = readable.rows(slot, i)
             key[tokens, head] = original[slot].view(-1, 2 * D)[rows, :D]
             value[tokens, head] = original[slot].view(-1, 2 * D)[rows, D:]
             mappings[slot, tokens] = rows
         case.caches[slot].fill_(float("nan"))
-    write_kv(key, value, case.slots.kv_ptrs, case.slots.slot_kv_head,
-             torch.arange(num_slots, dtype=torch.int32, device="cuda"), mappings)
+
+    def write(maps: torch.Tensor) -> torch.Tensor:
+        write_kv(key, value, case.slots.kv_ptrs, case.slots.slot_kv_head,
+                 torch.arange(num_slots, dtype=torch.int32, device="cuda"), maps)
+        return run_op(case, max(case.lens))
+
+    gap = scaled_error(write(mappings), ref)
     for cache, orig in zip(case.caches, original):
-        if cache is not None:
-            torch.testing.assert_close(cache, orig, rtol=0, atol=0, equal_nan=True)
-    check(case, run_op(case, max(case.lens)))
+        torch.testing.assert_close(cache, orig, rtol=0, atol=0, equal_nan=True)
+    # Wrong writes of the newest token (a needle, slot 1 = retrieval): swapped with the other
+    # sequence's newest row, or skipped (its row keeps the stale contents another write left).
+    newest, other = starts[1] - 1, starts[2] - 1
+    swapped = mappings.clone()
+    swapped[1, [newest, other]] = mappings[1, [other, newest]]
+    compares = "write_kv then paged_decode vs float32 reference, planted needles"
+    evidence(compares, METRIC, gap, "newest token's row swapped with another sequence's",
+             scaled_error(write(swapped), ref))
+    for cache, orig in zip(case.caches, original):
+        cache.copy_(orig)
+    stale = int(mappings[1, newest - 1])
+    case.caches[1].view(-1, 2 * D)[int(mappings[1, newest])] = case.caches[1].view(-1, 2 * D)[stale]
+    skipped = mappings.clone()
+    skipped[1, newest] = -1
+    evidence(compares, METRIC, gap, "newest token's row skipped (stale contents)",
+             scaled_error(write(skipped), ref))
 
 
 def test_opcheck() -> None:
