@@ -20,11 +20,13 @@ from vllm_duo.eval.evidence import read_rows, summarize  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("jsonl", nargs="+", help="evidence JSONL files written by the GPU tests")
+    parser.add_argument("--command", help="the GPU command(s) that wrote the rows, when collected elsewhere")
     args = parser.parse_args()
     rows = [r for path in args.jsonl for r in read_rows(path)]
     figures = summarize(rows)
     devices = sorted({r["device"] for r in rows})
-    fname = save_result("evidence", {"rows": rows, **figures}, figures, device=", ".join(devices))
+    fname = save_result("evidence", {"rows": rows, **figures}, figures, device=", ".join(devices),
+                        command=args.command)
     bad = [r["test"] for r in rows if not (r["passed"] and r["separated"])]
     print(f"{fname}: {len(rows)} rows; failing or not separated: {bad or 'none'}")
 

@@ -22,16 +22,17 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any], device: str | None = None) -> str:
+def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any], device: str | None = None,
+                command: str | None = None) -> str:
     """Write results/<name>_<date>.json and merge ``figures`` into results/summary.json.
 
-    ``device``: where the figures were measured, when that is not this machine (results
-    collected here from the GPU machine's files)."""
+    ``device`` / ``command``: where and by what the figures were measured, when that is not this
+    machine and this process (results collected here from the GPU machine's files)."""
     os.makedirs(RESULTS, exist_ok=True)
     date = datetime.date.today().isoformat()
     device = device or device_name()
     fname = f"{name}_{date}.json"
-    payload = dict(payload, command=command_line(), device=device, date=date)
+    payload = dict(payload, command=command or command_line(), device=device, date=date)
     with open(os.path.join(RESULTS, fname), "w") as f:
         json.dump(payload, f, indent=2)
     summary_path = os.path.join(RESULTS, "summary.json")
