@@ -8,6 +8,11 @@ token); the summary figures are the first mode's, the others' go to ``extra``. W
 results/capacity_<date>.json (capacity_<modes>_<date>.json for other ``--modes``).
 
     python benchmarks/capacity.py [--patterns ../shared/patterns] [--max-model-len 65536] [--modes window rswa]
+
+``--admit``: capacity as it runs (vllm_duo/eval/admission.py): Llama-3-8B, FLASH_ATTN and duo at
+50 % (first mode), each submits floor(vLLM's max concurrency) 64K-token requests at once and the
+scheduler's count of requests decoding together is read; ``capacity_ratio_llama3_s050`` is then
+the ratio of those counts (results/capacity_admitted_<date>.json).
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--modes", nargs="+", default=["window", "rswa"], choices=["window", "rswa"])
+    ap.add_argument("--admit", action="store_true", help="admit the claimed requests and count them (Llama-3-8B, 50 %%)")
+    ap.add_argument("--decode-tokens", type=int, default=16, help="--admit: tokens each request decodes")
     args = ap.parse_args()
+    if args.admit:
+        return admitted(args)
     duo = [("llama3_duo_s050", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5),
            ("llama3_duo_s075", LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.75),
            ("llama2_duo_s075", LLAMA2_7B, "Llama-2-7B-32K-Instruct", 0.75)]
@@ -72,6 +81,34 @@ def main() -> None:
     name = "capacity" if args.modes == default_modes else "capacity_" + "_".join(args.modes)
     save_result(name, {"rows": rows, "figures": figures, "extra": extra, "modes": args.modes,
                              "max_model_len": args.max_model_len}, figures)
+
+
+def admitted(args: argparse.Namespace) -> None:
+    from vllm_duo.eval.engine_proc import run_job
+
+    prompt = args.max_model_len - args.decode_tokens
+    pattern = os.path.join(args.patterns, "Llama-3-8B-Instruct-Gradient-1048k")
+    engines = {"full": dict(attention_backend="FLASH_ATTN"),
+               "duo_s050": dict(attention_backend="duo", additional_config={"duo_attention": {
+                   "pattern": pattern, "sparsity": 0.5, "streaming_prefill": args.modes[0]}})}
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        model = write_model(os.path.join(d, "llama3"), LLAMA3_8B)
+        for name, engine in engines.items():
+            engine = dict(engine, load_format="dummy", skip_tokenizer_init=True, seed=0, enforce_eager=True,
+                          max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                          max_num_seqs=64, enable_prefix_caching=False)
+            rows[name] = run_job("vllm_duo.eval.admission:admit", dict(
+                model=model, engine=engine, prompt_tokens=prompt, decode_tokens=args.decode_tokens,
+                requests=None), timeout=1200)
+            print(name, rows[name], flush=True)
+    clean = all(r["preemptions"] == 0 and r["max_decoding_at_once"] == r["requests"] for r in rows.values())
+    ratio = round(rows["duo_s050"]["max_decoding_at_once"] / rows["full"]["max_decoding_at_once"], 3)
+    figures = {"capacity_ratio_llama3_s050": ratio} if clean else {}
+    print("admitted at once:", {k: r["max_decoding_at_once"] for k, r in rows.items()}, "ratio", ratio,
+          "" if clean else "(preempted or not all admitted: no summary figure)")
+    save_result("capacity_admitted", {"rows": rows, "ratio": ratio, "clean": clean, "prompt_tokens": prompt,
+                                      "mode": args.modes[0]}, figures)
 
 
 if __name__ == "__main__":

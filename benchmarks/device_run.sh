@@ -2,6 +2,8 @@
 # each under its own time limit, logs and results copied to $OUT. One device call, for example:
 #   bash benchmarks/device_run.sh kernels window-e2e reference
 # carry: [".devkit/bin", "vllm_duo/_C.abi3.so", ".patterns"]. A stage's failure does not stop the next.
+# On a machine with several GPUs, run one device_run per GPU at once, each with its own
+# CUDA_VISIBLE_DEVICES and OUT (it then frees only its own GPU between stages).
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS: extra soak_gpu.py flags.
@@ -19,8 +21,13 @@ left() { local l=$((BUDGET - SECONDS - 10)); echo $(( $1 < l ? $1 : l )); }
 gpu_test() { timeout "$(left "$1")" python -m pytest -q -s -m gpu -p no:cacheprovider "${@:2}"; }
 run_for() { timeout "$(left "$1")" "${@:2}"; }
 free_gpu() {  # a stage cut off by its time limit may leave engine processes holding GPU memory
-  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
-  pkill -9 -f "VLLM::|vllm.entrypoints|vllm_duo.eval.engine_proc" 2>/dev/null; sleep 2
+  if [ -n "$CUDA_VISIBLE_DEVICES" ]; then  # another device_run may own the other GPUs: only ours
+    nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+  else
+    nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+    pkill -9 -f "VLLM::|vllm.entrypoints|vllm_duo.eval.engine_proc" 2>/dev/null
+  fi
+  sleep 2
 }
 copy_results() {  # flat: the device drops nested folders under $OUT
   find benchmarks/results -type f -newer "$marker" -exec cp {} "$OUT/" \;
@@ -39,6 +46,7 @@ for stage in "$@"; do
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
     capacity) run_for 580 python benchmarks/capacity.py --patterns .patterns $CAPACITY_ARGS ;;
+    capacity-admit) run_for 580 python benchmarks/capacity.py --patterns .patterns --admit --modes window ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     soak) run_for 570 python benchmarks/soak_gpu.py $SOAK_ARGS ;;
     soak-fa) run_for 570 python benchmarks/soak_gpu.py --backend FLASH_ATTN $SOAK_ARGS ;;  # the re-run control

@@ -1,0 +1,55 @@
+"""Capacity as it runs: how many long requests the scheduler actually holds at once.
+
+vLLM's startup line ("Maximum concurrency for N tokens per request: X") is arithmetic over the
+KV pool. This job submits ``requests`` prompts of ``prompt_tokens`` distinct random tokens at
+once and steps the engine core in this process, recording the largest number of requests that
+are decoding at the same time (their whole prompt in the KV cache) and every preemption. A
+capacity of X requests is shown when floor(X) requests decode together with no preemption.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+
+def admit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Job (run through :func:`vllm_duo.eval.engine_proc.run_job`).
+
+    spec: model, engine (``LLM`` kwargs), prompt_tokens, decode_tokens, and requests (an int,
+    or None for floor of vLLM's own max concurrency figure).
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    from vllm import LLM, SamplingParams
+
+    from vllm_duo.eval.engine_proc import engine_log_figures
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    figures = engine_log_figures()
+    n = spec.get("requests") or int(figures["max_concurrency"])
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    preemptions = [0]
+    original = sched._preempt_request
+
+    def preempt(*args, **kwargs):
+        preemptions[0] += 1
+        return original(*args, **kwargs)
+
+    sched._preempt_request = preempt
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=spec["decode_tokens"], ignore_eos=True, detokenize=False)
+    for i in range(n):
+        prompt = [rng.randrange(1000, 30000) for _ in range(spec["prompt_tokens"])]
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    most_decoding, finished, t0 = 0, 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        finished += sum(o.finished for o in engine.step())
+        decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
+        most_decoding = max(most_decoding, decoding)
+    return {"requests": n, "max_decoding_at_once": most_decoding, "preemptions": preemptions[0],
+            "finished": finished, "seconds": round(time.perf_counter() - t0, 1),
+            "vllm_max_concurrency": figures.get("max_concurrency"),
+            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
