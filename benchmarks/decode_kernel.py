@@ -11,7 +11,8 @@ large device-to-device copy measured in the same run.
                                        [--streaming 0.5 0.75 0] [--repeats 30]
 
 Writes results/decode_kernel_<device>_<date>.json and the summary entries
-decode_kernel_ratio_64k_b16_s050 / _s075 (duo time / FA3 time).
+decode_kernel_ratio_64k_b16_s050 / _s075 / _s000 (duo time / FA3 time, the wrapper's own plan).
+``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def fa3_decode(ctx: int, batch: int, q: torch.Tensor, seq_lens: torch.Tensor) ->
 
 
 def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens: torch.Tensor,
-               sink: int, window: int) -> tuple[Callable[[], object], int]:
+               sink: int, window: int, partition_size: int | None = None) -> tuple[Callable[[], object], int]:
     """A timed duo call (one slot cache per KV head) and the KV bytes it must read."""
     from vllm_duo.ops import decode_slots, paged_decode
 
@@ -99,7 +100,7 @@ def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens
     # The slot tables hold raw addresses: the closure keeps the caches and block tables alive.
     def call(_keep: tuple = (caches, full, part)) -> torch.Tensor:
         return paged_decode(q, *slots, seq_lens, max_seq_len=ctx, num_kv_heads=HKV, block_size=BS,
-                            sink_size=sink, window=window)
+                            sink_size=sink, window=window, partition_size=partition_size)
     return call, batch * kv_tokens * TOKEN_BYTES
 
 
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between calls")
+    ap.add_argument("--partition-sizes", type=int, nargs="+", default=[0],
+                    help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_kernel: needs a CUDA GPU")
@@ -127,7 +130,7 @@ def main() -> None:
     flush = None if args.no_flush else torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"device: {device_name()}   copy bandwidth (read+write): {copy_gbps:.0f} GB/s")
     print(f"{'ctx':>7} {'batch':>5} {'strm':>5} {'duo us':>9} {'fa3 us':>9} {'duo/fa3':>8} "
-          f"{'duo GB/s':>9} {'%copy':>6} {'fa3 GB/s':>9} {'%copy':>6}")
+          f"{'duo GB/s':>9} {'%copy':>6} {'fa3 GB/s':>9} {'%copy':>6} {'part':>5}")
     rows, figures = [], {}
     for ctx in args.contexts:
         for batch in args.batches:
@@ -141,20 +144,21 @@ def main() -> None:
             fa3_us = time_us(fa3, args.repeats, args.warmup, flush) if fa3 else None
             fa3_gbps = (batch * ctx * HKV * TOKEN_BYTES + qo_bytes) / fa3_us / 1e3 if fa3_us else None
             del fa3  # free its cache before duo's
-            for s in args.streaming:
-                duo, kv_bytes = duo_decode(ctx, batch, s, q, seq_lens, args.sink, args.window)
+            for s, part in [(s, p) for s in args.streaming for p in args.partition_sizes]:
+                duo, kv_bytes = duo_decode(ctx, batch, s, q, seq_lens, args.sink, args.window, part or None)
                 duo_us = time_us(duo, args.repeats, args.warmup, flush)
                 del duo
                 duo_gbps = (kv_bytes + qo_bytes) / duo_us / 1e3
                 ratio = duo_us / fa3_us if fa3_us else None
-                rows.append(dict(context=ctx, batch=batch, streaming=s, duo_us=duo_us, fa3_us=fa3_us,
+                rows.append(dict(context=ctx, batch=batch, streaming=s, partition_size=part or "planned",
+                                 duo_us=duo_us, fa3_us=fa3_us,
                                  ratio_duo_over_fa3=ratio, duo_gbps=duo_gbps, fa3_gbps=fa3_gbps,
                                  duo_frac_of_copy=duo_gbps / copy_gbps,
                                  fa3_frac_of_copy=fa3_gbps / copy_gbps if fa3_gbps else None))
                 print(f"{ctx:>7} {batch:>5} {s:>5.2f} {duo_us:>9.1f} {_fmt(fa3_us, '9.1f')} "
                       f"{_fmt(ratio, '8.3f')} {duo_gbps:>9.0f} {duo_gbps / copy_gbps:>6.0%} "
-                      f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')}")
-                if ctx == 65536 and batch == 16 and s in (0.5, 0.75) and ratio is not None:
+                      f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')} {part or '-':>5}")
+                if ctx == 65536 and batch == 16 and not part and ratio is not None:
                     figures[f"decode_kernel_ratio_64k_b16_s{round(s * 100):03d}"] = ratio
             torch.cuda.empty_cache()
     slug = re.sub(r"[^a-z0-9]+", "_", device_name().lower()).strip("_")
