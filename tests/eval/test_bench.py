@@ -107,7 +107,7 @@ def test_figure_names():
 
 
 def test_cli_with_fake_runner(tmp_path, monkeypatch, pattern_llama3):
-    import benchmarks.summary as summary
+    from vllm_duo.eval import results as summary
     from vllm_duo.eval import engine_proc
 
     calls = []

@@ -62,7 +62,7 @@ def fake_engine(monkeypatch):
 
 
 def test_niah_grid_json_pngs_and_record(smol, fake_engine, tmp_path, monkeypatch):
-    import benchmarks.summary as summary
+    from vllm_duo.eval import results as summary
 
     monkeypatch.setattr(summary, "RESULTS", str(tmp_path / "results"))
     model, pattern = smol

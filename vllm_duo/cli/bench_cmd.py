@@ -16,19 +16,11 @@ import sys
 import tempfile
 from typing import Any
 
+from vllm_duo.cli.needs import require_cuda
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
 
-PATTERN_NAME = "Llama-3-8B-Instruct-Gradient-1048k"
-
-
-def _pattern_candidates() -> list[str]:
-    """$VLLM_DUO_PATTERNS, ./.patterns (carried to the GPU machine), ../shared/patterns."""
-    from vllm_duo.eval.engine_proc import ROOT
-
-    roots = [os.environ.get("VLLM_DUO_PATTERNS"), ".patterns", os.path.join(ROOT, ".patterns"),
-             os.path.join(os.path.dirname(ROOT), "shared", "patterns")]
-    return [os.path.join(r, PATTERN_NAME) for r in roots if r]
+PATTERN_NAME = "Llama-3-8B-Instruct-Gradient-1048k"  # built-in
 
 
 def parse_parts(values: list[str]) -> str:
@@ -45,9 +37,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=["abc"], metavar="PART", help="parts to run: a, b, c (default all)")
     p.add_argument("--methods", nargs="+", default=["full", "duo"], choices=["full", "duo"])
-    p.add_argument("--pattern", default=None,
-                   help=f"duo pattern (default: {PATTERN_NAME} under $VLLM_DUO_PATTERNS, ./.patterns "
-                        f"or ../shared/patterns)")
+    p.add_argument("--pattern", default=PATTERN_NAME,
+                   help=f"duo pattern: built-in name or folder (default: built-in {PATTERN_NAME})")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
@@ -136,12 +127,9 @@ def run(args: argparse.Namespace) -> int:
     from vllm_duo.eval.bench_plot import plot_bench
     from vllm_duo.eval.results import default_out, record, write_json
 
+    require_cuda("vllm-duo bench")
     parts = parse_parts(args.only)
     pattern = args.pattern
-    if "duo" in args.methods and pattern is None:
-        pattern = next((p for p in _pattern_candidates() if os.path.isdir(p)), None)
-        if pattern is None:
-            raise DuoConfigError(f"no {PATTERN_NAME} pattern found at {_pattern_candidates()}; pass --pattern")
     methods = expand_methods(args.methods, pattern=pattern, sparsities=[args.sparsity], sink=args.sink,
                              recent=args.recent, streaming_prefill=args.streaming_prefill)
     if pattern and "duo" in args.methods:

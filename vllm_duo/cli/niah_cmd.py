@@ -14,15 +14,24 @@ import sys
 import time
 from typing import Any
 
+from vllm_duo.cli.needs import require_cuda, require_model_dir
+from vllm_duo.builtin_patterns import pick_builtin
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.eval.niah import DEFAULT_MODEL
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
 
-DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("niah", help="passkey needle-in-a-haystack grid (GPU)", description=__doc__,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsShown)
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder (weights + tokenizer)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1000 * i for i in range(1, 9)],
                    help="context lengths in tokens (whole prompt)")
@@ -31,7 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=1, help="prompts (different pass keys) per cell")
     p.add_argument("--methods", nargs="+", default=["full", "duo", "streaming"],
                    choices=["full", "duo", "streaming"])
-    p.add_argument("--pattern", default=None, help="duo head pattern for this model (folder or TSV)")
+    p.add_argument("--pattern", default=None,
+                   help="duo head pattern: built-in name, folder or TSV (default: the built-in pattern "
+                        "whose model name and shape match --model)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75],
                    help="duo sparsities (fraction of streaming heads); one method each")
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
@@ -50,7 +61,8 @@ def add_parser(sub) -> None:
                    help="skip torch.compile/CUDA graphs (faster start; accuracy is unaffected)")
     p.add_argument("--out", default=None, help="output folder (default $OUT/niah or ./niah_out)")
     p.add_argument("--record", default=None, metavar="FIGURE",
-                   help="also save via benchmarks/summary.save_result as figure FIGURE (e.g. niah_smollm2)")
+                   help="also record the accuracies as figure FIGURE in benchmarks/results/summary.json "
+                        "(e.g. niah_smollm2)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per engine")
     p.add_argument("--quiet", action="store_true", help="do not echo engine logs (they still go to --out)")
     p.set_defaults(func=run)
@@ -71,23 +83,21 @@ def _check_grid(args: argparse.Namespace, max_positions: int) -> None:
                              f"lower --lengths")
 
 
-def build_prompts(builder, lengths: list[int], depths: list[float], samples: int, seed: int) -> list:
-    from vllm_duo.eval.niah import passkey_for
-
-    return [(s, builder.build(n, d, passkey_for(seed, n, d, s)))
-            for n in lengths for d in depths for s in range(samples)]
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vllm_duo.eval.engine_proc import EngineJobError, run_job
     from vllm_duo.eval.methods import check_pattern, expand_methods, model_shape
-    from vllm_duo.eval.niah import HFCodec, PromptBuilder, cell_record, grid_summary, plot_grid
+    from vllm_duo.eval.niah import HFCodec, cell_record, grid_prompts, grid_summary, plot_grid
     from vllm_duo.eval.results import default_out, record, write_json
 
+    require_cuda("vllm-duo niah")
+    require_model_dir(args.model)
     layers, kv_heads, max_positions = model_shape(args.model)
     _check_grid(args, max_positions)
+    if "duo" in args.methods and args.pattern is None:
+        args.pattern = pick_builtin([args.model], layers, kv_heads, "pass --pattern NAME_OR_FOLDER").name
+        print(f"niah: no --pattern; using the built-in {args.pattern} (model name and shape match)")
     methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
                              recent=args.recent, prefill_recent=args.prefill_recent,
                              streaming_prefill=args.streaming_prefill)
@@ -98,9 +108,7 @@ def run(args: argparse.Namespace) -> int:
     log_path = os.path.join(out_dir, "niah.log")
 
     codec = HFCodec(args.model)
-    chat = codec.chat_wrap() if args.chat_template == "on" else None
-    builder = PromptBuilder(codec, chat=chat, prefix=[] if chat else codec.special_prefix())
-    prompts = build_prompts(builder, args.lengths, args.depths, args.samples, args.seed)
+    prompts = grid_prompts(codec, args.chat_template == "on", args.lengths, args.depths, args.samples, args.seed)
     print(f"niah: {len(prompts)} prompts ({len(args.lengths)} lengths x {len(args.depths)} depths x "
           f"{args.samples}), methods {[m.name for m in methods]}, out {out_dir}", flush=True)
 
