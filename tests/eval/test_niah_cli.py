@@ -41,6 +41,7 @@ def smol(tmp_path):
 
 @pytest.fixture
 def fake_engine(monkeypatch):
+    from vllm_duo.cli import needs
     from vllm_duo.eval import engine_proc, niah
 
     calls = []
@@ -57,6 +58,7 @@ def fake_engine(monkeypatch):
         return {"tokens": out, "generate_seconds": 0.1}
 
     monkeypatch.setattr(engine_proc, "run_job", run_job)
+    monkeypatch.setattr(needs, "cuda_devices", lambda: 1)
     monkeypatch.setattr(niah, "HFCodec", FakeHFCodec)
     return calls
 

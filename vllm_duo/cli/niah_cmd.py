@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
-from vllm_duo.cli.needs import require_cuda, require_model_dir
 from vllm_duo.builtin_patterns import pick_builtin
+from vllm_duo.cli.needs import require_cuda, require_model_dir
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.eval.niah import DEFAULT_MODEL
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
@@ -84,11 +83,9 @@ def _check_grid(args: argparse.Namespace, max_positions: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from vllm_duo.eval.engine_proc import EngineJobError, run_job
     from vllm_duo.eval.methods import check_pattern, expand_methods, model_shape
-    from vllm_duo.eval.niah import HFCodec, cell_record, grid_prompts, grid_summary, plot_grid
+    from vllm_duo.eval.niah import HFCodec, grid_prompts
+    from vllm_duo.eval.niah_run import run_methods
     from vllm_duo.eval.results import default_out, record, write_json
 
     require_cuda("vllm-duo niah")
@@ -115,30 +112,10 @@ def run(args: argparse.Namespace) -> int:
     engine_base = dict(max_model_len=max(args.lengths) + args.max_tokens, seed=0,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                        enforce_eager=args.enforce_eager, enable_prefix_caching=False)
-    results: dict[str, Any] = {}
-    for m in tqdm(methods, desc="niah methods", unit="engine"):
-        engine = dict(engine_base, **m.engine_kwargs())
-        spec = dict(model=args.model, engine=engine, prompts=[p.ids for _, p in prompts],
-                    max_tokens=args.max_tokens, use_tqdm=True)
-        t0 = time.perf_counter()
-        try:
-            res = run_job("vllm_duo.eval.engine_proc:generate", spec, log_path=log_path, echo=not args.quiet,
-                          timeout=args.timeout, header=f"niah {m.name}")
-        except EngineJobError as e:
-            tqdm.write(f"niah: {m.name} failed: {str(e)[-1500:]}", file=sys.stderr)
-            results[m.name] = {"engine": engine, "error": str(e)[-4000:]}
-            continue
-        cells = [cell_record(p, s, codec.decode(toks)) for (s, p), toks in zip(prompts, res["tokens"])]
-        summary = grid_summary(cells, args.lengths, args.depths)
-        png = os.path.join(out_dir, f"niah_{m.name}.png")
-        plot_grid(summary["grid"], args.lengths, args.depths, png,
-                  f"{m.name}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['total']})\n"
-                  f"{os.path.basename(os.path.normpath(args.model))}, sink {args.sink}, recent {args.recent}")
-        results[m.name] = dict(summary, engine=engine, seconds=round(time.perf_counter() - t0, 1),
-                               generate_seconds=res.get("generate_seconds"), png=os.path.basename(png),
-                               cells=cells)
-        tqdm.write(f"niah: {m.name}: accuracy {summary['accuracy']:.1%}")
-
+    results = run_methods(args.model, methods, prompts, codec, args.lengths, args.depths, engine_base,
+                          max_tokens=args.max_tokens, out_dir=out_dir, log_path=log_path, echo=not args.quiet,
+                          timeout=args.timeout, caption=f"{os.path.basename(os.path.normpath(args.model))}, "
+                                                        f"sink {args.sink}, recent {args.recent}")
     payload = {
         "model": args.model, "lengths": args.lengths, "depths": args.depths, "samples": args.samples,
         "chat_template": args.chat_template, "sink": args.sink, "recent": args.recent,
