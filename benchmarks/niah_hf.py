@@ -22,12 +22,13 @@ import sys
 import torch
 from tqdm import tqdm
 
-from vllm_duo.errors import DuoConfigError
-from vllm_duo.eval.hf_duo import DuoSemantics
-from vllm_duo.eval.methods import expand_methods, model_shape
-from vllm_duo.eval.niah import DEFAULT_MODEL, HFCodec, cell_record, grid_prompts, grid_summary
-from vllm_duo.eval.results import save_result
-from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, parse_options, resolve_options
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
+from vllm_duo.errors import DuoConfigError  # noqa: E402
+from vllm_duo.eval.hf_duo import DuoSemantics  # noqa: E402
+from vllm_duo.eval.methods import expand_methods, model_shape  # noqa: E402
+from vllm_duo.eval.niah import DEFAULT_MODEL, HFCodec, cell_record, grid_prompts, grid_summary  # noqa: E402
+from vllm_duo.eval.results import save_result  # noqa: E402
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, parse_options, resolve_options  # noqa: E402
 
 
 def main() -> None:

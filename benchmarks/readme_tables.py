@@ -9,9 +9,10 @@ import argparse
 import os
 import sys
 
-from vllm_duo.eval.readme_tables import render, tables
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's package
+
+from vllm_duo.eval.readme_tables import render, tables  # noqa: E402
 
 
 def main() -> int:
