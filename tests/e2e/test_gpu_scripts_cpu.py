@@ -357,11 +357,11 @@ def test_niah_hf_names_a_missing_model(tmp_path):
 
 
 @pytest.mark.parametrize("argv,needs", [
-    (["-m", "vllm_duo.cli.main", "bench"], "vllm-duo bench needs an NVIDIA GPU"),
-    (["-m", "vllm_duo.cli.main", "niah", "--model", "/no/such/model"], "vllm-duo niah needs an NVIDIA GPU"),
-    (["examples/offline_dummy.py"], "offline_dummy.py needs an NVIDIA GPU"),
-    (["examples/serve_smollm2.py", "--model", "/no/such/model"], "serve_smollm2.py needs an NVIDIA GPU"),
-    (["examples/ray_tp.py"], "ray_tp.py needs 2 NVIDIA GPUs"),
+    (["-m", "vllm_duo.cli.main", "bench"], "vllm-duo bench: error: needs an NVIDIA GPU"),
+    (["-m", "vllm_duo.cli.main", "niah", "--model", "/no/such/model"], "vllm-duo niah: error: needs an NVIDIA GPU"),
+    (["examples/offline_dummy.py"], "offline_dummy.py: error: needs an NVIDIA GPU"),
+    (["examples/serve_smollm2.py", "--model", "/no/such/model"], "serve_smollm2.py: error: needs an NVIDIA GPU"),
+    (["examples/ray_tp.py"], "ray_tp.py: error: needs 2 NVIDIA GPUs"),
 ])
 def test_gpu_only_tools_say_so_in_one_line(argv, needs):
     """No GPU visible: one line on stderr, exit code 2, no vLLM traceback."""

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_duo.eval.methods import check_pattern, expand_methods
     from vllm_duo.eval.results import default_out, record, write_json
 
-    require_cuda("vllm-duo bench")
+    require_cuda()
     parts = parse_parts(args.only)
     pattern = args.pattern
     methods = expand_methods(args.methods, pattern=pattern, sparsities=[args.sparsity], sink=args.sink,

@@ -15,10 +15,11 @@ def cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def require_cuda(what: str, gpus: int = 1) -> None:
+def require_cuda(gpus: int = 1) -> None:
+    """Callers prefix the tool's name ("vllm-duo bench: error: needs ...")."""
     if (seen := cuda_devices()) < gpus:
         need = "an NVIDIA GPU with CUDA" if gpus == 1 else f"{gpus} NVIDIA GPUs with CUDA"
-        raise DuoConfigError(f"{what} needs {need}, and {seen or 'none'} {'is' if seen < 2 else 'are'} "
+        raise DuoConfigError(f"needs {need}, and {seen or 'none'} {'is' if seen < 2 else 'are'} "
                              f"visible; run it on a machine that has {'one' if gpus == 1 else 'them'}")
 
 
@@ -32,7 +33,7 @@ def require_model_dir(path: str, flag: str = "--model") -> None:
 def preflight(prog: str, *, model_dir: str | None = None, flag: str = "--model", gpus: int = 1) -> None:
     """For scripts: the CUDA (and model folder) checks, printed as one line with exit code 2."""
     try:
-        require_cuda(prog, gpus)
+        require_cuda(gpus)
         if model_dir is not None:
             require_model_dir(model_dir, flag)
     except DuoConfigError as e:

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_duo.eval.niah_run import run_methods
     from vllm_duo.eval.results import default_out, record, write_json
 
-    require_cuda("vllm-duo niah")
+    require_cuda()
     require_model_dir(args.model)
     layers, kv_heads, max_positions = model_shape(args.model)
     _check_grid(args, max_positions)
