@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.selection import BACKEND_PATH, is_duo_backend_selected  # noqa: F401 (re-exported)
+from vllm_duo.selection import BACKEND_PATH
 
 logger = logging.getLogger(__name__)
 
