@@ -1,4 +1,4 @@
-"""Regenerate README.md's results and evidence tables from benchmarks/results (``--check``: only compare).
+"""Regenerate the tables of README.md and docs/results.md from benchmarks/results (``--check``: only compare).
 
     python benchmarks/readme_tables.py [--check]
 """
@@ -17,19 +17,24 @@ from vllm_duo.eval.readme_tables import render, tables  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if README.md's tables are stale")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a table is stale")
     args = ap.parse_args()
-    path = os.path.join(ROOT, "README.md")
-    with open(path) as f:
-        old = f.read()
-    new = render(old, tables(os.path.join(ROOT, "benchmarks", "results")))
+    stale = []
+    for name, generated in tables(os.path.join(ROOT, "benchmarks", "results")).items():
+        path = os.path.join(ROOT, name)
+        with open(path) as f:
+            old = f.read()
+        new = render(old, generated)
+        if new != old:
+            stale.append(name)
+            if not args.check:
+                with open(path, "w") as f:
+                    f.write(new)
     if args.check:
-        print("README tables up to date" if new == old else "README tables are stale: run "
-              "python benchmarks/readme_tables.py", file=sys.stderr if new != old else sys.stdout)
-        return int(new != old)
-    with open(path, "w") as f:
-        f.write(new)
-    print(f"wrote {path}")
+        print(f"stale tables in {stale}: run python benchmarks/readme_tables.py" if stale else "tables up to date",
+              file=sys.stderr if stale else sys.stdout)
+        return int(bool(stale))
+    print(f"wrote {stale or 'nothing (up to date)'}")
     return 0
 
 

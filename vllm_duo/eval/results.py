@@ -51,13 +51,18 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any]) -> str:
-    """Write ``RESULTS/<name>_<date>.json`` and merge ``figures`` into ``RESULTS/summary.json``."""
+def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any], device: str | None = None,
+                command: str | None = None) -> str:
+    """Write ``RESULTS/<name>_<date>.json`` and merge ``figures`` into ``RESULTS/summary.json``.
+
+    ``device`` / ``command``: where and by what the figures were measured, when that is not this
+    machine and this process (results collected here from the GPU machine's files).
+    """
     os.makedirs(RESULTS, exist_ok=True)
     date = datetime.date.today().isoformat()
-    device = device_name()
+    device = device or device_name()
     fname = f"{name}_{date}.json"
-    payload = dict(payload, command=command_line(), device=device, date=date)
+    payload = dict(payload, command=command or command_line(), device=device, date=date)
     write_json(os.path.join(RESULTS, fname), payload)
     summary_path = os.path.join(RESULTS, "summary.json")
     summary = read_summary(summary_path)
