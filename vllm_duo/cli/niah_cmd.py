@@ -44,8 +44,8 @@ def add_parser(sub) -> None:
                         "whose model name and shape match --model)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75],
                    help="duo sparsities (fraction of streaming heads); one method each")
-    p.add_argument("--sink", type=int, default=DEFAULT_SINK)
-    p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK, help="sink tokens of streaming heads")
+    p.add_argument("--recent", type=int, default=DEFAULT_RECENT, help="recent window of streaming heads")
     p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
                    help="duo's streaming-head prefill kernel (default: the option's default, 'window')")
     p.add_argument("--prefill-recent", type=int, default=None,
