@@ -62,6 +62,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_duo", "vllm_duo.*"]),
+    # Built-in head patterns (TSV + config.json per model) and DuoAttention's MIT notice.
+    package_data={"vllm_duo": ["pattern_data/LICENSE.duo-attention", "pattern_data/*/config.json",
+                               "pattern_data/*/full_attention_heads.tsv"]},
     install_requires=["vllm==0.26.0", "torch==2.11.0", "numpy", "matplotlib", "tqdm"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],

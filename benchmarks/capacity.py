@@ -7,7 +7,9 @@ and the maximum concurrency of 64K-token requests. Duo runs once per ``--modes``
 token); the summary figures are the first mode's, the others' go to ``extra``. Writes
 results/capacity_<date>.json (capacity_<modes>_<date>.json for other ``--modes``).
 
-    python benchmarks/capacity.py [--patterns ../shared/patterns] [--max-model-len 65536] [--modes window rswa]
+    python benchmarks/capacity.py [--max-model-len 65536] [--modes window rswa] [--admit]
+
+Patterns: the built-in Llama-3-8B-Instruct-Gradient-1048k and Llama-2-7B-32K-Instruct.
 
 ``--admit``: capacity as it runs (vllm_duo/eval/admission.py): Llama-3-8B, FLASH_ATTN and duo at
 50 % (first mode), each submits floor(vLLM's max concurrency) 64K-token requests at once and the
@@ -33,7 +35,6 @@ LLAMA2_7B = dict(LLAMA3_8B, hidden_size=4096, intermediate_size=11008, num_key_v
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patterns", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "patterns"))
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--modes", nargs="+", default=["window", "rswa"], choices=["window", "rswa"])
@@ -56,7 +57,7 @@ def main() -> None:
                           max_num_seqs=64, enforce_eager=True)
             if pattern:
                 engine.update(attention_backend="duo", additional_config={"duo_attention": {
-                    "pattern": os.path.join(args.patterns, pattern), "sparsity": sparsity,
+                    "pattern": pattern, "sparsity": sparsity,
                     "streaming_prefill": mode}})
             else:
                 engine.update(attention_backend="FLASH_ATTN")
@@ -87,7 +88,7 @@ def admitted(args: argparse.Namespace) -> None:
     from vllm_duo.eval.engine_proc import run_job
 
     prompt = args.max_model_len - args.decode_tokens
-    pattern = os.path.join(args.patterns, "Llama-3-8B-Instruct-Gradient-1048k")
+    pattern = "Llama-3-8B-Instruct-Gradient-1048k"  # built in
     engines = {"full": dict(attention_backend="FLASH_ATTN"),
                "duo_s050": dict(attention_backend="duo", additional_config={"duo_attention": {
                    "pattern": pattern, "sparsity": 0.5, "streaming_prefill": args.modes[0]}})}

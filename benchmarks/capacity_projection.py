@@ -76,7 +76,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measured", default=os.path.join(RESULTS, "capacity_2026-11-23.json"),
                     help="a benchmarks/capacity.py JSON (FLASH_ATTN's measured block counts)")
-    ap.add_argument("--patterns", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "patterns"))
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="LLM's default on an H100")
     ap.add_argument("--no-async", action="store_true", help="without async scheduling (one batch in flight)")
@@ -91,7 +90,7 @@ def main() -> None:
             with open(os.path.join(model_dir, "config.json"), "w") as f:
                 json.dump(cfg, f)
             rows[name] = project(model_dir, cfg, measured["rows"][full_row]["num_gpu_blocks"],
-                                 os.path.join(args.patterns, pattern), sparsity, args)
+                                 pattern, sparsity, args)  # built-in pattern names
             r = rows[name]
             print(f"{name}: FLASH_ATTN {r['flash_attn']['max_concurrency']} x 64K; duo rswa "
                   f"{r['rswa']['max_concurrency']} ({r['rswa']['ratio']}x), window "

@@ -1,7 +1,7 @@
 # Run named GPU stages on the device machine (after ../shared/devkit's device-install calls),
 # each under its own time limit, logs and results copied to $OUT. One device call, for example:
-#   bash benchmarks/device_run.sh kernels window-e2e reference
-# carry: [".devkit/bin", "vllm_duo/_C.abi3.so", ".patterns"]. A stage's failure does not stop the next.
+#   bash benchmarks/device_run.sh kernels agreement
+# carry: [".devkit/bin", "vllm_duo/_C.abi3.so"] (patterns are built into the package). A stage's failure does not stop the next.
 # On a machine with several GPUs, run one device_run per GPU at once, each with its own
 # CUDA_VISIBLE_DEVICES and OUT (it then frees only its own GPU between stages).
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
@@ -45,13 +45,13 @@ for stage in "$@"; do
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
-    capacity) run_for 580 python benchmarks/capacity.py --patterns .patterns $CAPACITY_ARGS ;;
-    capacity-admit) run_for 580 python benchmarks/capacity.py --patterns .patterns --admit --modes window ;;
+    capacity) run_for 580 python benchmarks/capacity.py $CAPACITY_ARGS ;;
+    capacity-admit) run_for 580 python benchmarks/capacity.py --admit --modes window ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     soak) run_for 570 python benchmarks/soak_gpu.py $SOAK_ARGS ;;
     soak-fa) run_for 570 python benchmarks/soak_gpu.py --backend FLASH_ATTN $SOAK_ARGS ;;  # the re-run control
     load) run_for 570 python benchmarks/server_load.py ;;
-    niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern patterns/smollm2-135m-instruct --samples 2 \
+    niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
       --record niah_smollm2 --out "$OUT" --quiet ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
     *) echo "unknown stage $stage" ;;

@@ -7,7 +7,7 @@ with DuoAttention's semantics applied in HF (``duo`` at each --sparsity, ``strea
 vllm_duo/eval/hf_duo.py), greedy, float32. The engine's grid should come out close to this one.
 
     python benchmarks/niah_hf.py --model /tmp/models/smollm2-135m-instruct [--chat-template on] \
-        [--methods full duo streaming --pattern patterns/smollm2-135m-instruct]
+        [--methods full duo streaming --pattern smollm2-135m-instruct]
 
 Writes benchmarks/results/niah_hf_<plain|chat>[_<methods>]_<date>.json (no summary figure: engine
 figures go there). On 2 CPU cores a 7K-token prompt takes about 23 s with full attention.
@@ -22,13 +22,12 @@ import sys
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.summary import save_result  # noqa: E402
-from vllm_duo.cli.niah_cmd import DEFAULT_MODEL, build_prompts  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
 from vllm_duo.errors import DuoConfigError  # noqa: E402
 from vllm_duo.eval.hf_duo import DuoSemantics  # noqa: E402
 from vllm_duo.eval.methods import expand_methods, model_shape  # noqa: E402
-from vllm_duo.eval.niah import HFCodec, PromptBuilder, cell_record, grid_summary  # noqa: E402
+from vllm_duo.eval.niah import DEFAULT_MODEL, HFCodec, cell_record, grid_prompts, grid_summary  # noqa: E402
+from vllm_duo.eval.results import save_result  # noqa: E402
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, parse_options, resolve_options  # noqa: E402
 
 
@@ -42,7 +41,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="pass-key seed")
     ap.add_argument("--methods", nargs="+", default=["full"], choices=["full", "duo", "streaming"])
-    ap.add_argument("--pattern", default=None, help="duo head pattern for this model (folder or TSV)")
+    ap.add_argument("--pattern", default=None, help="duo head pattern for this model (built-in name, folder or TSV)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--sink", type=int, default=DEFAULT_SINK)
     ap.add_argument("--recent", type=int, default=DEFAULT_RECENT)
@@ -61,9 +60,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     codec = HFCodec(args.model)
-    chat = codec.chat_wrap() if args.chat_template == "on" else None
-    builder = PromptBuilder(codec, chat=chat, prefix=[] if chat else codec.special_prefix())
-    prompts = build_prompts(builder, args.lengths, args.depths, args.samples, args.seed)
+    prompts = grid_prompts(codec, args.chat_template == "on", args.lengths, args.depths, args.samples, args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for method in methods:
@@ -88,7 +85,7 @@ def main() -> None:
                    recent=args.recent, pattern=args.pattern,
                    grid_layout="grid[depth index][length index] = fraction correct",
                    accuracy={k: v["accuracy"] for k, v in results.items()}, methods=results)
-    name = f"niah_hf_{'chat' if chat else 'plain'}"
+    name = f"niah_hf_{'chat' if args.chat_template == 'on' else 'plain'}"
     if args.methods != ["full"]:
         name += "_" + "_".join(args.methods)
     fname = save_result(name, payload, {})

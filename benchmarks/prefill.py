@@ -44,9 +44,7 @@ from benchmarks.summary import RESULTS, device_name, save_result  # noqa: E402
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
 G = HQ // HKV
-PATTERN = "Llama-3-8B-Instruct-Gradient-1048k"
-PATTERN_DIRS = (os.path.join(ROOT, ".patterns", PATTERN),  # carried to the GPU machine
-                os.path.normpath(os.path.join(ROOT, "..", "shared", "patterns", PATTERN)))
+PATTERN = "Llama-3-8B-Instruct-Gradient-1048k"  # built-in
 
 
 # ---------------------------------------------------------------------------- attention layer
@@ -246,9 +244,7 @@ def model_part(args) -> tuple[list[dict], dict[str, float]]:
 
     from vllm_duo.eval.engine_proc import EngineJobError, run_job, write_model
 
-    pattern = args.pattern or next((p for p in PATTERN_DIRS if os.path.isdir(p)), None)
-    if pattern is None:
-        sys.exit(f"prefill: pattern {PATTERN} not found in {PATTERN_DIRS}; pass --pattern")
+    pattern = args.pattern or PATTERN
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 100000) for _ in range(L)] for L in args.lengths]
     warmup = [rng.randrange(1000, 100000) for _ in range(2048)]
@@ -329,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="model: max_num_batched_tokens values, 'default' or 'unchunked'")
     ap.add_argument("--streaming-prefill", choices=["window", "rswa"], default="window",
                     help="model: duo's streaming-head prefill path (rswa is O(context): slow at 128K)")
-    ap.add_argument("--pattern", help=f"model: pattern folder (default: {' or '.join(PATTERN_DIRS)})")
+    ap.add_argument("--pattern", help=f"model: built-in pattern name or folder (default: {PATTERN})")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--compile", action="store_true", help="model: torch.compile + CUDA graphs "
                     "(default eager: startup in seconds; prefill is GEMM/attention bound)")

@@ -12,6 +12,8 @@ import tempfile
 
 import numpy as np
 
+from vllm_duo.cli.needs import preflight
+
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
     "intermediate_size": 1024, "num_attention_heads": 8, "num_hidden_layers": 4,
@@ -25,6 +27,7 @@ def main() -> None:
     ap.add_argument("--pattern", default="mixed", choices=["full", "streaming", "mixed"])
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
     args = ap.parse_args()
+    preflight("offline_dummy.py")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -3,8 +3,7 @@
     python examples/ray_tp.py [--model HF_FOLDER] [--pattern PATTERN_FOLDER] [--sparsity 0.5] [--tp 2] [--pp 1]
 
 Without ``--model`` it writes a Llama-3-8B-shaped config.json and uses dummy weights (token-id
-prompts, no tokenizer). The pattern defaults to Llama-3-8B-Instruct-Gradient-1048k under
-``$VLLM_DUO_PATTERNS``, else ``../shared/patterns``, else ``./.patterns``. The front process
+prompts, no tokenizer). The pattern defaults to the built-in Llama-3-8B-Instruct-Gradient-1048k. The front process
 resolves the pattern into a mask inside the config, so Ray workers never read the file.
 Run ``python -m ray.scripts.scripts stop --force`` (``ray stop --force``) before starting
 another engine on the same machine.
@@ -19,25 +18,17 @@ import tempfile
 
 import numpy as np
 
+from vllm_duo.cli.needs import preflight
 from vllm_duo.eval.engine_proc import LLAMA3_8B
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def default_pattern() -> str:
-    roots = [os.environ.get("VLLM_DUO_PATTERNS"), os.path.join(ROOT, "..", "shared", "patterns"),
-             os.path.join(ROOT, ".patterns")]
-    for root in filter(None, roots):
-        path = os.path.join(root, "Llama-3-8B-Instruct-Gradient-1048k")
-        if os.path.isdir(path):
-            return os.path.abspath(path)
-    raise SystemExit("no Llama-3-8B pattern found; pass --pattern or set VLLM_DUO_PATTERNS")
+DEFAULT_PATTERN = "Llama-3-8B-Instruct-Gradient-1048k"  # built-in
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model folder (default: dummy Llama-3-8B shape)")
-    ap.add_argument("--pattern", help="DuoAttention pattern folder or TSV")
+    ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="built-in pattern name, folder or TSV "
+                    f"(default {DEFAULT_PATTERN})")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--tp", type=int, default=2, help="tensor_parallel_size")
     ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
@@ -47,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    preflight("ray_tp.py", model_dir=args.model, gpus=args.tp * args.pp)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -56,7 +48,7 @@ def main() -> None:
         with open(os.path.join(model, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
     llm = LLM(model, attention_backend="duo",
-              additional_config={"duo_attention": {"pattern": args.pattern or default_pattern(),
+              additional_config={"duo_attention": {"pattern": args.pattern,
                                                    "sparsity": args.sparsity}},
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
               distributed_executor_backend="ray", max_model_len=16384, seed=0,

@@ -1,12 +1,10 @@
 """Serve SmolLM2-135M-Instruct with the duo backend (OpenAI-compatible HTTP server).
 
-    python examples/serve_smollm2.py [--pattern PATH|full|streaming] [--sparsity 0.5] [--port 8000]
+    python examples/serve_smollm2.py [--model DIR] [--pattern NAME|PATH|full|streaming] [--sparsity 0.5] [--port 8000]
                                      [--retrieval-mask MASK.json] [--print-only] [-- more vllm serve args]
 
-Pattern: ``--pattern``, else ``patterns/smollm2-135m-instruct/`` (identified with ``vllm-duo
-identify``) when that folder exists, else a seeded random retrieval mask with ``--sparsity``
-streaming heads (that shows the plumbing, not DuoAttention's accuracy).
-``--retrieval-mask`` takes a JSON file holding [[0 or 1] * 3 KV heads] * 30 layers (1 = retrieval).
+Pattern: ``--pattern``, else the built-in ``smollm2-135m-instruct`` (identified with ``vllm-duo
+identify``). ``--retrieval-mask`` takes a JSON file holding [[0 or 1] * 3 KV heads] * 30 layers (1 = retrieval).
 
 This is ``vllm serve MODEL --attention-backend duo --additional-config '{"duo_attention": {...}}'``
 (run as ``python -m vllm.entrypoints.cli.main serve`` where there is no ``vllm`` script). Then:
@@ -25,34 +23,18 @@ import os
 import shlex
 import sys
 
-import numpy as np
+from vllm_duo.cli.needs import preflight
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PATTERN = os.path.join(ROOT, "patterns", "smollm2-135m-instruct")
-
-
-def random_mask(model: str, sparsity: float, seed: int) -> list[list[int]]:
-    with open(os.path.join(model, "config.json")) as f:
-        cfg = json.load(f)
-    layers, heads = cfg["num_hidden_layers"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    flat = np.ones(layers * heads, dtype=int)
-    flat[np.random.RandomState(seed).permutation(flat.size)[:round(sparsity * flat.size)]] = 0
-    return flat.reshape(layers, heads).tolist()
+DEFAULT_PATTERN = "smollm2-135m-instruct"  # built-in
 
 
 def duo_config(args: argparse.Namespace) -> dict:
     duo: dict = {"sink_size": args.sink_size, "recent_size": args.recent_size}
-    if args.pattern:
-        duo.update(pattern=args.pattern, sparsity=args.sparsity)
-    elif args.retrieval_mask:
+    if args.retrieval_mask:
         with open(args.retrieval_mask) as f:
             duo["retrieval_mask"] = json.load(f)
-    elif os.path.isdir(DEFAULT_PATTERN):
-        duo.update(pattern=DEFAULT_PATTERN, sparsity=args.sparsity)
     else:
-        print(f"no pattern given and {DEFAULT_PATTERN} is absent: serving a random mask with "
-              f"sparsity {args.sparsity} (plumbing demo, not an accuracy setting)", file=sys.stderr)
-        duo["retrieval_mask"] = random_mask(args.model, args.sparsity, args.seed)
+        duo.update(pattern=args.pattern or DEFAULT_PATTERN, sparsity=args.sparsity)
     return duo
 
 
@@ -68,12 +50,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="/tmp/models/smollm2-135m-instruct")
-    ap.add_argument("--pattern", help="pattern folder or TSV, 'full' or 'streaming'")
+    ap.add_argument("--pattern", help=f"built-in name, pattern folder or TSV, 'full' or 'streaming' "
+                                      f"(default: built-in {DEFAULT_PATTERN})")
     ap.add_argument("--retrieval-mask", help="JSON file with a [layers][kv_heads] 0/1 mask")
     ap.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming heads")
     ap.add_argument("--sink-size", type=int, default=64)
     ap.add_argument("--recent-size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--print-only", action="store_true", help="print the command, do not start")
@@ -85,6 +67,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main() -> None:
     args, extra = parse_args(sys.argv[1:])
+    if not args.print_only:
+        preflight("serve_smollm2.py", model_dir=args.model)
     cmd = command(args, extra)
     print(shlex.join(cmd), flush=True)
     if args.print_only:

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the reference patterns live in ../shared/patterns (never copied here)."""
+"""Shared test fixtures. The reference patterns are the package's built-in ones, so no test
+depends on files beside the checkout."""
 
 from __future__ import annotations
 
@@ -7,21 +8,9 @@ import os
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from vllm_duo.builtin_patterns import DATA_DIR, builtin
 
-
-def _patterns_root() -> str:
-    """$VLLM_DUO_PATTERNS, else ../shared/patterns, else ./.patterns (a copy carried to the GPU
-    machine, which has no ../shared; git-ignored)."""
-    for path in (os.environ.get("VLLM_DUO_PATTERNS"),
-                 os.path.join(os.path.dirname(_ROOT), "shared", "patterns"),
-                 os.path.join(_ROOT, ".patterns")):
-        if path and os.path.isdir(path):
-            return path
-    return os.path.join(os.path.dirname(_ROOT), "shared", "patterns")
-
-
-PATTERNS = _patterns_root()
+PATTERNS = DATA_DIR
 PATTERN_NAMES = ("Llama-2-7B-32K-Instruct", "Llama-3-8B-Instruct-Gradient-1048k",
                  "Meta-Llama-3.1-8B-Instruct", "Mistral-7B-Instruct-v0.2")
 
@@ -44,10 +33,10 @@ use_cpu_platform()
 
 
 def pattern_dir(name: str) -> str:
-    path = os.path.join(PATTERNS, name)
-    if not os.path.isdir(path):
-        pytest.skip(f"reference pattern {name} not found under {PATTERNS}")
-    return path
+    """The packaged folder of built-in pattern ``name`` (a missing one is a packaging bug)."""
+    found = builtin(name)
+    assert found is not None and os.path.isdir(found.path), f"built-in pattern {name} is not packaged"
+    return found.path
 
 
 def pytest_collection_modifyitems(config, items):

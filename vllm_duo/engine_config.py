@@ -20,6 +20,14 @@ def model_shape(model_config: Any) -> tuple[int, int]:
             int(model_config.get_total_num_kv_heads()))
 
 
+def model_names(model_config: Any) -> list[str]:
+    """The names a served model goes by: its path or HF id, config ``_name_or_path``, served names."""
+    served = getattr(model_config, "served_model_name", None)
+    served = [served] if isinstance(served, str) else list(served or [])
+    names = [model_config.model, getattr(model_config.hf_config, "_name_or_path", None), *served]
+    return [str(n) for n in names if n]
+
+
 def resolve_duo_config(vllm_config: Any) -> DuoOptions:
     """Validate everything duo needs and embed the binary mask in ``additional_config``."""
     model_config = vllm_config.model_config
@@ -43,7 +51,12 @@ def resolve_duo_config(vllm_config: Any) -> DuoOptions:
         opts = replace(opts, streaming_prefill="rswa")
     num_layers, num_kv_heads = model_shape(model_config)
     check_tp(num_kv_heads, vllm_config.parallel_config.tensor_parallel_size)
-    opts = resolve_options(opts, num_layers, num_kv_heads, model=str(model_config.model))
+    picking = opts.pattern is None and not opts.resolved
+    opts = resolve_options(opts, num_layers, num_kv_heads, model=str(model_config.model),
+                           model_names=model_names(model_config))
+    if picking:
+        logger.info("vllm-duo: no pattern given; using the built-in pattern %s (its model name and "
+                    "shape %d x %d match %s).", opts.pattern, num_layers, num_kv_heads, model_config.model)
     extra[CONFIG_KEY] = opts.to_dict()
     mask = opts.mask()
     logger.info("vllm-duo: %d of %d KV heads are retrieval heads (pattern %s, sparsity %s); "

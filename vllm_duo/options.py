@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_duo.builtin_patterns import pick_builtin
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.patterns import DEFAULT_SEED, binarize, check_shape, load_gates
 
@@ -34,7 +35,7 @@ _MAX_TOKENS = 1 << 24
 class DuoOptions:
     """Validated options. ``retrieval_mask`` is set once the pattern is resolved."""
 
-    pattern: str | None = None
+    pattern: str | None = None  # built-in name, path, "full" or "streaming"; None = pick for the model
     sparsity: float | None = None
     threshold: float | None = None
     sink_size: int = DEFAULT_SINK
@@ -115,8 +116,8 @@ def _mask(value: Any) -> tuple[tuple[int, ...], ...]:
 
 def parse_options(raw: Any) -> DuoOptions:
     """Validate a user's ``duo_attention`` dict (types, ranges, unknown keys)."""
-    if raw is None:
-        raise DuoConfigError(_missing_pattern_message())
+    if raw is None:  # no duo_attention entry: defaults, and the pattern is picked for the model
+        return DuoOptions()
     if not isinstance(raw, dict):
         raise DuoConfigError(f"additional_config['{CONFIG_KEY}'] must be a JSON object, got {type(raw).__name__}")
     unknown = [show(k) for k in raw if not (isinstance(k, str) and k in _FIELDS)]
@@ -124,11 +125,10 @@ def parse_options(raw: Any) -> DuoOptions:
         raise DuoConfigError(f"unknown duo_attention option(s) {', '.join(sorted(unknown)[:5])}; "
                              f"valid options are {', '.join(_FIELDS)}")
     pattern = raw.get("pattern")
-    if pattern is None and raw.get("retrieval_mask") is None:
-        raise DuoConfigError(_missing_pattern_message())
     if pattern is not None and (not isinstance(pattern, str) or not pattern.strip()):
         raise DuoConfigError(
-            f"duo_attention.pattern must be a path, '{PATTERN_FULL}' or '{PATTERN_STREAMING}', got {show(pattern)}")
+            f"duo_attention.pattern must be a built-in name (`vllm-duo patterns`), a path, "
+            f"'{PATTERN_FULL}' or '{PATTERN_STREAMING}', got {show(pattern)}")
     sparsity = None if raw.get("sparsity") is None else _fraction("sparsity", raw["sparsity"])
     threshold = None if raw.get("threshold") is None else _fraction("threshold", raw["threshold"])
     if sparsity is not None and threshold is not None:
@@ -155,16 +155,16 @@ def parse_options(raw: Any) -> DuoOptions:
                       streaming_prefill=kernel, retrieval_mask=mask)
 
 
-def _missing_pattern_message() -> str:
-    return (f"the duo attention backend needs a head pattern: pass --additional-config "
-            f"'{{\"{CONFIG_KEY}\": {{\"pattern\": \"/path/to/pattern_dir\", \"sparsity\": 0.5}}}}' "
-            f"(a DuoAttention pattern folder with full_attention_heads.tsv), or \"pattern\": "
-            f"\"{PATTERN_FULL}\" / \"{PATTERN_STREAMING}\" for testing")
+def resolve_options(opts: DuoOptions, num_layers: int, num_kv_heads: int, model: str = "the model",
+                    model_names: list[str] | None = None) -> DuoOptions:
+    """Turn the pattern into a validated binary mask for a model of the given shape.
 
-
-def resolve_options(opts: DuoOptions, num_layers: int, num_kv_heads: int,
-                    model: str = "the model") -> DuoOptions:
-    """Turn the pattern into a validated binary mask for a model of the given shape."""
+    With no pattern and no mask, the built-in pattern whose model name (``model_names``, else
+    ``model``) and shape match is used; none matching is an error listing the built-ins.
+    """
+    if opts.pattern is None and opts.retrieval_mask is None:
+        picked = pick_builtin(model_names or [model], num_layers, num_kv_heads)
+        opts = replace(opts, pattern=picked.name)
     if opts.pattern == PATTERN_FULL:
         mask = np.ones((num_layers, num_kv_heads), dtype=np.uint8)
     elif opts.pattern == PATTERN_STREAMING:

@@ -2,17 +2,31 @@
 
 Only for what vLLM 0.26 offers no hook for; guarded by the version check in
 :func:`vllm_duo.plugin.check_vllm_version` (we pin vllm==0.26.0) and idempotent.
+
+Log (why / what vLLM lacks / when it can go):
+- ``_alias_backend_name``: ``--attention-backend duo``. vLLM lacks named out-of-tree backends
+  (only ``CUSTOM``). Goes when ``register_backend`` accepts a new name.
+- ``_wrap_create_engine_config``: resolve duo options, default prefix caching off, refuse bad
+  input before GPU work. vLLM lacks a config hook for general plugins. Goes with such a hook.
+- ``_wrap_attention_init``: add per-KV-head slot layers. vLLM lacks a way for a backend to give
+  its layer several KV-cache specs. Goes when a layer may own more than one KV cache.
+- :func:`set_layer_kv_cache_spec` (per instance): the layer's own spec becomes its slot 0's.
+  Same missing hook and same removal as above.
+- :func:`add_forward_context_layer`: slot objects enter ``static_forward_context`` so vLLM sizes,
+  allocates and binds their caches. vLLM lacks a registry for cache-only layers. Same removal.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+import types
+from typing import Any, Callable
+
+from vllm_duo.selection import DUO_NAMES, is_duo_backend_selected, names_duo
 
 logger = logging.getLogger("vllm_duo")
 
-DUO_NAMES = ("DUO",)
 _applied = False
 
 
@@ -23,6 +37,7 @@ def apply() -> None:
     _alias_backend_name()
     _wrap_create_engine_config()
     _wrap_attention_init()
+    logger.debug("vllm-duo: patched vLLM (backend name alias, create_engine_config, Attention.__init__)")
     _applied = True
 
 
@@ -57,7 +72,7 @@ def _wrap_create_engine_config() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any):
-        if _names_duo(self.attention_backend) or _names_duo(getattr(self.attention_config, "backend", None)):
+        if names_duo(self.attention_backend) or names_duo(getattr(self.attention_config, "backend", None)):
             if self.enable_prefix_caching is None:
                 logger.warning("vllm-duo: prefix caching is off by default for the duo backend "
                                "(its sink-aware cache hits are not yet validated on a GPU); "
@@ -68,8 +83,6 @@ def _wrap_create_engine_config() -> None:
                                "cache hits bring the streaming heads' sink and window blocks "
                                "(checked on CPU against vLLM's KV-cache manager).")
         config = original(self, *args, **kwargs)
-        from vllm_duo.plugin import is_duo_backend_selected
-
         if is_duo_backend_selected(config.attention_config.backend):
             from vllm_duo.engine_config import resolve_duo_config
 
@@ -78,14 +91,6 @@ def _wrap_create_engine_config() -> None:
 
     create_engine_config._duo_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
-
-
-def _names_duo(backend: Any) -> bool:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    if isinstance(backend, str):
-        return backend.upper() in DUO_NAMES + ("CUSTOM",)
-    return backend is AttentionBackendEnum.CUSTOM
 
 
 def _wrap_attention_init() -> None:
@@ -113,3 +118,23 @@ def _wrap_attention_init() -> None:
 
     __init__._duo_wrapped = True  # type: ignore[attr-defined]
     Attention.__init__ = __init__  # type: ignore[method-assign]
+
+
+def set_layer_kv_cache_spec(layer: Any, spec: Callable[[Any, Any], Any]) -> None:
+    """Replace one duo layer's ``get_kv_cache_spec`` (this instance only) with ``spec(layer, cfg)``.
+
+    vLLM asks each layer for one spec; a duo layer is slot 0 of its KV heads, so it must report
+    that slot's spec (retrieval or streaming), not the stock full-attention one.
+    """
+    layer.get_kv_cache_spec = types.MethodType(spec, layer)
+
+
+def add_forward_context_layer(vllm_config: Any, name: str, obj: Any) -> None:
+    """Register a cache-only slot object under ``name`` in ``static_forward_context``.
+
+    vLLM sizes, allocates and binds KV caches for exactly the layers found there.
+    """
+    ctx = vllm_config.compilation_config.static_forward_context
+    if name in ctx:
+        raise ValueError(f"duplicate duo slot layer name {name}")
+    ctx[name] = obj

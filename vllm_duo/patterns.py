@@ -1,6 +1,7 @@
 """Head patterns: read DuoAttention gate files, binarise them, slice them per TP rank.
 
-Pure data (numpy only): no torch, no CUDA, no vLLM. The reference format is a folder
+Pure data (numpy only): no torch, no CUDA, no vLLM. A pattern is named by a built-in
+name (:mod:`vllm_duo.builtin_patterns`) or a path. The reference format is a folder
 holding ``full_attention_heads.tsv`` (rows = layers, columns = KV heads, gate values
 alpha in [0, 1]) and optionally ``config.json`` (``sink_size``, ``recent_size``).
 A mask value of 1 marks a retrieval head (full KV cache), 0 a streaming head.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vllm_duo.builtin_patterns import builtin, builtin_names
 from vllm_duo.errors import DuoConfigError
 
 PATTERN_FILE = "full_attention_heads.tsv"
@@ -41,7 +43,10 @@ class GatePattern:
 
 
 def load_gates(path: str) -> GatePattern:
-    """Load a reference pattern folder or a bare TSV, validating what a user can get wrong."""
+    """Load a built-in pattern (by name), a pattern folder or a bare TSV, validating what a
+    user can get wrong."""
+    if (found := builtin(path)) is not None:
+        path = found.path
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
         tsv = os.path.join(path, PATTERN_FILE)
@@ -59,8 +64,9 @@ def load_gates(path: str) -> GatePattern:
             f"pattern folder (with {PATTERN_FILE}) or the TSV file itself")
     else:
         raise DuoConfigError(
-            f"pattern {_short(path)} does not exist; pass a DuoAttention pattern folder (with "
-            f"{PATTERN_FILE}), a TSV file, or 'full' / 'streaming' for testing")
+            f"pattern {_short(path)} is not a built-in name and does not exist; pass a built-in "
+            f"name ({', '.join(builtin_names())}; see `vllm-duo patterns`), a pattern folder "
+            f"(with {PATTERN_FILE}) or the TSV file")
     gates = _read_tsv(tsv)
     sink, recent = _read_pattern_config(cfg_path)
     return GatePattern(gates=gates, source=tsv, sink_size=sink, recent_size=recent)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.selection import BACKEND_PATH
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.26.",)
-BACKEND_PATH = "vllm_duo.backend.backend.DuoAttentionBackend"
 _registered = False
 
 
@@ -28,13 +28,6 @@ def check_vllm_version(version: str | None = None) -> None:
         raise DuoConfigError(
             f"vllm-duo supports vLLM 0.26.x but vLLM {version} is installed; "
             f"install vllm==0.26.0 (pip install 'vllm==0.26.0' torch==2.11.0)")
-
-
-def is_duo_backend_selected(backend: object) -> bool:
-    """True when a config's attention backend is the CUSTOM slot and it is ours."""
-    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
-
-    return backend is AttentionBackendEnum.CUSTOM and _ATTN_OVERRIDES.get(backend) == BACKEND_PATH
 
 
 def register() -> None:

@@ -18,10 +18,13 @@ def test_defaults_follow_the_paper():
     assert parse_options({"pattern": "full", "streaming_prefill": "rswa"}).streaming_prefill == "rswa"
 
 
-def test_no_silent_default_pattern():
+def test_no_pattern_picks_the_builtin_by_model_name_and_shape():
     for raw in (None, {}, {"sparsity": 0.5}):
-        with pytest.raises(DuoConfigError, match="needs a head pattern.*--additional-config"):
-            parse_options(raw)
+        opts = resolve_options(parse_options(raw), 30, 3, model="/tmp/models/smollm2-135m-instruct")
+        assert opts.pattern == "smollm2-135m-instruct" and opts.mask().sum() == 45
+        # never silently: a model with no built-in pattern is refused, naming how to give one
+        with pytest.raises(DuoConfigError, match="needs a head pattern.*--additional-config.*vllm-duo identify"):
+            resolve_options(parse_options(raw), 30, 3, model="/models/other-135m")
 
 
 @pytest.mark.parametrize("raw,msg", [
@@ -37,7 +40,7 @@ def test_no_silent_default_pattern():
     ({"pattern": "full", "prefill_recent_size": 8}, "must be >= recent_size"),
     ({"pattern": "full", "sparsity": 0.5, "threshold": 0.5}, "not both"),
     ({"pattern": "full", "sparsity_typo": 0.5}, "unknown duo_attention option"),
-    ({"pattern": 3}, "must be a path"),
+    ({"pattern": 3}, "must be a built-in name.*a path"),
     ({"pattern": "full", "seed": -1}, "seed"),
     ({"pattern": "full", "streaming_prefill": "fast"}, "streaming_prefill must be one of 'window', 'rswa'"),
     ("pattern=full", "must be a JSON object"),

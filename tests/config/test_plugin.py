@@ -117,7 +117,7 @@ def test_explicit_prefix_caching_is_kept_but_not_with_the_window_kernel(plugins_
 
 
 @pytest.mark.parametrize("duo,overrides,msg", [
-    ({}, {}, "needs a head pattern"),
+    ({}, {}, "needs a head pattern and no built-in pattern is made for"),
     ({"pattern": "PATTERN:Llama-2-7B-32K-Instruct"}, {}, r"\(32, 32\).*\(32, 8\)"),
     ({"pattern": "full"}, {"sliding_window": 4096, "model_type": "mistral",
                            "architectures": ["MistralForCausalLM"]}, "sliding-window"),
@@ -141,3 +141,42 @@ def test_front_process_accepts_mistral_and_qwen2(plugins_loaded, tmp_path, confi
     cfg = _create(str(tmp_path), duo)
     mask = cfg.additional_config["duo_attention"]["retrieval_mask"]
     assert len(mask) == config["num_hidden_layers"] and sum(map(sum, mask)) == retrieval
+
+
+def _named_model(tmp_path, name: str, config: dict) -> str:
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_no_additional_config_picks_the_builtin_pattern(plugins_loaded, tmp_path, caplog):
+    """`vllm serve Mistral-7B-Instruct-v0.2 --attention-backend duo` with no additional_config."""
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = _named_model(tmp_path, "Mistral-7B-Instruct-v0.2", MISTRAL_7B_V02)
+    with caplog.at_level(logging.INFO, logger="vllm_duo"):
+        cfg = EngineArgs(model=model, attention_backend="duo", load_format="dummy",
+                         skip_tokenizer_init=True).create_engine_config()
+    duo = cfg.additional_config["duo_attention"]
+    assert duo["pattern"] == "Mistral-7B-Instruct-v0.2" and duo["sparsity"] == 0.5
+    mask = duo["retrieval_mask"]
+    assert (len(mask), len(mask[0]), sum(map(sum, mask))) == (32, 8, 128)
+    assert "using the built-in pattern Mistral-7B-Instruct-v0.2" in caplog.text
+    # Options without a pattern still pick it, at their sparsity.
+    cfg = _create(model, {"sparsity": 0.75})
+    assert sum(map(sum, cfg.additional_config["duo_attention"]["retrieval_mask"])) == 64
+
+
+def test_same_layout_other_name_gets_no_pattern(plugins_loaded, tmp_path):
+    """Llama-3-8B's shape under another name: the clear error, not Llama-3-8B's heads."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = _named_model(tmp_path, "my-llama3-finetune", LLAMA3_8B)
+    with pytest.raises(DuoConfigError, match="no built-in pattern is made for my-llama3-finetune.*vllm-duo identify"):
+        EngineArgs(model=model, attention_backend="duo", load_format="dummy",
+                   skip_tokenizer_init=True).create_engine_config()
+    cfg = _create(model, {"pattern": "Llama-3-8B-Instruct-Gradient-1048k"})  # by name, explicitly
+    assert sum(map(sum, cfg.additional_config["duo_attention"]["retrieval_mask"])) == 128

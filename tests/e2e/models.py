@@ -1,8 +1,7 @@
-"""Models and patterns of the GPU tests and benchmarks (data that never lives in the repo).
+"""Models and patterns of the GPU tests and benchmarks (models never live in the repo).
 
-Patterns: tests/conftest.py's root (``$VLLM_DUO_PATTERNS``, else ``../shared/patterns``, else
-``./.patterns``, the copy carried to the GPU machine). SmolLM2: ``$VLLM_DUO_SMOLLM2``, default the
-devkit's SmolLM2-135M-Instruct folder. And a seeded model with Llama-3-8B's attention layout.
+Patterns: the package's built-in ones (tests/conftest.py PATTERNS). SmolLM2: ``$VLLM_DUO_SMOLLM2``,
+default the devkit's SmolLM2-135M-Instruct folder. And a seeded model with Llama-3-8B's attention layout.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from tests.conftest import PATTERNS
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOLLM2 = os.environ.get("VLLM_DUO_SMOLLM2", "/tmp/models/smollm2-135m-instruct")
 LLAMA3_PATTERN = "Llama-3-8B-Instruct-Gradient-1048k"
-SMOLLM2_PATTERN = os.path.join(ROOT, "patterns", "smollm2-135m-instruct")  # identified by vllm-duo
+SMOLLM2_PATTERN = os.path.join(PATTERNS, "smollm2-135m-instruct")  # built-in, identified by vllm-duo
 # Llama-3-8B's attention layout (32 layers x 8 KV heads, so its pattern applies; TP=2 gives 4 KV
 # heads a rank) at 1/16 of the weights. Saved seeded weights, not load_format="dummy": vLLM draws
 # dummy weights per parameter *shard*, so TP=1 and TP=2 would be different models.

@@ -82,8 +82,8 @@ def test_find_pattern():
     from tests.conftest import PATTERNS
 
     assert models.find_pattern("no-such-pattern") is None
-    if os.path.isdir(os.path.join(PATTERNS, models.LLAMA3_PATTERN)):
-        assert models.find_pattern(models.LLAMA3_PATTERN) == os.path.join(PATTERNS, models.LLAMA3_PATTERN)
+    assert models.find_pattern(models.LLAMA3_PATTERN) == os.path.join(PATTERNS, models.LLAMA3_PATTERN)
+    assert os.path.isdir(models.SMOLLM2_PATTERN)  # built in: the GPU scripts never fall back to a random mask
 
 
 def test_http_client_against_fake_server(fake_server):
@@ -123,10 +123,7 @@ def test_server_load_duo_config(smollm2_dir):
 
     args = server_load.parse_args(["--model", smollm2_dir])
     duo = server_load.duo_config(args)
-    if os.path.isdir(server_load.SMOLLM2_PATTERN):  # an identified pattern, once one is committed
-        assert duo == {"pattern": server_load.SMOLLM2_PATTERN, "sparsity": 0.5}
-    else:
-        assert len(duo["retrieval_mask"]) == 30
+    assert duo == {"pattern": server_load.SMOLLM2_PATTERN, "sparsity": 0.5}
     assert server_load.duo_config(server_load.parse_args(["--backend", "FLASH_ATTN"])) is None
     prompts = server_load.build_prompts(16, 0)
     assert len(prompts) == 16 and all(str(k) in p for p, k in prompts)
@@ -173,7 +170,7 @@ for argv in json.loads(sys.argv[1]):
     assert [r["port"] for r in rows] == [8001, 8002, 8003, 8000]
     assert rows[0]["mask"] == mask and rows[0]["name"] == [MODEL_NAME] and rows[0]["max_len"] == 8192
     assert sum(map(sum, rows[1]["mask"])) == 90
-    assert rows[3]["name"] == ["smollm2"] and sum(map(sum, rows[3]["mask"])) in (45, 90)
+    assert rows[3]["name"] == ["smollm2"] and sum(map(sum, rows[3]["mask"])) == 45  # built-in pattern, 50%
 
 
 def test_rank_probe_ships_by_value():
@@ -216,10 +213,7 @@ def test_soak_and_examples_parse_args():
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["requests"] == 50
     duo = soak_gpu.duo_config(soak_gpu.parse_args([]), SMOLLM2_CONFIG)
-    if os.path.isdir(models.SMOLLM2_PATTERN):
-        assert duo == {"pattern": models.SMOLLM2_PATTERN, "sparsity": 0.5}
-    else:
-        assert len(duo["retrieval_mask"]) == 30
+    assert duo == {"pattern": models.SMOLLM2_PATTERN, "sparsity": 0.5}
     a = ray_tp.parse_args([])
     assert (a.tp, a.pp, a.sparsity) == (2, 1, 0.5)
 
@@ -325,8 +319,6 @@ def test_soak_block_pool_probes_on_real_scheduler(tmp_path):
 def test_llama3_layout_takes_the_llama3_pattern(tmp_path):
     """The Ray test's and soak's seeded model resolves the real Llama-3-8B pattern (32 x 8)."""
     pattern = models.find_pattern(models.LLAMA3_PATTERN)
-    if pattern is None:
-        pytest.skip(f"{models.LLAMA3_PATTERN} not found")
     from transformers import LlamaConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
@@ -342,14 +334,14 @@ def test_llama3_layout_takes_the_llama3_pattern(tmp_path):
     assert (len(mask), len(mask[0]), sum(map(sum, mask))) == (32, 8, 128)
 
 
-def test_device_run_stages_match_the_readme():
-    """benchmarks/device_run.sh's stages are the ones the README lists, and each names a file that exists."""
+def test_device_run_stages_match_the_docs():
+    """benchmarks/device_run.sh's stages are the ones docs/gpu-runs.md lists, and each names a file that exists."""
     import re
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = open(os.path.join(root, "benchmarks", "device_run.sh")).read()
     stages = re.findall(r"^    ([a-z0-9-]+)\) ", script, flags=re.M)
-    readme = " ".join(open(os.path.join(root, "README.md")).read().split())
+    readme = " ".join(open(os.path.join(root, "docs", "gpu-runs.md")).read().split())
     listed = re.search(r"device_run\.sh STAGE…` \(([^)]*)\)", readme).group(1)
     assert stages == [s.strip() for s in listed.split(",")]
     for path in re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)", script):
@@ -362,3 +354,35 @@ def test_niah_hf_names_a_missing_model(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "niah_hf.py"), "--model",
                         str(tmp_path / "absent")], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no model folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv,needs", [
+    (["-m", "vllm_duo.cli.main", "bench"], "vllm-duo bench: error: needs an NVIDIA GPU"),
+    (["-m", "vllm_duo.cli.main", "niah", "--model", "/no/such/model"], "vllm-duo niah: error: needs an NVIDIA GPU"),
+    (["examples/offline_dummy.py"], "offline_dummy.py: error: needs an NVIDIA GPU"),
+    (["examples/serve_smollm2.py", "--model", "/no/such/model"], "serve_smollm2.py: error: needs an NVIDIA GPU"),
+    (["examples/ray_tp.py"], "ray_tp.py: error: needs 2 NVIDIA GPUs"),
+])
+def test_gpu_only_tools_say_so_in_one_line(argv, needs):
+    """No GPU visible: one line on stderr, exit code 2, no vLLM traceback."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=models.ROOT)
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, cwd=models.ROOT,
+                       env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needs in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_gpu_tools_check_the_model_folder(monkeypatch, tmp_path, capsys):
+    """With a GPU, a missing model folder is the one line (before any engine starts)."""
+    from vllm_duo.cli import needs
+    from vllm_duo.cli.main import main
+
+    monkeypatch.setattr(needs, "cuda_devices", lambda: 1)
+    assert main(["niah", "--model", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "does not exist" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        needs.preflight("serve_smollm2.py", model_dir=str(tmp_path / "empty"))
+    assert e.value.code == 2 and "has no config.json" in capsys.readouterr().err

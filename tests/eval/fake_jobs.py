@@ -7,12 +7,9 @@ import time
 
 
 def echo(spec: dict) -> dict:
-    print("GPU KV cache size: 412,496 tokens", flush=True)
-    print("Maximum concurrency for 65,536 tokens per request: 6.29x", flush=True)
+    print("Available KV cache memory: 50.35 GiB", flush=True)
     print("progress to stderr", file=sys.stderr, flush=True)
-    from vllm_duo.eval.engine_proc import engine_log_figures
-
-    return {"spec": spec, "seen_in_child": engine_log_figures(wait=5)}
+    return {"spec": spec}
 
 
 def fail(spec: dict) -> dict:
@@ -23,12 +20,6 @@ def fail(spec: dict) -> dict:
 def sleep(spec: dict) -> dict:
     time.sleep(spec["seconds"])
     return {}
-
-
-def figures_only(spec: dict) -> dict:
-    from vllm_duo.eval.engine_proc import engine_log_figures
-
-    return {"seen_in_child": engine_log_figures(wait=0.5)}
 
 
 def orphan(spec: dict) -> dict:

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from vllm_duo.cli import bench_cmd
+from vllm_duo.cli import bench_cmd, needs
 from vllm_duo.cli.main import main
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.eval import bench_run
 from vllm_duo.eval.bench import decode_window, percentiles, random_prompts, ratio
 
 
@@ -68,7 +69,7 @@ def test_job_specs_share_ab_engine_and_size_it():
     from vllm_duo.eval.methods import Method
 
     args = _args()
-    specs = bench_cmd.job_specs(args, "abc", "/m", "/m_long", Method("full", "FLASH_ATTN"))
+    specs = bench_run.job_specs(args, "abc", "/m", "/m_long", Method("full", "FLASH_ATTN"))
     (ab, s_ab), (c, s_c) = specs
     assert (ab, c) == ("ab", "c")
     assert s_ab["engine"]["max_model_len"] == 65536 + 256 and s_ab["engine"]["max_num_seqs"] == 64
@@ -76,7 +77,7 @@ def test_job_specs_share_ab_engine_and_size_it():
     assert s_ab["engine"]["attention_backend"] == "FLASH_ATTN" and s_ab["engine"]["load_format"] == "dummy"
     assert s_c["engine"]["max_model_len"] == -1 and s_c["engine"]["max_num_seqs"] == 1
     assert s_c["engine"]["enforce_eager"] is True and s_c["model"] == "/m_long"
-    only_b = bench_cmd.job_specs(_args("--only", "b"), "b", "/m", "/m_long", Method("full", "FLASH_ATTN"))
+    only_b = bench_run.job_specs(_args("--only", "b"), "b", "/m", "/m_long", Method("full", "FLASH_ATTN"))
     assert [x[0] for x in only_b] == ["b"] and only_b[0][1]["engine"]["max_model_len"] == 1024 + 128
 
 
@@ -86,7 +87,7 @@ def test_streaming_prefill_reaches_the_engine():
     args = _args("--streaming-prefill", "window")
     (duo,) = expand_methods(["duo"], pattern="/p", sparsities=[0.5], sink=64, recent=256,
                             streaming_prefill=args.streaming_prefill)
-    ((_, spec),) = bench_cmd.job_specs(args, "a", "/m", "/m_long", duo)
+    ((_, spec),) = bench_run.job_specs(args, "a", "/m", "/m_long", duo)
     assert spec["engine"]["additional_config"]["duo_attention"]["streaming_prefill"] == "window"
     (default,) = expand_methods(["duo"], pattern="/p", sparsities=[0.5], sink=64, recent=256)
     assert "streaming_prefill" not in default.duo
@@ -100,14 +101,14 @@ def _fake_rows(tps_full: float, tps_duo: float):
 
 
 def test_figure_names():
-    figures, extra = bench_cmd.figures_for(_fake_rows(100.0, 150.0), _args(), "duo_s050")
+    figures, extra = bench_run.figures_for(_fake_rows(100.0, 150.0), _args(), "duo_s050")
     assert figures == {"e2e_decode_ratio_64k_s050": 1.5, "short_prompt_ratio_1k_b64": 0.9,
                        "max_context_tokens_duo_s050": 800000}
     assert extra["max_context_tokens_full"] == 400000 and extra["max_context_ratio"] == 2.0
 
 
 def test_cli_with_fake_runner(tmp_path, monkeypatch, pattern_llama3):
-    import benchmarks.summary as summary
+    from vllm_duo.eval import results as summary
     from vllm_duo.eval import engine_proc
 
     calls = []
@@ -128,6 +129,7 @@ def test_cli_with_fake_runner(tmp_path, monkeypatch, pattern_llama3):
 
     monkeypatch.setattr(engine_proc, "run_job", fake_run_job)
     monkeypatch.setattr(summary, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(needs, "cuda_devices", lambda: 1)
     out = tmp_path / "out"
     rc = main(["bench", "--pattern", pattern_llama3, "--out", str(out), "--quiet"])
     assert rc == 0 and len(calls) == 4  # (a+b, c) x (full, duo)
@@ -141,7 +143,8 @@ def test_cli_with_fake_runner(tmp_path, monkeypatch, pattern_llama3):
     assert summ["e2e_decode_ratio_64k_s050"]["value"] == 1.2
 
 
-def test_cli_refuses_bad_input(capsys, tmp_path):
+def test_cli_refuses_bad_input(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(needs, "cuda_devices", lambda: 1)
     assert main(["bench", "--only", "x"]) == 2
     assert "--only" in capsys.readouterr().err
     assert main(["bench", "--pattern", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2

@@ -41,6 +41,7 @@ def smol(tmp_path):
 
 @pytest.fixture
 def fake_engine(monkeypatch):
+    from vllm_duo.cli import needs
     from vllm_duo.eval import engine_proc, niah
 
     calls = []
@@ -57,12 +58,13 @@ def fake_engine(monkeypatch):
         return {"tokens": out, "generate_seconds": 0.1}
 
     monkeypatch.setattr(engine_proc, "run_job", run_job)
+    monkeypatch.setattr(needs, "cuda_devices", lambda: 1)
     monkeypatch.setattr(niah, "HFCodec", FakeHFCodec)
     return calls
 
 
 def test_niah_grid_json_pngs_and_record(smol, fake_engine, tmp_path, monkeypatch):
-    import benchmarks.summary as summary
+    from vllm_duo.eval import results as summary
 
     monkeypatch.setattr(summary, "RESULTS", str(tmp_path / "results"))
     model, pattern = smol

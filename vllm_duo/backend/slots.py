@@ -3,12 +3,12 @@
 vLLM allocates KV memory per layer from the specs that the layers in
 ``static_forward_context`` report. Registering one small slot object per KV head lets the
 stock hybrid allocator give retrieval heads full paged blocks and streaming heads only
-sink + recent blocks. The real layer stays slot 0 (vLLM looks its metadata up by name).
+sink + recent blocks. The real layer stays slot 0 (vLLM looks its metadata up by name). The two
+changes to vLLM objects this needs are in :mod:`vllm_duo.patches`.
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from vllm.v1.kv_cache_interface import KVCacheSpec
 from vllm_duo.block_manager import slot_kind_specs
 from vllm_duo.engine_config import options_from_vllm_config
 from vllm_duo.options import DuoOptions
+from vllm_duo.patches import add_forward_context_layer, set_layer_kv_cache_spec
 from vllm_duo.slot_plan import RETRIEVAL, layer_slots
 
 
@@ -81,20 +82,16 @@ def attach_slots(layer) -> None:
     opts = options_from_vllm_config(vllm_config)
     tp_size, tp_rank = _tp()
     plan = layer_slots(opts.mask(), extract_layer_index(layer.layer_name), tp_size, tp_rank)
-    ctx = vllm_config.compilation_config.static_forward_context
     slots: list[SlotInfo] = []
     for i, (suffix, kind, head) in enumerate(plan.slots()):
         if i == 0:
             obj = layer
-            layer.get_kv_cache_spec = types.MethodType(
-                lambda self, cfg, _k=kind: slot_spec(_k, cfg, self.head_size,
-                                                     self.kv_cache_torch_dtype, opts), layer)
+            set_layer_kv_cache_spec(layer, lambda self, cfg, _k=kind: slot_spec(
+                _k, cfg, self.head_size, self.kv_cache_torch_dtype, opts))
             name = layer.layer_name
         else:
             name = f"{layer.layer_name}.{suffix}"
             obj = DuoKVSlot(layer, name, kind, opts)
-            if name in ctx:
-                raise ValueError(f"duplicate duo slot layer name {name}")
-            ctx[name] = obj
+            add_forward_context_layer(vllm_config, name, obj)
         slots.append(SlotInfo(name=name, kind=kind, head=head, layer=obj))
     layer.impl.set_slots(slots, opts)

@@ -12,23 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import tempfile
 from typing import Any
 
+from vllm_duo.cli.needs import require_cuda
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
 
-PATTERN_NAME = "Llama-3-8B-Instruct-Gradient-1048k"
-
-
-def _pattern_candidates() -> list[str]:
-    """$VLLM_DUO_PATTERNS, ./.patterns (carried to the GPU machine), ../shared/patterns."""
-    from vllm_duo.eval.engine_proc import ROOT
-
-    roots = [os.environ.get("VLLM_DUO_PATTERNS"), ".patterns", os.path.join(ROOT, ".patterns"),
-             os.path.join(os.path.dirname(ROOT), "shared", "patterns")]
-    return [os.path.join(r, PATTERN_NAME) for r in roots if r]
+PATTERN_NAME = "Llama-3-8B-Instruct-Gradient-1048k"  # built-in
 
 
 def parse_parts(values: list[str]) -> str:
@@ -45,9 +35,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=["abc"], metavar="PART", help="parts to run: a, b, c (default all)")
     p.add_argument("--methods", nargs="+", default=["full", "duo"], choices=["full", "duo"])
-    p.add_argument("--pattern", default=None,
-                   help=f"duo pattern (default: {PATTERN_NAME} under $VLLM_DUO_PATTERNS, ./.patterns "
-                        f"or ../shared/patterns)")
+    p.add_argument("--pattern", default=PATTERN_NAME,
+                   help=f"duo pattern: built-in name or folder (default: built-in {PATTERN_NAME})")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
@@ -74,74 +63,17 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _k(n: int) -> str:
-    return f"{round(n / 1024)}k"
-
-
-def job_specs(args: argparse.Namespace, parts: str, model_ab: str, model_c: str,
-              method) -> list[tuple[str, dict[str, Any]]]:
-    """The (label, spec) of each engine this method needs: one for a/b, one for c."""
-    base = dict(load_format="dummy", skip_tokenizer_init=True, seed=0, enable_prefix_caching=False,
-                disable_log_stats=False, gpu_memory_utilization=args.gpu_memory_utilization,
-                **method.engine_kwargs())
-    specs = []
-    ab = parts.replace("c", "")
-    if ab:
-        max_len = max(args.a_prompt + args.a_decode if "a" in ab else 0,
-                      args.b_prompt + args.b_output if "b" in ab else 0)
-        seqs = max(args.max_num_seqs, args.b_batch if "b" in ab else 1)
-        engine = dict(base, max_model_len=max_len, max_num_seqs=seqs, enforce_eager=args.enforce_eager)
-        specs.append((ab, dict(model=model_ab, engine=engine, parts=ab,
-                               a=dict(prompt_tokens=args.a_prompt, decode_tokens=args.a_decode, batch=args.a_batch,
-                                      max_num_seqs=engine["max_num_seqs"]),
-                               b=dict(prompt_tokens=args.b_prompt, batch=args.b_batch, output_tokens=args.b_output,
-                                      repeats=args.b_repeats))))
-    if "c" in parts:
-        engine = dict(base, max_model_len=-1, max_num_seqs=1, enforce_eager=True)
-        specs.append(("c", dict(model=model_c, engine=engine, parts="c",
-                                c=dict(max_positions=args.c_max_positions, verify=args.c_verify))))
-    return specs
-
-
-def figures_for(rows: dict[str, Any], args: argparse.Namespace, duo: str) -> tuple[dict, dict]:
-    """(figures for summary.json, extra comparisons) from the rows that ran."""
-    from vllm_duo.eval.bench import ratio
-
-    def get(method: str, *keys: str):
-        v: Any = rows.get(method, {})
-        for k in keys:
-            v = v.get(k) if isinstance(v, dict) else None
-        return v
-
-    figures: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    if (r := ratio(get(duo, "a", "decode", "decode_tokens_per_s"), get("full", "a", "decode", "decode_tokens_per_s"))):
-        figures[f"e2e_decode_ratio_{_k(args.a_prompt)}_{duo[4:]}"] = r
-        extra["a_batch"] = {"full": get("full", "a", "batch"), duo: get(duo, "a", "batch")}
-    if (r := ratio(get(duo, "b", "output_tokens_per_s"), get("full", "b", "output_tokens_per_s"))):
-        figures[f"short_prompt_ratio_{_k(args.b_prompt)}_b{args.b_batch}"] = r
-    if (n := get(duo, "c", "max_context_tokens")):
-        figures[f"max_context_tokens_{duo}"] = n
-        extra["max_context_tokens_full"] = get("full", "c", "max_context_tokens")
-        extra["max_context_ratio"] = ratio(n, extra["max_context_tokens_full"])
-    return figures, extra
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from vllm_duo.eval import bench
-    from vllm_duo.eval.engine_proc import LLAMA3_8B, EngineJobError, run_job, write_model
-    from vllm_duo.eval.methods import check_pattern, expand_methods
     from vllm_duo.eval.bench_plot import plot_bench
+    from vllm_duo.eval.bench_run import failed_all, figures_for, run_engines
+    from vllm_duo.eval.engine_proc import LLAMA3_8B
+    from vllm_duo.eval.methods import check_pattern, expand_methods
     from vllm_duo.eval.results import default_out, record, write_json
 
+    require_cuda()
     parts = parse_parts(args.only)
     pattern = args.pattern
-    if "duo" in args.methods and pattern is None:
-        pattern = next((p for p in _pattern_candidates() if os.path.isdir(p)), None)
-        if pattern is None:
-            raise DuoConfigError(f"no {PATTERN_NAME} pattern found at {_pattern_candidates()}; pass --pattern")
     methods = expand_methods(args.methods, pattern=pattern, sparsities=[args.sparsity], sink=args.sink,
                              recent=args.recent, streaming_prefill=args.streaming_prefill)
     if pattern and "duo" in args.methods:
@@ -151,27 +83,7 @@ def run(args: argparse.Namespace) -> int:
     log_path = os.path.join(out_dir, "bench.log")
     duo = next((m.name for m in methods if m.name.startswith("duo_")), "duo")
 
-    rows: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as d:
-        model_ab = write_model(os.path.join(d, "llama3_8b"), LLAMA3_8B)
-        model_c = write_model(os.path.join(d, "llama3_8b_long"),
-                              dict(LLAMA3_8B, max_position_embeddings=args.c_max_positions))
-        jobs = [(m, label, spec) for m in methods for label, spec in job_specs(args, parts, model_ab, model_c, m)]
-        for m, label, spec in tqdm(jobs, desc="bench engines", unit="engine"):
-            row = rows.setdefault(m.name, {"engine_kwargs": {}})
-            row["engine_kwargs"][label] = spec["engine"]
-            try:
-                res = run_job("vllm_duo.eval.bench:run_parts", spec, log_path=log_path, echo=not args.quiet,
-                              timeout=args.timeout, header=f"bench {m.name} {label}")
-            except EngineJobError as e:
-                tqdm.write(f"bench: {m.name} ({label}) failed: {str(e)[-1500:]}", file=sys.stderr)
-                row.setdefault("errors", {})[label] = str(e)[-4000:]
-                continue
-            for p in label:
-                row[p] = res.pop(p)
-            row[f"engine_{label}"] = res
-            _print_row(m.name, label, row)
-
+    rows = run_engines(args, parts, methods, log_path, on_row=_print_row)
     figures, extra = figures_for(rows, args, duo)
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     payload = {"parts": parts, "settings": dict(settings, pattern=pattern), "model": "Llama-3-8B shape, dummy weights",
@@ -187,11 +99,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: recorded -> {record(name, payload, figures, out_dir)}")
     print(f"bench: wrote {out_dir}")
     return 1 if failed else 0
-
-
-def failed_all(rows: dict[str, Any]) -> bool:
-    """Every method failed every part: nothing to plot."""
-    return all(set(r) <= {"engine_kwargs", "errors"} for r in rows.values())
 
 
 def _print_row(method: str, label: str, row: dict[str, Any]) -> None:

@@ -11,18 +11,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
+from vllm_duo.builtin_patterns import pick_builtin
+from vllm_duo.cli.needs import require_cuda, require_model_dir
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.eval.niah import DEFAULT_MODEL
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
 
-DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("niah", help="passkey needle-in-a-haystack grid (GPU)", description=__doc__,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsShown)
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder (weights + tokenizer)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1000 * i for i in range(1, 9)],
                    help="context lengths in tokens (whole prompt)")
@@ -31,11 +39,13 @@ def add_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=1, help="prompts (different pass keys) per cell")
     p.add_argument("--methods", nargs="+", default=["full", "duo", "streaming"],
                    choices=["full", "duo", "streaming"])
-    p.add_argument("--pattern", default=None, help="duo head pattern for this model (folder or TSV)")
+    p.add_argument("--pattern", default=None,
+                   help="duo head pattern: built-in name, folder or TSV (default: the built-in pattern "
+                        "whose model name and shape match --model)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75],
                    help="duo sparsities (fraction of streaming heads); one method each")
-    p.add_argument("--sink", type=int, default=DEFAULT_SINK)
-    p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK, help="sink tokens of streaming heads")
+    p.add_argument("--recent", type=int, default=DEFAULT_RECENT, help="recent window of streaming heads")
     p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
                    help="duo's streaming-head prefill kernel (default: the option's default, 'window')")
     p.add_argument("--prefill-recent", type=int, default=None,
@@ -50,7 +60,8 @@ def add_parser(sub) -> None:
                    help="skip torch.compile/CUDA graphs (faster start; accuracy is unaffected)")
     p.add_argument("--out", default=None, help="output folder (default $OUT/niah or ./niah_out)")
     p.add_argument("--record", default=None, metavar="FIGURE",
-                   help="also save via benchmarks/summary.save_result as figure FIGURE (e.g. niah_smollm2)")
+                   help="also record the accuracies as figure FIGURE in benchmarks/results/summary.json "
+                        "(e.g. niah_smollm2)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per engine")
     p.add_argument("--quiet", action="store_true", help="do not echo engine logs (they still go to --out)")
     p.set_defaults(func=run)
@@ -71,23 +82,19 @@ def _check_grid(args: argparse.Namespace, max_positions: int) -> None:
                              f"lower --lengths")
 
 
-def build_prompts(builder, lengths: list[int], depths: list[float], samples: int, seed: int) -> list:
-    from vllm_duo.eval.niah import passkey_for
-
-    return [(s, builder.build(n, d, passkey_for(seed, n, d, s)))
-            for n in lengths for d in depths for s in range(samples)]
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from vllm_duo.eval.engine_proc import EngineJobError, run_job
     from vllm_duo.eval.methods import check_pattern, expand_methods, model_shape
-    from vllm_duo.eval.niah import HFCodec, PromptBuilder, cell_record, grid_summary, plot_grid
+    from vllm_duo.eval.niah import HFCodec, grid_prompts
+    from vllm_duo.eval.niah_run import run_methods
     from vllm_duo.eval.results import default_out, record, write_json
 
+    require_cuda()
+    require_model_dir(args.model)
     layers, kv_heads, max_positions = model_shape(args.model)
     _check_grid(args, max_positions)
+    if "duo" in args.methods and args.pattern is None:
+        args.pattern = pick_builtin([args.model], layers, kv_heads, "pass --pattern NAME_OR_FOLDER").name
+        print(f"niah: no --pattern; using the built-in {args.pattern} (model name and shape match)")
     methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
                              recent=args.recent, prefill_recent=args.prefill_recent,
                              streaming_prefill=args.streaming_prefill)
@@ -98,39 +105,17 @@ def run(args: argparse.Namespace) -> int:
     log_path = os.path.join(out_dir, "niah.log")
 
     codec = HFCodec(args.model)
-    chat = codec.chat_wrap() if args.chat_template == "on" else None
-    builder = PromptBuilder(codec, chat=chat, prefix=[] if chat else codec.special_prefix())
-    prompts = build_prompts(builder, args.lengths, args.depths, args.samples, args.seed)
+    prompts = grid_prompts(codec, args.chat_template == "on", args.lengths, args.depths, args.samples, args.seed)
     print(f"niah: {len(prompts)} prompts ({len(args.lengths)} lengths x {len(args.depths)} depths x "
           f"{args.samples}), methods {[m.name for m in methods]}, out {out_dir}", flush=True)
 
     engine_base = dict(max_model_len=max(args.lengths) + args.max_tokens, seed=0,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                        enforce_eager=args.enforce_eager, enable_prefix_caching=False)
-    results: dict[str, Any] = {}
-    for m in tqdm(methods, desc="niah methods", unit="engine"):
-        engine = dict(engine_base, **m.engine_kwargs())
-        spec = dict(model=args.model, engine=engine, prompts=[p.ids for _, p in prompts],
-                    max_tokens=args.max_tokens, use_tqdm=True)
-        t0 = time.perf_counter()
-        try:
-            res = run_job("vllm_duo.eval.engine_proc:generate", spec, log_path=log_path, echo=not args.quiet,
-                          timeout=args.timeout, header=f"niah {m.name}")
-        except EngineJobError as e:
-            tqdm.write(f"niah: {m.name} failed: {str(e)[-1500:]}", file=sys.stderr)
-            results[m.name] = {"engine": engine, "error": str(e)[-4000:]}
-            continue
-        cells = [cell_record(p, s, codec.decode(toks)) for (s, p), toks in zip(prompts, res["tokens"])]
-        summary = grid_summary(cells, args.lengths, args.depths)
-        png = os.path.join(out_dir, f"niah_{m.name}.png")
-        plot_grid(summary["grid"], args.lengths, args.depths, png,
-                  f"{m.name}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['total']})\n"
-                  f"{os.path.basename(os.path.normpath(args.model))}, sink {args.sink}, recent {args.recent}")
-        results[m.name] = dict(summary, engine=engine, seconds=round(time.perf_counter() - t0, 1),
-                               generate_seconds=res.get("generate_seconds"), png=os.path.basename(png),
-                               cells=cells)
-        tqdm.write(f"niah: {m.name}: accuracy {summary['accuracy']:.1%}")
-
+    results = run_methods(args.model, methods, prompts, codec, args.lengths, args.depths, engine_base,
+                          max_tokens=args.max_tokens, out_dir=out_dir, log_path=log_path, echo=not args.quiet,
+                          timeout=args.timeout, caption=f"{os.path.basename(os.path.normpath(args.model))}, "
+                                                        f"sink {args.sink}, recent {args.recent}")
     payload = {
         "model": args.model, "lengths": args.lengths, "depths": args.depths, "samples": args.samples,
         "chat_template": args.chat_template, "sink": args.sink, "recent": args.recent,

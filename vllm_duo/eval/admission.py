@@ -24,10 +24,10 @@ def admit(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
 
-    from vllm_duo.eval.engine_proc import engine_log_figures
+    from vllm_duo.eval.engine_proc import kv_capacity
 
     llm = LLM(model=spec["model"], **spec["engine"])
-    figures = engine_log_figures()
+    figures = kv_capacity(llm)
     n = spec.get("requests") or int(figures["max_concurrency"])
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler

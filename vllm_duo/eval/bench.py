@@ -87,7 +87,7 @@ def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from vllm import LLM
 
-    from vllm_duo.eval.engine_proc import engine_log_figures, gpu_memory_used_gib
+    from vllm_duo.eval.engine_proc import gpu_memory_used_gib, kv_capacity
 
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], **spec["engine"])
@@ -99,7 +99,8 @@ def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
         "num_gpu_blocks": vc.cache_config.num_gpu_blocks,
         "block_size": vc.cache_config.block_size,
     }
-    figures = engine_log_figures(need="max_concurrency")
+    figures = kv_capacity(llm)
+    out.update(figures)
     parts = spec["parts"]
     if "a" in parts or "b" in parts:
         _timed(llm, random_prompts(2, 2048, seed=99), 16, "warm-up")  # lazy kernel compiles
@@ -162,7 +163,7 @@ def _decode_at_capacity(llm, a: dict[str, Any], figures: dict[str, float]) -> di
     batch = a.get("batch")
     if batch is None:
         if concurrency is None:
-            raise RuntimeError("vLLM's 'Maximum concurrency' line was not found in the engine log; "
+            raise RuntimeError("vLLM reported no maximum concurrency (cache_config.kv_cache_max_concurrency); "
                                "pass --a-batch to set the batch by hand")
         batch = math.floor(concurrency)
     capped = batch > a["max_num_seqs"]

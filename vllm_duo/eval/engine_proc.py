@@ -2,10 +2,9 @@
 
 Each backend gets its own process so GPU memory, compile caches and vLLM's process-wide
 state never leak between runs. The child's stdout/stderr (vLLM's logs, progress bars) are
-copied live to a log file, and echoed unless asked not to; vLLM's startup figures (KV-cache
-tokens, max concurrency) are parsed from that log, because in V1 they are logged by the
-engine-core process and not returned to the caller. A job running in the child can read
-them too, while it runs (:func:`engine_log_figures`).
+copied live to a log file, and echoed unless asked not to. KV-cache capacity comes from vLLM's
+API in the job (:func:`kv_capacity`); only the memory figures vLLM merely logs (model and
+KV-cache GiB) are parsed from the log.
 
     python -m vllm_duo.eval.engine_proc MODULE:FUNCTION IN.json OUT.json
 """
@@ -24,7 +23,6 @@ import threading
 import time
 from typing import Any
 
-LOG_ENV = "VLLM_DUO_ENGINE_LOG"  # "offset:path" of the child's own log, for jobs that read its figures
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LLAMA3_8B = {
@@ -76,8 +74,7 @@ def run_job(job: str, spec: dict[str, Any], *, log_path: str | None = None, echo
             if header:
                 log.write(f"==== {header} ====\n".encode())
                 log.flush()
-            # the child reads only its own part of a log that earlier jobs share
-            env = dict(os.environ, PYTHONUNBUFFERED="1", **{LOG_ENV: f"{start}:{log_path}"})
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
             env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
             proc = subprocess.Popen([sys.executable, "-m", "vllm_duo.eval.engine_proc", job, src, dst],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -131,17 +128,14 @@ def _kill_group(proc: subprocess.Popen, wait: float = 30.0) -> None:
     proc.wait()
 
 
-_LOG_FIGURES = {
-    "kv_cache_tokens": (r"GPU KV cache size: ([\d,]+) tokens", int),
-    "max_concurrency": (r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", float),
-    "concurrency_request_tokens": (r"Maximum concurrency for ([\d,]+) tokens per request", int),
+_LOG_FIGURES = {  # memory figures vLLM only logs (capacity: kv_capacity)
     "kv_cache_gib": (r"Available KV cache memory: ([\d.]+) GiB", float),
     "model_load_gib": (r"Model loading took ([\d.]+) GiB", float),
 }
 
 
 def parse_engine_log(log: str) -> dict[str, float]:
-    """vLLM's own startup figures (the last of each in ``log``); absent ones are left out."""
+    """vLLM's logged memory figures (the last of each in ``log``); absent ones are left out."""
     out: dict[str, float] = {}
     for key, (pattern, cast) in _LOG_FIGURES.items():
         if found := re.findall(pattern, log):
@@ -149,21 +143,17 @@ def parse_engine_log(log: str) -> dict[str, float]:
     return out
 
 
-def engine_log_figures(wait: float = 20.0, need: str = "max_concurrency") -> dict[str, float]:
-    """Inside a job: the figures vLLM's engine core has logged so far (it logs them before
-    ``LLM(...)`` returns; the parent copies them to the log file within moments)."""
-    where = os.environ.get(LOG_ENV)
-    if not where:
-        raise RuntimeError(f"{LOG_ENV} is not set: run this job through engine_proc.run_job")
-    offset, _, path = where.partition(":")
-    deadline = time.monotonic() + wait
-    while True:
-        with open(path, "rb") as f:
-            f.seek(int(offset))
-            figures = parse_engine_log(f.read().decode(errors="replace"))
-        if need in figures or time.monotonic() > deadline:
-            return figures
-        time.sleep(0.2)
+def kv_capacity(llm: Any) -> dict[str, Any]:
+    """Inside a job: the engine's KV-cache capacity through vLLM's API.
+
+    vLLM's engine core sizes the pool and sends its block count, token capacity and maximum
+    concurrency (``get_kv_cache_capacity``) back to the front process's ``cache_config``.
+    """
+    vc = llm.llm_engine.vllm_config
+    cache = vc.cache_config
+    return {"num_gpu_blocks": cache.num_gpu_blocks, "kv_cache_tokens": cache.kv_cache_size_tokens,
+            "max_concurrency": cache.kv_cache_max_concurrency,
+            "concurrency_request_tokens": vc.model_config.max_model_len}
 
 
 def gpu_memory_used_gib() -> float | None:
@@ -204,8 +194,8 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
                         use_tqdm=spec.get("use_tqdm", False))
     result: dict[str, Any] = {
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
-        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
         "generate_seconds": round(time.perf_counter() - t0, 3),
+        **kv_capacity(llm),
     }
     if spec.get("warmup_prompts"):
         # Per request, from the scheduler. Not vLLM's Prometheus prefix-cache counters: on the

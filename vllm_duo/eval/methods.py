@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_duo.builtin_patterns import builtin
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.hf_config import read_hf_config
 
@@ -54,14 +55,15 @@ def expand_methods(names: list[str], *, pattern: str | None, sparsities: list[fl
             out.append(Method("streaming", "duo", {"pattern": "streaming", **window}))
         else:
             if not pattern:
-                raise DuoConfigError("method 'duo' needs --pattern (a DuoAttention pattern folder or "
-                                     "its full_attention_heads.tsv made for this model)")
+                raise DuoConfigError("method 'duo' needs --pattern (a built-in name, or a DuoAttention "
+                                     "pattern folder or its full_attention_heads.tsv made for this model)")
             if not sparsities:
                 raise DuoConfigError("method 'duo' needs at least one --sparsity value")
             for s in sparsities:
                 if not 0 <= s <= 1:
                     raise DuoConfigError(f"--sparsity must be in [0, 1], got {s}")
-                out.append(Method(duo_name(s), "duo", {"pattern": os.path.abspath(pattern),
+                where = pattern if builtin(pattern) else os.path.abspath(pattern)  # engines run elsewhere
+                out.append(Method(duo_name(s), "duo", {"pattern": where,
                                                        "sparsity": s, **window}))
     return out
 

@@ -31,6 +31,7 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "Question: What is the pass key?"
 CHAT_QUESTION = "What is the pass key?"  # inside the user turn; the assistant turn begins ANSWER
 ANSWER = "The pass key is"
+DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"  # the devkit's SmolLM2-135M-Instruct folder
 _MARKER = "\x00NIAH_CONTENT\x00"
 
 
@@ -149,6 +150,15 @@ class PromptBuilder:
             i += 1
         cut = len(out) - n
         return out[cut:], [0] + [e - cut for e in ends if e > cut]
+
+
+def grid_prompts(codec: Any, chat_template: bool, lengths: list[int], depths: list[float], samples: int,
+                 seed: int) -> list[tuple[int, NiahPrompt]]:
+    """(sample, prompt) for every cell of the grid: one builder for the engine and HF runs alike."""
+    chat = codec.chat_wrap() if chat_template else None
+    builder = PromptBuilder(codec, chat=chat, prefix=[] if chat else codec.special_prefix())
+    return [(s, builder.build(n, d, passkey_for(seed, n, d, s)))
+            for n in lengths for d in depths for s in range(samples)]
 
 
 def passkey_for(seed: int, length: int, depth: float, sample: int) -> int:

@@ -1,19 +1,32 @@
-"""Where evaluation results go: an output folder, and (when recorded) benchmarks/results/.
+"""Where evaluation results go: an output folder, result JSON files and ``summary.json``.
 
-On the GPU machine only the files under ``$OUT`` come back, so a recorded result is also
-copied there next to the merged ``summary.json``.
+Recorded results land in the results folder (``$VLLM_DUO_RESULTS``, else the checkout's
+``benchmarks/results`` when the package runs from one, else ``./benchmarks/results``), each
+with its command, device and date; ``summary.json`` collects the named figures. On the GPU
+machine only the files under ``$OUT`` come back, so :func:`record` also copies them there.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shlex
 import shutil
 import sys
 from typing import Any
 
-from vllm_duo.errors import DuoConfigError
-from vllm_duo.eval.engine_proc import ROOT
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _results_dir() -> str:
+    if os.environ.get("VLLM_DUO_RESULTS"):
+        return os.environ["VLLM_DUO_RESULTS"]
+    in_checkout = os.path.join(_CHECKOUT, "benchmarks", "results")
+    return in_checkout if os.path.isdir(in_checkout) else os.path.abspath(os.path.join("benchmarks", "results"))
+
+
+RESULTS = _results_dir()
 
 
 def default_out(name: str) -> str:
@@ -28,15 +41,49 @@ def write_json(path: str, payload: dict[str, Any]) -> str:
     return path
 
 
-def record(name: str, payload: dict[str, Any], figures: dict[str, Any], out_dir: str) -> str:
-    """``benchmarks.summary.save_result`` (repo checkout needed), copied into ``out_dir``."""
-    if not os.path.isfile(os.path.join(ROOT, "benchmarks", "summary.py")):
-        raise DuoConfigError(f"recording needs the repository checkout (benchmarks/summary.py under {ROOT}); "
-                             f"run from the repo root with PYTHONPATH=$PWD, or leave out the record option")
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from benchmarks.summary import RESULTS, save_result
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any], device: str | None = None,
+                command: str | None = None) -> str:
+    """Write ``RESULTS/<name>_<date>.json`` and merge ``figures`` into ``RESULTS/summary.json``.
+
+    ``device`` / ``command``: where and by what the figures were measured, when that is not this
+    machine and this process (results collected here from the GPU machine's files).
+    """
+    os.makedirs(RESULTS, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    device = device or device_name()
+    fname = f"{name}_{date}.json"
+    payload = dict(payload, command=command or command_line(), device=device, date=date)
+    write_json(os.path.join(RESULTS, fname), payload)
+    summary_path = os.path.join(RESULTS, "summary.json")
+    summary = read_summary(summary_path)
+    for key, value in figures.items():
+        summary[key] = {"value": value, "device": device, "date": date,
+                        "command": payload["command"], "source": fname}
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return fname
+
+
+def read_summary(path: str | None = None) -> dict[str, Any]:
+    path = path or os.path.join(RESULTS, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def record(name: str, payload: dict[str, Any], figures: dict[str, Any], out_dir: str) -> str:
+    """:func:`save_result`, with the result and ``summary.json`` also copied into ``out_dir``."""
     fname = save_result(name, payload, figures)
     os.makedirs(out_dir, exist_ok=True)
     for f in (fname, "summary.json"):

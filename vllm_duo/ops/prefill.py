@@ -8,7 +8,7 @@ step's K/V tensors, so the cache only has to hold what later steps read (the blo
 the rest of a long chunk to the null block) and chunked prefill sees exactly what one long
 prefill sees. A Triton kernel: FA3's local
 window cannot express the sink, and a two-call window + sink merge gave wrong rows on H100
-(docs/wip/fa3_streaming_prefill.patch); this one applies the exact mask inside each tile.
+(withdrawn; in git history, `git log -- docs/wip`); this one applies the exact mask inside each tile.
 """
 
 from __future__ import annotations

@@ -1,0 +1,168 @@
+"""The README's results and evidence tables, generated from the recorded results so they cannot drift.
+
+``summary.json`` gives the figures table (H200 first, then older GPUs as history, then CPU);
+the newest ``evidence_<date>.json`` (:mod:`vllm_duo.eval.evidence`) gives the README's evidence
+summary (one row per kind of check) and docs/results.md's table of every row. Each table sits
+between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any
+
+# Figure key -> what it measures (the README's wording). Unknown keys are shown by key.
+LABELS = {
+    "capacity_ratio_llama3_s050": "KV capacity vs FLASH_ATTN, 64K requests, Llama-3-8B, 50%",
+    "capacity_ratio_llama2_s075": "KV capacity vs FLASH_ATTN, 64K requests, Llama-2-7B, 75%",
+    "capacity_ratio_llama3_s050_rswa": "KV capacity, Llama-3-8B, 50%, `streaming_prefill=\"rswa\"`",
+    "capacity_ratio_llama2_s075_rswa": "KV capacity, Llama-2-7B, 75%, `streaming_prefill=\"rswa\"`",
+    "decode_kernel_ratio_64k_b16_s050": "decode kernel time / FA3, 64K, batch 16, 50% (lower: better)",
+    "decode_kernel_ratio_64k_b16_s075": "decode kernel time / FA3, 64K, batch 16, 75%",
+    "prefill_attn_ratio_128k_s050": "prefill attention speed-up, a Llama-3-8B layer, 128K, 50%",
+    "prefill_ratio_128k_s050": "prefill speed-up, Llama-3-8B shape, 128K, 50%",
+    "prefill_ratio_256k_s050": "prefill speed-up, Llama-3-8B shape, 256K, 50%",
+    "max_context_tokens_duo_s050": "longest single context, Llama-3-8B, 50% (tokens)",
+    "e2e_decode_ratio_64k_s050": "decode throughput vs FLASH_ATTN, 64K requests, largest batch each fits",
+    "short_prompt_ratio_1k_b64": "throughput vs FLASH_ATTN, 1K-token prompts, batch 64",
+    "niah_smollm2": "NIAH accuracy, SmolLM2-135M-Instruct, 1K-8K x 5 depths x 2",
+    "server_load_errors": "`vllm serve` under load (64 clients, 120 s): errors",
+    "server_load_exact_match_rate": "`vllm serve` under load: answers = one-at-a-time greedy",
+    "server_load_p99_latency_s": "`vllm serve` under load: p99 latency (s)",
+    "soak_gpu_leaked_blocks": "GPU soak, 1,000 requests, 10% aborted: leaked KV blocks",
+    "soak_gpu_alone_match_rate": "GPU soak: same greedy tokens when re-run alone",
+    "soak_gpu_preemptions": "GPU soak: preemptions",
+    "soak_leaked_blocks": "soak on vLLM's real scheduler: leaked KV blocks",
+    "fuzz_cases": "bad inputs refused with a clear message (cases)",
+}
+_ORDER = {k: i for i, k in enumerate(LABELS)}
+EVIDENCE_PREFIX = "evidence_"  # summarised by the evidence table, not the figures table
+
+
+def _device_rank(device: str) -> int:
+    """H200 first, other GPUs next (history), CPU last."""
+    return 0 if "H200" in device else 2 if device.lower() == "cpu" else 1
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_value(x * 100 if isinstance(x, float) and x <= 1 else x)}%" for k, x in v.items())
+    return str(v)
+
+
+def _device(device: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "H100" (the full name is in summary.json)."""
+    return re.sub(r" \d+GB.*$", "", device.removeprefix("NVIDIA "))
+
+
+def _command(cmd: str) -> str:
+    """The command as a user would type it (``vllm_duo/cli/main.py X`` is ``vllm-duo X``)."""
+    return re.sub(r"^(python )?vllm_duo/cli/main\.py\b", "vllm-duo", cmd.strip()).replace("|", "\\|")
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """Markdown: one row per figure (its key in summary.json: docs/results.md), newest device
+    first; commands listed once below, numbered."""
+    keys = sorted((k for k in summary if not k.startswith(EVIDENCE_PREFIX)), key=lambda k: (_device_rank(summary[k]["device"]), summary[k]["device"],
+                                          _ORDER.get(k, len(_ORDER)), k))
+    commands: list[str] = []
+    lines = ["| figure | value | device | date | command |", "|---|---|---|---|---|"]
+    for k in keys:
+        e = summary[k]
+        cmd = _command(e["command"])
+        if cmd not in commands:
+            commands.append(cmd)
+        lines.append(f"| {LABELS.get(k, k)} | **{_value(e['value'])}** | {_device(e['device'])} | {e['date']} | "
+                     f"[{commands.index(cmd) + 1}] |")
+    lines.append("")
+    lines += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+    return "\n".join(lines)
+
+
+def newest_evidence(results_dir: str) -> str | None:
+    found = sorted(glob.glob(os.path.join(results_dir, "evidence_*.json")))
+    return found[-1] if found else None
+
+
+def _family(compares: str) -> str:
+    """A check's kind: its ``compares`` without the trailing "(model / worst case)" detail."""
+    return re.sub(r"\s*\([^()]*\)$", "", compares)
+
+
+def _over_tolerance(gap: float, tolerance: float) -> float:
+    return gap / tolerance if tolerance > 0 else (0.0 if gap <= 0 else float("inf"))
+
+
+def _caption(evidence: dict[str, Any]) -> str:
+    return (f"{_device(str(evidence.get('device')))}, {evidence.get('date')}: "
+            f"`{_command(str(evidence.get('command', '')))}`")
+
+
+def evidence_table(evidence: dict[str, Any] | None) -> str:
+    """README: one row per kind of check, its worst gap and weakest control (rows: docs/results.md)."""
+    if not evidence:
+        return ("No evidence file yet: the GPU tests write rows with `VLLM_DUO_EVIDENCE=FILE pytest -m gpu`, "
+                "then `python benchmarks/evidence.py FILE` (docs/gpu-runs.md).")
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in evidence.get("rows", []):
+        families.setdefault(_family(str(r["compares"])), []).append(r)
+    lines = [_caption(evidence), "",
+             "| check | rows | worst gap (its tolerance) | weakest control's gap | all passed, separated |",
+             "|---|---|---|---|---|"]
+    for name, rows in families.items():
+        worst = max(rows, key=lambda r: _over_tolerance(r["gap"], r["tolerance"]))
+        weakest = min(rows, key=lambda r: _over_tolerance(r["control_gap"], r["tolerance"]))
+        ok = f"{_value(all(r['passed'] for r in rows))}, {_value(all(r['separated'] for r in rows))}"
+        cells = [name, len(rows), f"{_value(worst['gap'])} ({_value(worst['tolerance'])})",
+                 f"{_value(weakest['control_gap'])} ({_value(weakest['tolerance'])})", ok]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def evidence_rows_table(evidence: dict[str, Any] | None) -> str:
+    """docs/results.md: every evidence row, with its metric and control."""
+    if not evidence:
+        return "No evidence file yet."
+    lines = [_caption(evidence), "",
+             "| test | compares | metric | gap (tolerance) | control: its gap | passed, separated |",
+             "|---|---|---|---|---|---|"]
+    for r in evidence.get("rows", []):
+        cells = [r.get("test"), r.get("compares"), r.get("metric"),
+                 f"{_value(r.get('gap'))} ({_value(r.get('tolerance'))})",
+                 f"{r.get('control')}: {_value(r.get('control_gap'))}",
+                 f"{_value(r.get('passed'))}, {_value(r.get('separated'))}"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def tables(results_dir: str) -> dict[str, dict[str, str]]:
+    """File (relative to the checkout) -> marker name -> generated markdown, from ``results_dir``."""
+    with open(os.path.join(results_dir, "summary.json")) as f:
+        summary = json.load(f)
+    path = newest_evidence(results_dir)
+    evidence = None
+    if path:
+        with open(path) as f:
+            evidence = json.load(f)
+    return {"README.md": {"results": results_table(summary), "evidence": evidence_table(evidence)},
+            os.path.join("docs", "results.md"): {"evidence-rows": evidence_rows_table(evidence)}}
+
+
+def render(readme: str, generated: dict[str, str]) -> str:
+    """``readme`` with each marked block replaced by its generated table."""
+    for name, body in generated.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin not in readme or end not in readme:
+            raise ValueError(f"README has no {begin} ... {end} markers")
+        head, rest = readme.split(begin, 1)
+        readme = f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
+    return readme
