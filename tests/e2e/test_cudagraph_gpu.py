@@ -1,0 +1,163 @@
+"""Duo decode inside vLLM's full CUDA graphs: replays equal eager runs (GPU).
+
+The seeded attention-matters tiny Llama (real weights, tests/e2e/reference_model.py) with a mixed
+retrieval mask generates greedily under vLLM's defaults (torch.compile + FULL_AND_PIECEWISE: pure
+decode steps replay a full graph captured once per batch size) at 1, 3, 8, 17 and 64 requests, so
+padded batches (3 -> 4, 17 -> 24) replay too. An ``enforce_eager=True`` engine then scores the
+generated tokens teacher-forced (``prompt_logprobs``); the gap is the largest |logprob
+difference| over all generated tokens.
+
+- Tolerance: the same gap for FLASH_ATTN (graphs on vs eager scoring, same prompts) plus a bf16
+  margin: both sides compute the same math through different kernels (decode vs prefill).
+- Control: duo all-streaming (pattern "streaming") generates, the mixed mask scores; its gap must
+  exceed the tolerance, or the test could not fail.
+- The worker must report FULL_AND_PIECEWISE: a backend that declared no full-graph support would
+  be downgraded to PIECEWISE and this test would compare eager with eager.
+
+Both model runners (V2, vLLM 0.26's default for Llama, and V1) are covered.
+
+A local teacher-forced scoring helper is used (vllm_duo/eval/agreement.py is not on this branch).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import pytest
+
+from tests.e2e.reference_model import TINY_LLAMA, make_model
+from vllm_duo.eval.engine_proc import run_job
+from vllm_duo.eval.evidence import check
+
+pytestmark = pytest.mark.gpu
+MASK = [[1, 0], [0, 1], [0, 0], [1, 1]]
+SINK, RECENT = 16, 64
+BATCHES = (1, 3, 8, 17, 64)
+STEPS = 24
+BF16_MARGIN = 0.05  # decode vs prefill kernels in bf16 on this model (reference: max error 0.07)
+RUNNERS = {"v2": "1", "v1": "0"}  # VLLM_USE_V2_MODEL_RUNNER
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return make_model(str(tmp_path_factory.mktemp("tiny_llama")), seed=0)
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(3, TINY_LLAMA["vocab_size"]) for _ in range(rng.randrange(100, 700))]
+            for _ in range(max(BATCHES))]
+
+
+def _engine(backend: str, pattern: Any = MASK, **kw) -> dict[str, Any]:
+    engine = dict(load_format="auto", dtype="bfloat16", max_model_len=2048, max_num_seqs=max(BATCHES),
+                  gpu_memory_utilization=0.5, enable_prefix_caching=False, seed=0,
+                  skip_tokenizer_init=True, attention_backend=backend)
+    if backend == "duo":
+        opts = {"pattern": pattern} if isinstance(pattern, str) else {"retrieval_mask": pattern}
+        engine["additional_config"] = {"duo_attention": dict(opts, sink_size=SINK, recent_size=RECENT)}
+    engine.update(kw)
+    return engine
+
+
+def _probe():
+    """For ``collective_rpc``, built in a closure so cloudpickle ships it by value."""
+
+    def probe(worker) -> dict[str, Any]:
+        cfg = worker.vllm_config.compilation_config
+        mode = cfg.cudagraph_mode
+        return {"cudagraph_mode": getattr(mode, "name", str(mode)),
+                "capture_sizes": list(cfg.cudagraph_capture_sizes or [])}
+
+    return probe
+
+
+def generate_batches(spec: dict[str, Any]) -> dict[str, Any]:
+    """Job: greedy generation of prompts[:b] for each b in spec["batches"], one engine; each
+    generated token's logprob; the worker's resolved CUDA-graph mode."""
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = spec["runner"]
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends the probe by cloudpickle
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                            detokenize=False, logprobs=0)
+    runs = []
+    for b in spec["batches"]:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"][:b]], params,
+                            use_tqdm=False)
+        runs.append([{"tokens": list(o.outputs[0].token_ids),
+                      "logprobs": [step[t].logprob for t, step in zip(o.outputs[0].token_ids,
+                                                                       o.outputs[0].logprobs)]}
+                     for o in outs])
+    return {"runs": runs, "ranks": llm.collective_rpc(_probe())}
+
+
+def score(spec: dict[str, Any]) -> dict[str, Any]:
+    """Job: teacher-forced logprob of every token after its prompt, for each (prompt, tokens)."""
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = spec["runner"]
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    seqs = [p + t for p, t in spec["pairs"]]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+    scores = []
+    for (prompt, tokens), seq, o in zip(spec["pairs"], seqs, outs):
+        lps = o.prompt_logprobs  # [None, {token: Logprob}, ...] one per position
+        scores.append([lps[i][seq[i]].logprob for i in range(len(prompt), len(seq))])
+    return {"scores": scores}
+
+
+def _generate(model: str, runner: str, engine: dict) -> dict[str, Any]:
+    return run_job("tests.e2e.test_cudagraph_gpu:generate_batches",
+                   dict(model=model, runner=runner, engine=engine, prompts=_prompts(),
+                        batches=list(BATCHES), max_tokens=STEPS), timeout=900)
+
+
+def _gaps(model: str, runner: str, runs: list[dict], score_engine: dict) -> list[float]:
+    """Per generation run: the largest |logprob difference| between its generated tokens'
+    logprobs and their teacher-forced scores by one eager engine (all runs scored together)."""
+    prompts = _prompts()
+    pairs, logprobs, owner = [], [], []
+    for k, gen in enumerate(runs):
+        for b, run in zip(BATCHES, gen["runs"]):
+            assert len(run) == b
+            for prompt, out in zip(prompts, run):
+                assert len(out["tokens"]) == STEPS
+                pairs.append([prompt, out["tokens"]])
+                logprobs.append(out["logprobs"])
+                owner.append(k)
+    scored = run_job("tests.e2e.test_cudagraph_gpu:score",
+                     dict(model=model, runner=runner, engine=score_engine, pairs=pairs), timeout=900)
+    gaps = [0.0] * len(runs)
+    for k, lp, sc in zip(owner, logprobs, scored["scores"]):
+        gaps[k] = max([gaps[k]] + [abs(a - b) for a, b in zip(lp, sc)])
+    return gaps
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+def test_graph_replays_match_eager(tiny, runner) -> None:
+    env = RUNNERS[runner]
+    fa = _generate(tiny, env, _engine("FLASH_ATTN"))
+    [fa_gap] = _gaps(tiny, env, [fa], _engine("FLASH_ATTN", enforce_eager=True))
+    duo = _generate(tiny, env, _engine("duo"))
+    control = _generate(tiny, env, _engine("duo", pattern="streaming"))
+    duo_gap, control_gap = _gaps(tiny, env, [duo, control], _engine("duo", enforce_eager=True))
+    for name, res in (("FLASH_ATTN", fa), ("duo", duo)):
+        modes = {r["cudagraph_mode"] for r in res["ranks"]}
+        assert modes == {"FULL_AND_PIECEWISE"}, f"{name} ran with CUDA-graph mode {modes}, not full graphs for decode"
+        sizes = res["ranks"][0]["capture_sizes"]
+        assert all(any(s >= b for s in sizes) for b in BATCHES), f"{name}: capture sizes {sizes} miss a batch"
+    tolerance = 2 * fa_gap + BF16_MARGIN
+    print(f"runner {runner}: FLASH_ATTN graph-vs-eager gap {fa_gap:.4f}, duo {duo_gap:.4f}, "
+          f"control (streaming scored by mixed) {control_gap:.4f}, tolerance {tolerance:.4f}")
+    check(f"tests/e2e/test_cudagraph_gpu.py::test_graph_replays_match_eager[{runner}]",
+          compares=f"duo mixed mask, full CUDA graphs (batches {BATCHES}) vs eager, runner {runner}",
+          metric="max |logprob diff| of generated tokens, teacher-forced by an enforce_eager engine",
+          tolerance=tolerance, gap=duo_gap,
+          control="duo pattern=streaming generates, mixed mask scores", control_gap=control_gap)
