@@ -95,6 +95,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         """This layer's per-slot tables, built on the first step after vLLM binds the caches."""
         key = (id(tables), self.slots[0].layer.kv_cache.data_ptr())
         if self._tables is None or self._tables[0] != key:
+            ops.require_extension()  # the launches below skip the wrappers' checks
             metas = get_forward_context().attn_metadata
             if isinstance(metas, list):
                 metas = metas[0]
