@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.ray_run import ray_stop
 from tests.e2e.reference_model import TINY_LLAMA, make_model
 from vllm_duo.eval.engine_proc import run_job
 from vllm_duo.eval.evidence import check
@@ -113,19 +114,23 @@ def score(spec: dict[str, Any]) -> dict[str, Any]:
     return {"scores": scores}
 
 
-def _generate(model: str, runner: str, engine: dict) -> dict[str, Any]:
-    return run_job("tests.e2e.test_cudagraph_gpu:generate_batches",
-                   dict(model=model, runner=runner, engine=engine, prompts=_prompts(),
-                        batches=list(BATCHES), max_tokens=STEPS), timeout=900)
+def _generate(model: str, runner: str, engine: dict, batches=BATCHES) -> dict[str, Any]:
+    try:
+        return run_job("tests.e2e.test_cudagraph_gpu:generate_batches",
+                       dict(model=model, runner=runner, engine=engine, prompts=_prompts(),
+                            batches=list(batches), max_tokens=STEPS), timeout=900)
+    finally:
+        if engine.get("distributed_executor_backend") == "ray":
+            ray_stop()
 
 
-def _gaps(model: str, runner: str, runs: list[dict], score_engine: dict) -> list[float]:
+def _gaps(model: str, runner: str, runs: list[dict], score_engine: dict, batches=BATCHES) -> list[float]:
     """Per generation run: the largest |logprob difference| between its generated tokens'
     logprobs and their teacher-forced scores by one eager engine (all runs scored together)."""
     prompts = _prompts()
     pairs, logprobs, owner = [], [], []
     for k, gen in enumerate(runs):
-        for b, run in zip(BATCHES, gen["runs"]):
+        for b, run in zip(batches, gen["runs"]):
             assert len(run) == b
             for prompt, out in zip(prompts, run):
                 assert len(out["tokens"]) == STEPS
@@ -161,3 +166,28 @@ def test_graph_replays_match_eager(tiny, runner) -> None:
           metric="max |logprob diff| of generated tokens, teacher-forced by an enforce_eager engine",
           tolerance=tolerance, gap=duo_gap,
           control="duo pattern=streaming generates, mixed mask scores", control_gap=control_gap)
+
+
+def test_tp2_ray_graphs_match_tp1(tiny) -> None:
+    """TP=2 over Ray with vLLM's defaults (compile + full decode graphs) starts, and its tokens'
+    logprobs agree with a TP=1 eager engine's teacher-forced scores (each rank: one KV head)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs (nvidia-h200-x2)")
+    env, batches = RUNNERS["v2"], (8,)
+    tp2 = dict(tensor_parallel_size=2, distributed_executor_backend="ray")
+    fa = _generate(tiny, env, _engine("FLASH_ATTN", **tp2), batches)
+    [fa_gap] = _gaps(tiny, env, [fa], _engine("FLASH_ATTN", enforce_eager=True), batches)
+    duo = _generate(tiny, env, _engine("duo", **tp2), batches)
+    control = _generate(tiny, env, _engine("duo", pattern="streaming", **tp2), batches)
+    duo_gap, control_gap = _gaps(tiny, env, [duo, control], _engine("duo", enforce_eager=True), batches)
+    assert {r["cudagraph_mode"] for r in duo["ranks"]} == {"FULL_AND_PIECEWISE"} and len(duo["ranks"]) == 2
+    tolerance = 2 * fa_gap + BF16_MARGIN
+    print(f"TP=2 graphs vs TP=1 eager: FLASH_ATTN {fa_gap:.4f}, duo {duo_gap:.4f}, control "
+          f"{control_gap:.4f}, tolerance {tolerance:.4f}")
+    check("tests/e2e/test_cudagraph_gpu.py::test_tp2_ray_graphs_match_tp1",
+          compares="duo mixed mask TP=2 (Ray, compile + full decode graphs) vs TP=1 eager",
+          metric="max |logprob diff| of generated tokens, teacher-forced by a TP=1 enforce_eager engine",
+          tolerance=tolerance, gap=duo_gap,
+          control="duo pattern=streaming TP=2 generates, mixed mask TP=1 scores", control_gap=control_gap)
