@@ -14,7 +14,8 @@ difference| over all generated tokens.
 - The worker must report FULL_AND_PIECEWISE: a backend that declared no full-graph support would
   be downgraded to PIECEWISE and this test would compare eager with eager.
 
-Both model runners (V2, vLLM 0.26's default for Llama, and V1) are covered.
+Both model runners (V2, vLLM 0.26's default for Llama, and V1) are covered. With two GPUs,
+TP=2 over Ray under the same defaults is checked against a TP=1 eager engine the same way.
 
 A local teacher-forced scoring helper is used (vllm_duo/eval/agreement.py is not on this branch).
 """
