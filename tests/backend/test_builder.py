@@ -12,7 +12,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from vllm_duo.backend.builder import DuoMetadataBuilder
 from vllm_duo.block_manager import slot_kind_specs
 
-BS, SINK, RECENT, PREFILL_WINDOW, WIDTH = 16, 16, 32, 64, 12
+BS, SINK, RECENT, PREFILL_WINDOW, WIDTH = 16, 16, 32, 64, 32
 
 
 def _config(max_seqs: int = 4, max_tokens: int = 32):
@@ -80,11 +80,15 @@ def test_steps_write_in_place():
 
 
 def test_streaming_table_points_the_gap_at_the_null_block():
+    """Entries between the sink and the window the row's kernel reads point at block 0: the
+    decode kernel's recent window for one-query rows (a prompt's last token too: it is decoded),
+    the prefill window for prompt chunks."""
     _, streaming = _builders()
     vllm_table = _table(4, seed=1)
-    # a decode at 300 keys (window RECENT), and a chunk whose first query is at 400 (PREFILL_WINDOW)
-    s = streaming.build(0, _step([1, 8], [300, 408], 0, vllm_table))
-    for row, first_q, window in ((0, 299, RECENT), (1, 400, PREFILL_WINDOW)):
+    cm = _step([1, 1, 8], [300, 350, 408], 0, vllm_table)
+    cm.is_prefilling = torch.tensor([False, True, True])  # row 1: a one-token prompt chunk
+    s = streaming.build(0, cm)
+    for row, first_q, window in ((0, 299, RECENT), (1, 349, RECENT), (2, 400, PREFILL_WINDOW)):
         first_needed = (first_q - window + 1) // BS
         want = [0 if 1 <= c < first_needed else int(vllm_table[row, c]) for c in range(WIDTH)]
         assert s.block_table[row].tolist() == want, row

@@ -53,8 +53,7 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
             query_start_loc=cm.query_start_loc[:num_reqs + 1], seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs], slot_mapping=cm.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
-            tables=self.tables, group_row=self.row,
-            is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[:num_reqs])
+            tables=self.tables, group_row=self.row)
         if not self.streaming:
             self.tables.set_block_table(self.row, cm.block_table_tensor)
             return meta
@@ -82,10 +81,11 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         bt = meta.block_table
         q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
         first_q = meta.seq_lens - q_lens
-        # The manager keeps the prefill window while the first query is a prompt token.
-        prefilling = q_lens > 1 if meta.is_prefilling is None else \
-            meta.is_prefilling.to(first_q.device, non_blocking=True)  # V2 keeps it on the CPU
-        window = torch.where(prefilling, meta.prefill_window, meta.decode_window).to(first_q.dtype)
+        # Rows of more than one query go through the prefill kernels (sink + prefill window);
+        # one-query rows, prompt tokens included, through the decode kernel (sink + recent
+        # window, never longer: prefill_window >= recent_size). Decided on the device: vLLM's
+        # is_prefilling is a host tensor, and copying it each step would stall the host.
+        window = torch.where(q_lens > 1, meta.prefill_window, meta.decode_window).to(first_q.dtype)
         sink_blocks = -(-sink // block_size)
         first_needed = torch.clamp(first_q - window + 1, min=0) // block_size
         cols = torch.arange(width, device=bt.device, dtype=torch.int32)

@@ -30,7 +30,6 @@ class DuoMetadata:
     num_decode_tokens: int
     tables: StepTables  # all groups' slot mappings and block-table addresses (persistent)
     group_row: int  # this group's row in ``tables``
-    is_prefilling: torch.Tensor | None = None  # bool [num_reqs]: first query is a prompt token
     # Streaming groups: sink length per request (vLLM's R-SWA prefix), and the windows.
     sink_lens: torch.Tensor | None = None
     decode_window: int = 0
