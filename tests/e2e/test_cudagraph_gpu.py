@@ -192,3 +192,116 @@ def test_tp2_ray_graphs_match_tp1(tiny) -> None:
           metric="max |logprob diff| of generated tokens, teacher-forced by a TP=1 enforce_eager engine",
           tolerance=tolerance, gap=duo_gap,
           control="duo pattern=streaming TP=2 generates, mixed mask TP=1 scores", control_gap=control_gap)
+
+
+def test_backend_decode_replays_with_new_steps(monkeypatch) -> None:
+    """One layer through the real builders and impl, without an engine: a decode step captured at
+    each padded batch size (1, 4, 8) replays later steps with new lengths, block tables, slot
+    mappings and K/V, and fewer requests than captured (padding), and matches a float32
+    reference and the eager forward. vLLM's per-step tensors are stood in for by persistent
+    buffers refilled in place, as both model runners do."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_duo.backend import impl as impl_module
+    from vllm_duo.backend.builder import DuoMetadataBuilder
+    from vllm_duo.block_manager import slot_kind_specs
+    from vllm_duo.options import DuoOptions
+    from vllm_duo.slot_plan import RETRIEVAL, STREAMING
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    H, G, D, BS, WIDTH, POOL, MAXR, SINK_, WIN = 2, 4, 128, 16, 64, 600, 8, 16, 64
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=64, max_num_seqs=MAXR),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
+        model_config=SimpleNamespace(max_model_len=WIDTH * BS))
+    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=bf16, sink_size=SINK_, recent_size=WIN,
+                            prefill_window=WIN, tail_only_batches=0)
+    builders = [DuoMetadataBuilder(specs[0], ["l0"], config, dev),
+                DuoMetadataBuilder(specs[1], ["l0.duo_s0"], config, dev)]
+    names = ["l0", "l0.duo_s0"]
+    caches = [torch.randn(POOL, 1, BS, 2 * D, dtype=bf16, device=dev) for _ in range(2)]
+    slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
+             SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
+    impl = impl_module.DuoAttentionImpl(num_heads=H * G, head_size=D, scale=D ** -0.5, num_kv_heads=H,
+                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    impl.set_slots(slots, DuoOptions(sink_size=SINK_, recent_size=WIN))
+    context = SimpleNamespace(attn_metadata=None)
+    monkeypatch.setattr(impl_module, "get_forward_context", lambda: context)
+
+    # vLLM's persistent per-step buffers
+    seq_lens = torch.zeros(MAXR, dtype=torch.int32, device=dev)
+    qsl = torch.arange(MAXR + 1, dtype=torch.int32, device=dev)
+    tables = [torch.zeros(MAXR, WIDTH, dtype=torch.int32, device=dev) for _ in range(2)]
+    mappings = [torch.full((MAXR,), -1, dtype=torch.int64, device=dev) for _ in range(2)]
+    q = torch.zeros(MAXR, H * G, D, dtype=bf16, device=dev)
+    k, v = (torch.zeros(MAXR, H, D, dtype=bf16, device=dev) for _ in range(2))
+    out = torch.zeros(MAXR, H * G, D, dtype=bf16, device=dev)
+
+    def step(lens: list[int], padded: int, seed: int) -> dict:
+        """Fill the buffers for one decode step of len(lens) requests padded to ``padded``;
+        build both groups' metadata as the runner does every step."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        n = len(lens)
+        seq_lens.zero_()
+        seq_lens[:n] = torch.tensor(lens, dtype=torch.int32)
+        for table, mapping in zip(tables, mappings):
+            table.zero_()
+            mapping.fill_(-1)
+            blocks = torch.randperm(POOL - 1, generator=gen) + 1  # rows get disjoint blocks
+            for r, L in enumerate(lens):
+                table[r] = blocks[r * WIDTH:(r + 1) * WIDTH].to(dev, torch.int32)
+                mapping[r] = int(table[r, (L - 1) // BS]) * BS + (L - 1) % BS
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, generator=gen).to(dev, bf16))
+        metas = {}
+        for name, builder, table, mapping in zip(names, builders, tables, mappings):
+            cm = CommonAttentionMetadata(
+                query_start_loc=qsl[:padded + 1], query_start_loc_cpu=qsl[:padded + 1].cpu(),
+                seq_lens=seq_lens[:padded], num_reqs=padded, num_actual_tokens=padded, max_query_len=1,
+                max_seq_len=max(lens), block_table_tensor=table[:padded], slot_mapping=mapping[:padded])
+            metas[name] = builder.build(0, cm)
+        context.attn_metadata = metas
+        return metas
+
+    def forward(metas: dict, padded: int) -> None:
+        impl.forward(None, q[:padded], k[:padded], v[:padded], None, metas["l0"], output=out[:padded])
+
+    def reference(lens: list[int]) -> torch.Tensor:
+        ref = torch.zeros(len(lens), H * G, D)
+        for s, streaming in ((0, False), (1, True)):
+            cache = caches[s][:, 0].float().reshape(-1, 2 * D)
+            for r, L in enumerate(lens):
+                pos = torch.arange(L)
+                if streaming:
+                    pos = pos[(pos < SINK_) | (pos > L - 1 - WIN)]
+                rows = tables[s][r, pos // BS].long().cpu() * BS + pos % BS
+                kv = cache[rows.to(dev)].cpu()
+                heads = slice(s * G, (s + 1) * G)
+                p = torch.softmax(q[r, heads].float().cpu() @ kv[:, :D].T * D ** -0.5, dim=-1)
+                ref[r, heads] = p @ kv[:, D:]
+        return ref
+
+    rng = torch.Generator().manual_seed(0)
+    for padded in (1, 4, 8):
+        metas = step([40] * padded, padded, seed=padded)
+        forward(metas, padded)  # warm-up outside the graph, as vLLM does
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward(metas, padded)
+        for n, seed in ((padded, 100 + padded), (max(1, padded - 1), 200 + padded)):
+            lens = torch.randint(1, WIDTH * BS, (n,), generator=rng).tolist()
+            step(lens, padded, seed)
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            replayed = out[:padded].float().cpu()
+            ref = reference(lens)
+            err = (replayed[:n] - ref).abs().max().item()
+            assert err < 2e-2 * max(1.0, ref.abs().max().item()), (padded, n, err)
+            assert (replayed[n:] == 0).all(), "padded rows must be zeros"
+            forward(step(lens, padded, seed), padded)  # the same step eagerly
+            eager = out[:n].float().cpu()
+            assert (eager - replayed[:n]).abs().max().item() < 2e-2, (padded, n)
