@@ -6,13 +6,13 @@ FULL_AND_PIECEWISE CUDA graphs). Output tokens/s = all output tokens / wall time
 finish; TTFT and TPOT p50/p99 from vLLM's request stats (``vllm_duo.eval.traffic``). Both
 backends get the same requests, one engine each in a fresh process, in one run.
 
-The issue's 1,000 requests hold about 5M prompt tokens, about 4 minutes of prefill per backend
-on one H200: too long for one 9-minute device call with both backends. ``--backends`` runs one
+The issue's 1,000 requests hold 5.3M prompt tokens: at an estimated 20K prompt tokens/s per
+backend on one H200 (not measured), too long for one 9-minute device call with both backends. ``--backends`` runs one
 backend and writes its row (``--part-out``); ``--combine A.json B.json`` then computes the
 figures from two such rows (same requests: same --requests and --seed). Default: both backends,
-400 requests.
+300 requests (about 1.6M prompt tokens).
 
-    python benchmarks/mixed_traffic.py [--requests 400] [--pattern PATH]
+    python benchmarks/mixed_traffic.py [--requests 300] [--pattern PATH]
     python benchmarks/mixed_traffic.py --requests 1000 --backends duo --part-out /tmp/duo.json
     python benchmarks/mixed_traffic.py --requests 1000 --backends FLASH_ATTN --part-out /tmp/fa.json
     python benchmarks/mixed_traffic.py --combine /tmp/duo.json /tmp/fa.json
@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="duo pattern folder (.patterns/... on the GPU machine)")
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-prompt", type=int, default=64)
     ap.add_argument("--max-prompt", type=int, default=32768)
