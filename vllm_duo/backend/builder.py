@@ -38,6 +38,7 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
         self.max_rows = max(sched.max_num_seqs, capture)
         self._block_table: torch.Tensor | None = None  # streaming: the null-gapped copy
+        self._cols: torch.Tensor | None = None  # its column indices
         self._sink_lens: torch.Tensor | None = None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -77,6 +78,7 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         rows, width = max(self.max_rows, meta.num_reqs), table.shape[1]
         if self._block_table is None or self._block_table.shape != (rows, width):
             self._block_table = torch.zeros(rows, width, dtype=table.dtype, device=self.device)
+            self._cols = torch.arange(width, device=self.device, dtype=torch.int32)
             self.tables.set_block_table(self.row, self._block_table)
         bt = meta.block_table
         q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
@@ -88,8 +90,8 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         window = torch.where(q_lens > 1, meta.prefill_window, meta.decode_window).to(first_q.dtype)
         sink_blocks = -(-sink // block_size)
         first_needed = torch.clamp(first_q - window + 1, min=0) // block_size
-        cols = torch.arange(width, device=bt.device, dtype=torch.int32)
-        gap = (cols[None, :] >= sink_blocks) & (cols[None, :] < first_needed[:, None])
+        cols = self._cols[None, :]
+        gap = (cols >= sink_blocks) & (cols < first_needed[:, None])
         out = self._block_table[:meta.num_reqs]
         out.copy_(bt)
         return out.masked_fill_(gap, NULL_BLOCK_ID)
