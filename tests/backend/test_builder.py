@@ -93,3 +93,13 @@ def test_streaming_table_points_the_gap_at_the_null_block():
         want = [0 if 1 <= c < first_needed else int(vllm_table[row, c]) for c in range(WIDTH)]
         assert s.block_table[row].tolist() == want, row
     assert (vllm_table > 0).all()  # vLLM's own table is left as it was
+
+
+def test_a_larger_batch_than_planned_moves_the_table_once():
+    _, streaming = _builders()  # sized for 8 rows (max_num_seqs 4, capture size 8)
+    first = streaming.build(0, _step([1] * 3, [40] * 3, 0, _table(3, seed=2)))
+    big = streaming.build(0, _step([1] * 10, [40] * 10, 0, _table(10, seed=3)))
+    assert big.block_table.data_ptr() != first.block_table.data_ptr() and big.sink_lens.shape == (10,)
+    assert streaming.tables.bt_ptrs[streaming.row] == big.block_table.data_ptr()
+    again = streaming.build(0, _step([1] * 3, [40] * 3, 0, _table(3, seed=4)))
+    assert again.block_table.data_ptr() == big.block_table.data_ptr()  # no move back

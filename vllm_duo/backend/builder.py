@@ -60,9 +60,9 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
             return meta
         spec = self.kv_cache_spec
         meta.decode_window, meta.prefill_window = spec.recent_size, spec.sliding_window
-        if self._sink_lens is None:
-            self._sink_lens = torch.full((self.max_rows,), spec.sink_size, dtype=torch.int32,
-                                         device=self.device)
+        if self._sink_lens is None or self._sink_lens.shape[0] < num_reqs:
+            self._sink_lens = torch.full((max(self.max_rows, num_reqs),), spec.sink_size,
+                                         dtype=torch.int32, device=self.device)
         meta.sink_lens = self._sink_lens[:num_reqs]
         meta.block_table = self._null_gap(meta, cm.block_table_tensor, spec.sink_size, spec.block_size)
         return meta
@@ -75,9 +75,12 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
         The scheduler frees the middle blocks but the worker's table keeps their stale ids;
         a query at t needs keys < sink or > t - window, and t >= seq_len - query_len.
         """
-        rows, width = max(self.max_rows, meta.num_reqs), table.shape[1]
-        if self._block_table is None or self._block_table.shape != (rows, width):
-            self._block_table = torch.zeros(rows, width, dtype=table.dtype, device=self.device)
+        width = table.shape[1]
+        if self._block_table is None or self._block_table.shape[1] != width or \
+                self._block_table.shape[0] < meta.num_reqs:
+            # A new table moves: the kernels follow it through the pointer tables.
+            self._block_table = torch.zeros(max(self.max_rows, meta.num_reqs), width,
+                                            dtype=table.dtype, device=self.device)
             self._cols = torch.arange(width, device=self.device, dtype=torch.int32)
             self.tables.set_block_table(self.row, self._block_table)
         bt = meta.block_table
