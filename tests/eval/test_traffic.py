@@ -32,3 +32,20 @@ def test_request_latencies():
 def test_gpu_busy_is_the_union_of_kernel_intervals():
     assert gpu_busy_us([]) == 0
     assert gpu_busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+
+
+def test_combine_refuses_parts_of_different_requests(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    row = {"output_tokens_per_s": 100.0}
+    parts = []
+    for name, count in (("duo", 1000), ("FLASH_ATTN", 300)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": {name: row}, "requests": {"count": count}, "command": "x"}))
+        parts.append(str(path))
+    out = subprocess.run([sys.executable, "benchmarks/mixed_traffic.py", "--combine", *parts],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("mixed_traffic: the two parts ran different requests")
