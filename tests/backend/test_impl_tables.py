@@ -139,3 +139,54 @@ def test_missing_build_fails_with_the_hint(monkeypatch):
     monkeypatch.setattr(_ext, "_ERROR", "no _C*.so in /x")
     with pytest.raises(RuntimeError, match="pip install -e"):
         impl_module.ops.require_extension()
+
+
+def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkeypatch):
+    """A mixed step (one decode, one prompt chunk): FA3 gets the retrieval slot's queries, cache
+    views and vLLM's table rows of the chunk; the window kernel gets the streaming slots'
+    addresses and the null-gapped table (recorded, not computed)."""
+    import vllm.v1.attention.backends.fa_utils as fa_utils
+
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
+        model_config=SimpleNamespace(max_model_len=WIDTH * BS))
+    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
+                            recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+    names = ["l0", "l0.duo_s0"]
+    builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
+    caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
+    slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
+             SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
+    impl = impl_module.DuoAttentionImpl(num_heads=H * G, head_size=D, scale=D ** -0.5, num_kv_heads=H,
+                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    calls = {}
+    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: calls.setdefault("decode", k))
+    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: calls.setdefault("window", (a, k)))
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", lambda **k: calls.setdefault("fa", k),
+                        raising=False)  # defined only where vllm_flash_attn imports (CUDA)
+    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    qsl = torch.tensor([0, 1, 9], dtype=torch.int32)
+    seq_lens = torch.tensor([40, 60], dtype=torch.int32)
+    tables = [torch.arange(2 * WIDTH, dtype=torch.int32).view(2, WIDTH) + 1 + 20 * i for i in range(2)]
+    metas = {name: b.build(0, CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=2, num_actual_tokens=9,
+        max_query_len=8, max_seq_len=60, block_table_tensor=t, slot_mapping=torch.arange(9)))
+        for name, b, t in zip(names, builders, tables)}
+    monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
+    q, out = torch.randn(9, H * G, D), torch.zeros(9, H * G, D)
+    k, v = torch.randn(9, H, D), torch.randn(9, H, D)
+    impl.forward(None, q, k, v, None, metas["l0"], output=out)
+    fa = calls["fa"]
+    assert fa["q"].data_ptr() == q[1:9, 0:G].data_ptr() and fa["q"].shape == (8, G, D)
+    assert fa["k"].data_ptr() == caches[0].data_ptr() and fa["k"].shape == (POOL, BS, 1, D)
+    assert fa["block_table"].data_ptr() == tables[0][1:].data_ptr()
+    assert fa["cu_seqlens_q"].tolist() == [0, 8] and fa["seqused_k"].tolist() == [60]
+    args, kw = calls["window"]
+    assert args[3].tolist() == [caches[1].data_ptr()]  # streaming slot cache
+    assert args[4].tolist() == [metas["l0.duo_s0"].block_table.data_ptr()]  # the null-gapped table
+    assert kw["block_table_row0"] == 1 and kw["window"] == WIN
+    assert calls["decode"]["max_seq_len"] == 60 and calls["decode"]["graph_slots"] is None

@@ -51,6 +51,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         self.opts: DuoOptions | None = None
         self.block_size = 0  # the slot caches', read when they are bound
         self._tables: tuple | None = None  # ((tables, cache address), SlotTensors)
+        self._views: list = []  # (slot, its query heads, K view, V view) of each real slot
 
     def set_slots(self, slots: list, opts: DuoOptions) -> None:
         self.slots, self.opts = slots, opts
@@ -86,7 +87,8 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             if isinstance(metas, list):
                 metas = metas[0]
             window_kernel = self.opts.streaming_prefill == "window"
-            self._prefill_per_slot(query, output, metas, nd, ndt, n, streaming=not window_kernel)
+            self._prefill_per_slot(query, output, metas, attn_metadata, nd, ndt, n,
+                                   streaming=not window_kernel)
             if window_kernel:
                 self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n)
         return output
@@ -102,20 +104,31 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             rows = [metas[s.name].group_row for s in self.slots]
             self.block_size = self.slots[0].layer.kv_cache.shape[2]
             self._tables = (key, tables.layer_tensors(self.slots, rows))
+            self._views = [(s, slice(s.head * self.group, (s.head + 1) * self.group),
+                            *self._kv_views(s)) for s in self.slots if s.head >= 0]
         return self._tables[1]
 
-    def _prefill_per_slot(self, query, output, metas, nd: int, ndt: int, n: int,
+    def _kv_views(self, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views of a slot cache for the prefill kernels (FA3: TMA-friendly strides)."""
+        k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if slot.kind == RETRIEVAL:
+            return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
+        return k_cache, v_cache
+
+    def _prefill_per_slot(self, query, output, metas, meta: DuoMetadata, nd: int, ndt: int, n: int,
                           streaming: bool) -> None:
         """Prompt chunks (requests ``nd..``) one slot at a time: retrieval slots through FA3,
-        and, when ``streaming``, streaming slots through vLLM's Triton R-SWA."""
-        for slot in self.slots:
+        and, when ``streaming``, streaming slots through vLLM's Triton R-SWA. Every group shares
+        the step's query offsets and lengths; only the block table is the slot's group's."""
+        qsl = meta.query_start_loc[nd:]
+        cu_seqlens_q, seq_lens = qsl - qsl[:1], meta.seq_lens[nd:]
+        for slot, heads, k_cache, v_cache in self._views:
             retrieval = slot.kind == RETRIEVAL
-            if slot.head < 0 or not (retrieval or streaming):
+            if not (retrieval or streaming):
                 continue
-            k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-            heads = slice(slot.head * self.group, (slot.head + 1) * self.group)
             run = self._retrieval if retrieval else self._streaming
-            run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd)
+            run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd,
+                cu_seqlens_q, seq_lens)
 
     def _prefill_streaming(self, query, key, value, output, t: SlotTensors, meta: DuoMetadata,
                            nd: int, ndt: int, n: int) -> None:
@@ -131,25 +144,24 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             sink_size=self.opts.sink_size, window=self.opts.prefill_window, scale=self.scale,
             block_table_row0=nd, out=output[ndt:n])
 
-    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
+    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
+                   seq_lens) -> None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        qsl = meta.query_start_loc[r0:]
         flash_attn_varlen_func(
-            q=q, k=canonicalize_singleton_dim_strides(k_cache),
-            v=canonicalize_singleton_dim_strides(v_cache), out=out,
-            cu_seqlens_q=qsl - qsl[:1], max_seqlen_q=meta.max_query_len,
-            seqused_k=meta.seq_lens[r0:], max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
+            q=q, k=k_cache, v=v_cache, out=out,
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=meta.max_query_len,
+            seqused_k=seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
             causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version)
 
-    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
+    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
+                   seq_lens) -> None:
         """Exact sink + window mask with the prefill window (decodes went through the kernel)."""
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-        qsl = meta.query_start_loc[r0:]
         unified_attention(
-            q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl - qsl[:1],
-            max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens[r0:],
+            q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=meta.max_query_len, seqused_k=seq_lens,
             max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale, causal=True,
             window_size=(-1, -1), block_table=meta.block_table[r0:], softcap=0,
             q_descale=None, k_descale=None, v_descale=None,
