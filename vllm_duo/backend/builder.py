@@ -1,7 +1,10 @@
 """``DuoMetadataBuilder``: turns vLLM's per-group view of a step into :class:`DuoMetadata`.
 
 One builder per KV-cache group. Streaming groups get a block table whose freed middle entries
-point at the null block, so no kernel ever reads a freed block.
+point at the null block, so no kernel ever reads a freed block. Everything a kernel reads is
+written here, in place, into buffers that never move (or whose moves the kernels follow through
+address tables): a pure-decode step can then replay a full CUDA graph, and ``forward()`` only
+launches kernels.
 """
 
 from __future__ import annotations
@@ -12,57 +15,86 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuil
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_duo.backend.metadata import DuoMetadata
+from vllm_duo.backend.step_tables import StepTables
 from vllm_duo.block_manager import DuoStreamingSpec
 
 NULL_BLOCK_ID = 0  # vLLM's BlockPool reserves block 0 as the null block
 
 
 class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
-    # Attention runs eagerly between piecewise CUDA graphs until the csrc decode path is
-    # graph-safe end to end.
-    _cudagraph_support = AttentionCGSupport.NEVER
+    # Pure-decode batches run as full CUDA graphs (the csrc decode kernel's grid depends only on
+    # the batch size); prompt chunks run eagerly between piecewise graphs (FA3 per slot, Triton).
+    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     reorder_batch_threshold: int = 1
     supports_update_block_table: bool = False
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.streaming = isinstance(kv_cache_spec, DuoStreamingSpec)
+        self.tables = StepTables.for_runner(vllm_config, device)
+        self.row = self.tables.add_group(layer_names)
+        self.max_model_len = vllm_config.model_config.max_model_len
+        sched = vllm_config.scheduler_config
+        capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+        self.max_rows = max(sched.max_num_seqs, capture)
+        self._block_table: torch.Tensor | None = None  # streaming: the null-gapped copy
+        self._cols: torch.Tensor | None = None  # its column indices
+        self._sink_lens: torch.Tensor | None = None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> DuoMetadata:
         cm = common_attn_metadata
         num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         num_reqs = cm.num_reqs
+        self.tables.write_slot_mapping(self.row, cm.slot_mapping)
         meta = DuoMetadata(
             num_actual_tokens=cm.num_actual_tokens, num_reqs=num_reqs,
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            max_model_len=self.max_model_len,
             query_start_loc=cm.query_start_loc[:num_reqs + 1], seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs], slot_mapping=cm.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
-            is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[:num_reqs])
+            tables=self.tables, group_row=self.row)
         if not self.streaming:
+            self.tables.set_block_table(self.row, cm.block_table_tensor)
             return meta
         spec = self.kv_cache_spec
         meta.decode_window, meta.prefill_window = spec.recent_size, spec.sliding_window
-        meta.sink_lens = torch.full((num_reqs,), spec.sink_size, dtype=torch.int32, device=self.device)
-        meta.block_table = self._null_gap(meta, spec.sink_size, spec.block_size)
+        if self._sink_lens is None or self._sink_lens.shape[0] < num_reqs:
+            self._sink_lens = torch.full((max(self.max_rows, num_reqs),), spec.sink_size,
+                                         dtype=torch.int32, device=self.device)
+        meta.sink_lens = self._sink_lens[:num_reqs]
+        meta.block_table = self._null_gap(meta, cm.block_table_tensor, spec.sink_size, spec.block_size)
         return meta
 
-    def _null_gap(self, meta: DuoMetadata, sink: int, block_size: int) -> torch.Tensor:
-        """Point block-table entries no query of this step may read at the null block.
+    def _null_gap(self, meta: DuoMetadata, table: torch.Tensor, sink: int,
+                  block_size: int) -> torch.Tensor:
+        """This step's block table, with entries no query of the step may read pointing at the
+        null block, written into the builder's own persistent table.
 
         The scheduler frees the middle blocks but the worker's table keeps their stale ids;
         a query at t needs keys < sink or > t - window, and t >= seq_len - query_len.
         """
+        width = table.shape[1]
+        if self._block_table is None or self._block_table.shape[1] != width or \
+                self._block_table.shape[0] < meta.num_reqs:
+            # A new table moves: the kernels follow it through the pointer tables.
+            self._block_table = torch.zeros(max(self.max_rows, meta.num_reqs), width,
+                                            dtype=table.dtype, device=self.device)
+            self._cols = torch.arange(width, device=self.device, dtype=torch.int32)
+            self.tables.set_block_table(self.row, self._block_table)
         bt = meta.block_table
         q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
         first_q = meta.seq_lens - q_lens
-        # The manager keeps the prefill window while the first query is a prompt token.
-        prefilling = q_lens > 1 if meta.is_prefilling is None else \
-            meta.is_prefilling.to(first_q.device, non_blocking=True)  # V2 keeps it on the CPU
-        window = torch.where(prefilling, meta.prefill_window, meta.decode_window).to(first_q.dtype)
+        # Rows of more than one query go through the prefill kernels (sink + prefill window);
+        # one-query rows, prompt tokens included, through the decode kernel (sink + recent
+        # window, never longer: prefill_window >= recent_size). Decided on the device: vLLM's
+        # is_prefilling is a host tensor, and copying it each step would stall the host.
+        window = torch.where(q_lens > 1, meta.prefill_window, meta.decode_window).to(first_q.dtype)
         sink_blocks = -(-sink // block_size)
         first_needed = torch.clamp(first_q - window + 1, min=0) // block_size
-        cols = torch.arange(bt.shape[1], device=bt.device, dtype=torch.int32)
-        gap = (cols[None, :] >= sink_blocks) & (cols[None, :] < first_needed[:, None])
-        return bt.masked_fill(gap, NULL_BLOCK_ID)
+        cols = self._cols[None, :]
+        gap = (cols >= sink_blocks) & (cols < first_needed[:, None])
+        out = self._block_table[:meta.num_reqs]
+        out.copy_(bt)
+        return out.masked_fill_(gap, NULL_BLOCK_ID)

@@ -8,6 +8,9 @@ Per step and layer:
   by the ``streaming_prefill`` option: ``"window"`` (default) one vllm-duo Triton launch for all
   streaming slots that visits only the sink and window tiles, O(sink + window); ``"rswa"``
   vLLM's Triton unified attention per slot with its exact sink + window mask, O(context).
+
+Pure-decode steps run inside vLLM's full CUDA graphs: ``forward()`` reads no host values and
+allocates only inside the captured region; the builder fills every persistent input per step.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
 from vllm_duo import ops
 from vllm_duo.backend.metadata import DuoMetadata
-from vllm_duo.backend.step_tables import StepTables, slot_tensors
+from vllm_duo.backend.step_tables import SlotTensors, StepTables
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.options import DuoOptions
 from vllm_duo.slot_plan import RETRIEVAL
@@ -46,7 +49,9 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         self.fa_version = get_flash_attn_version()
         self.slots: list = []
         self.opts: DuoOptions | None = None
-        self._tables = None  # (slot -> group key, SlotTensors), built on the first real step
+        self.block_size = 0  # the slot caches', read when they are bound
+        self._tables: tuple | None = None  # ((tables, cache address), SlotTensors)
+        self._views: list = []  # (slot, its query heads, K view, V view) of each real slot
 
     def set_slots(self, slots: list, opts: DuoOptions) -> None:
         self.slots, self.opts = slots, opts
@@ -54,82 +59,109 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: DuoMetadata, output: torch.Tensor | None = None,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
+        """Launches only: every per-step input lives in persistent buffers the builder filled, so
+        a pure-decode step captured in a full CUDA graph replays with later steps' values."""
         assert output is not None, "duo writes into vLLM's preallocated output"
         if attn_metadata is None:  # profiling run: no caches bound yet
             return output.fill_(0)
-        metas = get_forward_context().attn_metadata
-        if isinstance(metas, list):
-            metas = metas[0]
-        step = StepTables.for_step(metas, self.slots)
-        keys = step.group_keys(self.slots)
-        if self._tables is None or self._tables[0] != keys:
-            self._tables = (keys, slot_tensors(self.slots, step, key.device))
-        t = self._tables[1]
+        t = self._slot_tensors(attn_metadata.tables)
         n = attn_metadata.num_actual_tokens
         ops.write_kv(key[:n], value[:n], t.kv_ptrs, t.slot_kv_head, t.slot_group,
-                     step.slot_mappings)
+                     attn_metadata.tables.slot_mappings, check=False)
         nd, ndt = attn_metadata.num_decodes, attn_metadata.num_decode_tokens
         if nd:
-            ops.paged_decode(query[:ndt], t.kv_ptrs, step.block_table_ptrs[t.slot_group],
-                             step.block_table_strides[t.slot_group], t.slot_kv_head,
+            # A captured launch replays for any later length: plan it for the longest row
+            # (a layer without retrieval heads never reads more than sink + window keys).
+            graph = torch.cuda.is_current_stream_capturing()
+            longest = attn_metadata.max_model_len if t.num_long_slots else \
+                min(attn_metadata.max_model_len, self.opts.sink_size + self.opts.recent_size)
+            ops.paged_decode(query[:ndt], t.kv_ptrs, t.bt_ptrs, t.bt_strides, t.slot_kv_head,
                              t.slot_streaming, attn_metadata.seq_lens[:nd],
-                             max_seq_len=attn_metadata.max_seq_len, num_kv_heads=self.num_kv_heads,
-                             block_size=step.block_size, sink_size=self.opts.sink_size,
-                             window=self.opts.recent_size, scale=self.scale, out=output[:ndt])
+                             max_seq_len=longest if graph else attn_metadata.max_seq_len,
+                             num_kv_heads=self.num_kv_heads, block_size=self.block_size,
+                             sink_size=self.opts.sink_size, window=self.opts.recent_size,
+                             scale=self.scale, out=output[:ndt],
+                             graph_slots=max(1, t.num_long_slots) if graph else None, check=False)
         if nd < attn_metadata.num_reqs:
+            metas = get_forward_context().attn_metadata
+            if isinstance(metas, list):
+                metas = metas[0]
             window_kernel = self.opts.streaming_prefill == "window"
-            self._prefill_per_slot(query, output, metas, nd, ndt, n, streaming=not window_kernel)
+            self._prefill_per_slot(query, output, metas, attn_metadata, nd, ndt, n,
+                                   streaming=not window_kernel)
             if window_kernel:
-                self._prefill_streaming(query, key, value, output, step, t, attn_metadata, nd, ndt, n)
+                self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n)
         return output
 
-    def _prefill_per_slot(self, query, output, metas, nd: int, ndt: int, n: int,
+    def _slot_tensors(self, tables: StepTables) -> SlotTensors:
+        """This layer's per-slot tables, built on the first step after vLLM binds the caches."""
+        key = (id(tables), self.slots[0].layer.kv_cache.data_ptr())
+        if self._tables is None or self._tables[0] != key:
+            ops.require_extension()  # the launches below skip the wrappers' checks
+            metas = get_forward_context().attn_metadata
+            if isinstance(metas, list):
+                metas = metas[0]
+            rows = [metas[s.name].group_row for s in self.slots]
+            self.block_size = self.slots[0].layer.kv_cache.shape[2]
+            self._tables = (key, tables.layer_tensors(self.slots, rows))
+            self._views = [(s, slice(s.head * self.group, (s.head + 1) * self.group),
+                            *self._kv_views(s)) for s in self.slots if s.head >= 0]
+        return self._tables[1]
+
+    def _kv_views(self, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views of a slot cache for the prefill kernels (FA3: TMA-friendly strides)."""
+        k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if slot.kind == RETRIEVAL:
+            return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
+        return k_cache, v_cache
+
+    def _prefill_per_slot(self, query, output, metas, meta: DuoMetadata, nd: int, ndt: int, n: int,
                           streaming: bool) -> None:
         """Prompt chunks (requests ``nd..``) one slot at a time: retrieval slots through FA3,
-        and, when ``streaming``, streaming slots through vLLM's Triton R-SWA."""
-        for slot in self.slots:
+        and, when ``streaming``, streaming slots through vLLM's Triton R-SWA. Every group shares
+        the step's query offsets and lengths; only the block table is the slot's group's."""
+        qsl = meta.query_start_loc[nd:]
+        cu_seqlens_q, seq_lens = qsl - qsl[:1], meta.seq_lens[nd:]
+        for slot, heads, k_cache, v_cache in self._views:
             retrieval = slot.kind == RETRIEVAL
-            if slot.head < 0 or not (retrieval or streaming):
+            if not (retrieval or streaming):
                 continue
-            k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-            heads = slice(slot.head * self.group, (slot.head + 1) * self.group)
             run = self._retrieval if retrieval else self._streaming
-            run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd)
+            run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd,
+                cu_seqlens_q, seq_lens)
 
-    def _prefill_streaming(self, query, key, value, output, step: StepTables, t, meta: DuoMetadata,
+    def _prefill_streaming(self, query, key, value, output, t: SlotTensors, meta: DuoMetadata,
                            nd: int, ndt: int, n: int) -> None:
         """Prompt chunks of every streaming slot: one launch, sink + prefill window only; keys of
         the chunk itself come from this step's K/V (the cache may hold only the chunk's tail)."""
         if t.stream_kv_ptrs.numel() == 0:
             return
         ops.streaming_prefill(
-            query[ndt:n], key[ndt:n], value[ndt:n], t.stream_kv_ptrs,
-            step.block_table_ptrs[t.stream_group], step.block_table_strides[t.stream_group],
-            t.stream_kv_head,
+            query[ndt:n], key[ndt:n], value[ndt:n], t.stream_kv_ptrs, t.stream_bt_ptrs,
+            t.stream_bt_strides, t.stream_kv_head,
             meta.query_start_loc[nd:], meta.seq_lens[nd:], max_query_len=meta.max_query_len,
-            num_kv_heads=self.num_kv_heads, block_size=step.block_size,
+            num_kv_heads=self.num_kv_heads, block_size=self.block_size,
             sink_size=self.opts.sink_size, window=self.opts.prefill_window, scale=self.scale,
             block_table_row0=nd, out=output[ndt:n])
 
-    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
+    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
+                   seq_lens) -> None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        qsl = meta.query_start_loc[r0:]
         flash_attn_varlen_func(
-            q=q, k=canonicalize_singleton_dim_strides(k_cache),
-            v=canonicalize_singleton_dim_strides(v_cache), out=out,
-            cu_seqlens_q=qsl - qsl[:1], max_seqlen_q=meta.max_query_len,
-            seqused_k=meta.seq_lens[r0:], max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
+            q=q, k=k_cache, v=v_cache, out=out,
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=meta.max_query_len,
+            seqused_k=seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
             causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version)
 
-    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int) -> None:
+    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
+                   seq_lens) -> None:
         """Exact sink + window mask with the prefill window (decodes went through the kernel)."""
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-        qsl = meta.query_start_loc[r0:]
         unified_attention(
-            q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl - qsl[:1],
-            max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens[r0:],
+            q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=meta.max_query_len, seqused_k=seq_lens,
             max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale, causal=True,
             window_size=(-1, -1), block_table=meta.block_table[r0:], softcap=0,
             q_descale=None, k_descale=None, v_descale=None,

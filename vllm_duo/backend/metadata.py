@@ -6,22 +6,30 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_duo.backend.step_tables import StepTables
+
 
 @dataclass
 class DuoMetadata:
-    """Built once per step per KV-cache group; the batch is ordered decodes first."""
+    """Built once per step per KV-cache group; the batch is ordered decodes first.
+
+    Every tensor a kernel reads lives in a persistent buffer (vLLM's or the builder's), so a
+    full CUDA graph captured with one step's metadata replays with a later step's values.
+    """
 
     num_actual_tokens: int
     num_reqs: int
     max_query_len: int
     max_seq_len: int
+    max_model_len: int  # decode launches captured in a graph are planned for this length
     query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
     seq_lens: torch.Tensor  # int32 [num_reqs], context length including this step's tokens
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]; streaming: gap entries -> null block
     slot_mapping: torch.Tensor  # int64 [num_tokens]
     num_decodes: int  # leading requests with one query token
     num_decode_tokens: int
-    is_prefilling: torch.Tensor | None = None  # bool [num_reqs]: first query is a prompt token
+    tables: StepTables  # all groups' slot mappings and block-table addresses (persistent)
+    group_row: int  # this group's row in ``tables``
     # Streaming groups: sink length per request (vLLM's R-SWA prefix), and the windows.
     sink_lens: torch.Tensor | None = None
     decode_window: int = 0

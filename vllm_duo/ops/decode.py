@@ -18,6 +18,7 @@ PARTITION_SIZE = 512  # keys per CTA: amortises the combine, still splits one lo
 MIN_PARTITION_SIZE = 128
 MAX_PARTITIONS = 128  # bounds workspace and combine cost; past 64K keys partitions grow
 _CTAS_PER_SM = 4  # below this many CTAs per SM, partitions shrink to fill the GPU
+_GRAPH_CTAS_PER_SM = 16  # a captured launch: long rows split until this many CTAs per SM
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -44,6 +45,21 @@ def plan_partitions(max_seq_len: int, num_seqs: int, num_slots: int, num_sms: in
         size //= 2
     size = max(size, MIN_PARTITION_SIZE * _cdiv(max_seq_len, MIN_PARTITION_SIZE * MAX_PARTITIONS))
     return size, max(1, _cdiv(max_seq_len, size))
+
+
+def plan_graph_partitions(max_len: int, num_seqs: int, num_long_slots: int,
+                          num_sms: int) -> tuple[int, int]:
+    """``(partition_size, num_partitions)`` for a launch captured once in a CUDA graph and
+    replayed for rows of any length up to ``max_len``.
+
+    The grid is fixed at capture, so it cannot follow each step's longest row. Rows up to
+    ``PARTITION_SIZE`` keys take one partition (the other CTAs of the row exit at once); a longer
+    row spreads over all ``num_partitions`` (the kernel lengthens partitions to cover it), which
+    are enough for the ``num_seqs * num_long_slots`` long rows (retrieval slots) to give every SM
+    ``_GRAPH_CTAS_PER_SM`` CTAs.
+    """
+    wanted = _cdiv(_GRAPH_CTAS_PER_SM * num_sms, max(1, num_seqs * num_long_slots))
+    return PARTITION_SIZE, max(1, min(wanted, MAX_PARTITIONS, _cdiv(max_len, PARTITION_SIZE)))
 
 
 def _check_inputs(q: torch.Tensor, slot_tensors: dict[str, torch.Tensor], seq_lens: torch.Tensor,
@@ -85,14 +101,18 @@ def paged_decode(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch
                  slot_streaming: torch.Tensor, seq_lens: torch.Tensor, *, max_seq_len: int,
                  num_kv_heads: int, block_size: int, sink_size: int, window: int,
                  scale: float | None = None, partition_size: int | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, graph_slots: int | None = None,
+                 check: bool = True) -> torch.Tensor:
     """Decode attention (one query token per sequence) for all slots; returns ``out``.
 
     Retrieval slots attend keys ``[0, L)``, streaming slots ``p < sink_size or p > L-1-window``
     (L = ``seq_lens[i]``, the query is at L-1; L = 0 rows get zeros). Query heads
     ``h*G .. h*G+G-1`` use the slot that serves KV head h. ``max_seq_len`` (a host int, >= every
     L for best speed) sets the launch shape; under CUDA graphs pass a fixed value such as the
-    model's max length. Streaming slots never touch block-table entries between sink and window.
+    model's max length and ``graph_slots`` (the number of slots whose rows grow with the
+    context, e.g. real retrieval slots): the plan is then :func:`plan_graph_partitions`.
+    Streaming slots never touch block-table entries between sink and window. ``check=False``
+    skips this wrapper's input checks (the C++ op makes the same ones; per-layer hot path).
 
     >>> import torch
     >>> from vllm_duo.ops import decode_slots, paged_decode
@@ -107,21 +127,26 @@ def paged_decode(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch
     >>> out.shape
     torch.Size([2, 8, 128])
     """
-    _ext.require()
-    if q.device.type != "cuda":
-        raise ValueError(f"paged_decode: q must be a CUDA tensor, got {q.device}")
-    slot_tensors = dict(kv_ptrs=kv_ptrs, block_table_ptrs=block_table_ptrs,
-                        block_table_strides=block_table_strides, slot_kv_head=slot_kv_head,
-                        slot_streaming=slot_streaming)
-    _check_inputs(q, slot_tensors, seq_lens, num_kv_heads, block_size, sink_size, window)
+    if check:
+        _ext.require()
+        if q.device.type != "cuda":
+            raise ValueError(f"paged_decode: q must be a CUDA tensor, got {q.device}")
+        slot_tensors = dict(kv_ptrs=kv_ptrs, block_table_ptrs=block_table_ptrs,
+                            block_table_strides=block_table_strides, slot_kv_head=slot_kv_head,
+                            slot_streaming=slot_streaming)
+        _check_inputs(q, slot_tensors, seq_lens, num_kv_heads, block_size, sink_size, window)
+        if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                                or out.stride(2) != 1):
+            raise ValueError(f"paged_decode: out must be {q.dtype} {tuple(q.shape)} on {q.device} with "
+                             f"a contiguous last dimension, got {out.dtype} {tuple(out.shape)} on "
+                             f"{out.device}")
+        if partition_size is not None and partition_size < 1:
+            raise ValueError(f"paged_decode: partition_size must be positive, got {partition_size}")
     num_seqs, num_q_heads, head_dim = q.shape
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
-                            or out.stride(2) != 1):
-        raise ValueError(f"paged_decode: out must be {q.dtype} {tuple(q.shape)} on {q.device} with a "
-                         f"contiguous last dimension, got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if partition_size is not None and partition_size < 1:
-        raise ValueError(f"paged_decode: partition_size must be positive, got {partition_size}")
-    if partition_size is None:
+    if partition_size is None and graph_slots is not None:
+        partition_size, num_partitions = plan_graph_partitions(
+            max_seq_len, num_seqs, graph_slots, _num_sms(q.device.index or 0))
+    elif partition_size is None:
         partition_size, num_partitions = plan_partitions(
             max_seq_len, num_seqs, kv_ptrs.numel(), _num_sms(q.device.index or 0))
     else:

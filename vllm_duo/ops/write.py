@@ -43,7 +43,7 @@ def _check_inputs(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
              slot_kv_head: torch.Tensor, slot_group: torch.Tensor,
-             slot_mappings: torch.Tensor) -> None:
+             slot_mappings: torch.Tensor, check: bool = True) -> None:
     """Write K/V of each slot's KV head to its cache rows ``slot_mappings[slot_group[slot], t]``.
 
     A row is ``block_id * block_size + offset`` in the slot cache ``[num_blocks, block_size, 2D]``
@@ -63,10 +63,11 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
     >>> bool((caches[1][2, 8, :D] == key[0, 1]).all())   # row 40 = block 2, offset 8
     True
     """
-    _ext.require()
-    if key.device.type != "cuda":
-        raise ValueError(f"write_kv: key must be a CUDA tensor, got {key.device}")
-    _check_inputs(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings)
+    if check:  # the C++ op makes the same checks; check=False is the per-layer hot path
+        _ext.require()
+        if key.device.type != "cuda":
+            raise ValueError(f"write_kv: key must be a CUDA tensor, got {key.device}")
+        _check_inputs(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings)
     torch.ops.vllm_duo.write_kv(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings)
 
 

@@ -1,0 +1,192 @@
+"""The impl's decode path reads every kernel input from the builders' persistent tables (CPU).
+
+The CUDA ops are replaced by plain-PyTorch versions that follow the same addresses the kernels
+follow (cache and block-table pointers, the slot's group row of the stacked slot mappings), so a
+wrong row, a stale pointer or a missing in-place update shows up as a wrong output. Two steps run
+on the same buffers with new lengths, tables and mappings, one of them padded (the last request
+has seq_len 0), as a replayed CUDA graph would see them.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from vllm_duo.backend import impl as impl_module
+from vllm_duo.backend.builder import DuoMetadataBuilder
+from vllm_duo.block_manager import slot_kind_specs
+from vllm_duo.options import DuoOptions
+from vllm_duo.slot_plan import RETRIEVAL, STREAMING
+
+H, G, D, BS, WIDTH, POOL, MAXR, SINK, WIN = 2, 2, 8, 4, 16, 80, 4, 4, 8
+
+
+class FakeOps:
+    """``write_kv``/``paged_decode`` in PyTorch, resolving raw addresses like the kernels."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors  # callable: the live tensors an address may point at
+
+    def at(self, ptr: int) -> torch.Tensor:
+        found = [t for t in self.tensors() if t.data_ptr() == ptr]
+        assert found, f"address {ptr:#x} is no live cache or block table"
+        return found[0]
+
+    def write_kv(self, key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings, check=True):
+        for s in range(kv_ptrs.numel()):
+            head = int(slot_kv_head[s])
+            if head < 0:
+                continue
+            rows = self.at(int(kv_ptrs[s])).view(-1, 2 * D)
+            for t in range(key.shape[0]):
+                row = int(slot_mappings[int(slot_group[s]), t])
+                if row >= 0:
+                    rows[row] = torch.cat([key[t, head], value[t, head]])
+
+    def paged_decode(self, q, kv_ptrs, bt_ptrs, bt_strides, slot_kv_head, slot_streaming, seq_lens, *,
+                     out, sink_size, window, scale, block_size, **_):
+        for s in range(kv_ptrs.numel()):
+            head = int(slot_kv_head[s])
+            rows = self.at(int(kv_ptrs[s])).view(-1, 2 * D).float()
+            table = self.at(int(bt_ptrs[s]))
+            assert table.stride(0) == int(bt_strides[s])
+            for r in range(q.shape[0]):
+                L = int(seq_lens[r])
+                heads = slice(head * G, (head + 1) * G)
+                if L == 0:
+                    out[r, heads] = 0
+                    continue
+                pos = torch.arange(L)
+                if int(slot_streaming[s]):
+                    pos = pos[(pos < sink_size) | (pos > L - 1 - window)]
+                kv = rows[table[r, pos // block_size].long() * block_size + pos % block_size]
+                p = torch.softmax(q[r, heads].float() @ kv[:, :D].T * scale, dim=-1)
+                out[r, heads] = (p @ kv[:, D:]).to(out.dtype)
+
+
+def test_decode_reads_this_steps_tables(monkeypatch):
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
+        model_config=SimpleNamespace(max_model_len=WIDTH * BS))
+    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
+                            recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+    names = ["l0", "l0.duo_s0"]
+    builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
+    caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
+    # slot order differs from group order on purpose: the streaming slot comes first
+    slots = [SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1])),
+             SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0]))]
+    impl = impl_module.DuoAttentionImpl(num_heads=H * G, head_size=D, scale=D ** -0.5, num_kv_heads=H,
+                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    context = SimpleNamespace(attn_metadata=None)
+    tables = [torch.zeros(MAXR, WIDTH, dtype=torch.int32) for _ in range(2)]  # vLLM's, persistent
+    fake = FakeOps(lambda: caches + tables + [b._block_table for b in builders if b._block_table is not None])
+    monkeypatch.setattr(impl_module, "get_forward_context", lambda: context)
+    monkeypatch.setattr(impl_module.ops, "write_kv", fake.write_kv)
+    monkeypatch.setattr(impl_module.ops, "paged_decode", fake.paged_decode)
+    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    seq_lens = torch.zeros(MAXR, dtype=torch.int32)
+    qsl = torch.arange(MAXR + 1, dtype=torch.int32)
+    mappings = [torch.full((MAXR,), -1, dtype=torch.int64) for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+
+    for step, lens in enumerate(([30, 7, 50, 12], [61, 3, 44, 0])):  # step 2: last row is padding
+        n = sum(1 for L in lens if L)
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        for table, mapping in zip(tables, mappings):
+            blocks = torch.randperm(POOL - 1, generator=gen) + 1
+            table.copy_(blocks[:MAXR * WIDTH].view(MAXR, WIDTH).to(torch.int32))
+            mapping.fill_(-1)
+            for r in range(n):
+                L = lens[r]
+                mapping[r] = int(table[r, (L - 1) // BS]) * BS + (L - 1) % BS
+        q = torch.randn(MAXR, H * G, D, generator=gen)
+        k, v = torch.randn(MAXR, H, D, generator=gen), torch.randn(MAXR, H, D, generator=gen)
+        metas = {}
+        for name, builder, table, mapping in zip(names, builders, tables, mappings):
+            metas[name] = builder.build(0, CommonAttentionMetadata(
+                query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=MAXR,
+                num_actual_tokens=MAXR, max_query_len=1, max_seq_len=max(lens), block_table_tensor=table,
+                slot_mapping=mapping))
+        context.attn_metadata = metas
+        out = torch.full((MAXR, H * G, D), float("nan"))
+        impl.forward(None, q, k, v, None, metas[names[1]], output=out)
+        # expected: this step's K/V at each request's last position, then attention over vLLM's tables
+        want = torch.zeros_like(out)
+        for s, streaming in ((0, False), (1, True)):
+            rows = caches[s].view(-1, 2 * D)
+            for r in range(n):
+                L = lens[r]
+                assert torch.equal(rows[int(mappings[s][r])], torch.cat([k[r, s], v[r, s]]))
+                pos = torch.arange(L)
+                if streaming:
+                    pos = pos[(pos < SINK) | (pos > L - 1 - WIN)]
+                kv = rows[tables[s][r, pos // BS].long() * BS + pos % BS]
+                p = torch.softmax(q[r, s * G:(s + 1) * G] @ kv[:, :D].T * D ** -0.5, dim=-1)
+                want[r, s * G:(s + 1) * G] = p @ kv[:, D:]
+        torch.testing.assert_close(out, want, msg=f"step {step}")
+
+
+def test_missing_build_fails_with_the_hint(monkeypatch):
+    from vllm_duo.ops import _ext
+
+    monkeypatch.setattr(_ext, "_ERROR", "no _C*.so in /x")
+    with pytest.raises(RuntimeError, match="pip install -e"):
+        impl_module.ops.require_extension()
+
+
+def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkeypatch):
+    """A mixed step (one decode, one prompt chunk): FA3 gets the retrieval slot's queries, cache
+    views and vLLM's table rows of the chunk; the window kernel gets the streaming slots'
+    addresses and the null-gapped table (recorded, not computed)."""
+    import vllm.v1.attention.backends.fa_utils as fa_utils
+
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
+        model_config=SimpleNamespace(max_model_len=WIDTH * BS))
+    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
+                            recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+    names = ["l0", "l0.duo_s0"]
+    builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
+    caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
+    slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
+             SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
+    impl = impl_module.DuoAttentionImpl(num_heads=H * G, head_size=D, scale=D ** -0.5, num_kv_heads=H,
+                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    calls = {}
+    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: calls.setdefault("decode", k))
+    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: calls.setdefault("window", (a, k)))
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", lambda **k: calls.setdefault("fa", k),
+                        raising=False)  # defined only where vllm_flash_attn imports (CUDA)
+    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    qsl = torch.tensor([0, 1, 9], dtype=torch.int32)
+    seq_lens = torch.tensor([40, 60], dtype=torch.int32)
+    tables = [torch.arange(2 * WIDTH, dtype=torch.int32).view(2, WIDTH) + 1 + 20 * i for i in range(2)]
+    metas = {name: b.build(0, CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=2, num_actual_tokens=9,
+        max_query_len=8, max_seq_len=60, block_table_tensor=t, slot_mapping=torch.arange(9)))
+        for name, b, t in zip(names, builders, tables)}
+    monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
+    q, out = torch.randn(9, H * G, D), torch.zeros(9, H * G, D)
+    k, v = torch.randn(9, H, D), torch.randn(9, H, D)
+    impl.forward(None, q, k, v, None, metas["l0"], output=out)
+    fa = calls["fa"]
+    assert fa["q"].data_ptr() == q[1:9, 0:G].data_ptr() and fa["q"].shape == (8, G, D)
+    assert fa["k"].data_ptr() == caches[0].data_ptr() and fa["k"].shape == (POOL, BS, 1, D)
+    assert fa["block_table"].data_ptr() == tables[0][1:].data_ptr()
+    assert fa["cu_seqlens_q"].tolist() == [0, 8] and fa["seqused_k"].tolist() == [60]
+    args, kw = calls["window"]
+    assert args[3].tolist() == [caches[1].data_ptr()]  # streaming slot cache
+    assert args[4].tolist() == [metas["l0.duo_s0"].block_table.data_ptr()]  # the null-gapped table
+    assert kw["block_table_row0"] == 1 and kw["window"] == WIN
+    assert calls["decode"]["max_seq_len"] == 60 and calls["decode"]["graph_slots"] is None

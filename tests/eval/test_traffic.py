@@ -1,0 +1,51 @@
+"""``vllm_duo.eval.traffic``'s pure helpers: the mixed request set and the latency figures (CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vllm_duo.eval.traffic import gpu_busy_us, mixed_requests, request_latencies
+
+
+def test_mixed_requests_are_log_uniform_and_reproducible():
+    reqs = mixed_requests(2000, seed=0, prompt_range=(64, 32768), output_range=(16, 512))
+    lengths = np.array([len(p) for p, _ in reqs])
+    outputs = np.array([m for _, m in reqs])
+    assert lengths.min() >= 64 and lengths.max() <= 32768 and outputs.min() >= 16 and outputs.max() <= 512
+    # log-uniform: the median sits near the geometric mean of the range
+    assert abs(np.log(np.median(lengths)) - math.log(math.sqrt(64 * 32768))) < 0.2
+    assert 0.2 < np.mean(lengths < 512) < 0.4  # log(512/64) / log(32768/64) = 1/3
+    again = mixed_requests(2000, seed=0, prompt_range=(64, 32768), output_range=(16, 512))
+    assert [len(p) for p, _ in again] == lengths.tolist() and again[0][0] == reqs[0][0]
+
+
+def test_request_latencies():
+    finished = [{"ttft_s": 0.1, "first_token_ts": 10.0, "last_token_ts": 11.0, "tokens": 11},
+                {"ttft_s": 0.3, "first_token_ts": 5.0, "last_token_ts": 5.0, "tokens": 1}]
+    lat = request_latencies(finished)
+    assert lat["ttft_s"]["p50"] == 0.2
+    assert lat["tpot_s"]["p50"] == 0.1  # one-token requests have no TPOT
+
+
+def test_gpu_busy_is_the_union_of_kernel_intervals():
+    assert gpu_busy_us([]) == 0
+    assert gpu_busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+
+
+def test_combine_refuses_parts_of_different_requests(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    row = {"output_tokens_per_s": 100.0}
+    parts = []
+    for name, count in (("duo", 1000), ("FLASH_ATTN", 300)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": {name: row}, "requests": {"count": count}, "command": "x"}))
+        parts.append(str(path))
+    out = subprocess.run([sys.executable, "benchmarks/mixed_traffic.py", "--combine", *parts],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("mixed_traffic: the two parts ran different requests")
