@@ -49,8 +49,9 @@ def rank_probe():
         ctx = worker.vllm_config.compilation_config.static_forward_context
         layout = sorted([name, list(layer.kv_cache.shape)] for name, layer in ctx.items()
                         if isinstance(getattr(layer, "kv_cache", None), torch.Tensor) and layer.kv_cache.numel())
+        mode = worker.vllm_config.compilation_config.cudagraph_mode
         return {"rank": getattr(worker, "rank", None), "num_gpu_blocks": worker.cache_config.num_gpu_blocks,
-                "layout": layout}
+                "layout": layout, "cudagraph_mode": getattr(mode, "name", str(mode))}
 
     return probe
 

@@ -45,6 +45,8 @@ def check_ranks(result: dict, world: int, same_layout: bool) -> None:
     assert len(blocks) == 1 and blocks.pop() > 0, [r["num_gpu_blocks"] for r in ranks]
     if same_layout:
         assert all(r["layout"] == ranks[0]["layout"] for r in ranks), "TP ranks hold different KV caches"
+    modes = {r["cudagraph_mode"] for r in ranks}
+    assert modes == {"FULL_AND_PIECEWISE"}, f"ranks ran with CUDA-graph mode {modes}, not vLLM's default"
 
 
 @pytest.fixture(scope="module")
