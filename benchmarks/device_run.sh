@@ -40,6 +40,9 @@ for stage in "$@"; do
     kernels) gpu_test 300 tests/kernels ;;
     agreement) gpu_test 580 tests/e2e/test_agreement_gpu.py ;;
     ray) gpu_test 580 tests/e2e/test_ray_gpu.py ;;
+    cudagraph) gpu_test 400 tests/e2e/test_cudagraph_gpu.py ;;
+    short-prompt) run_for 500 python benchmarks/short_prompt.py ;;
+    mixed-traffic) run_for 580 python benchmarks/mixed_traffic.py ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 400 tests/e2e/test_prefix_cache_gpu.py ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;

@@ -12,7 +12,7 @@ backend and writes its row (``--part-out``); ``--combine A.json B.json`` then co
 figures from two such rows (same requests: same --requests and --seed). Default: both backends,
 300 requests (about 1.6M prompt tokens).
 
-    python benchmarks/mixed_traffic.py [--requests 300] [--pattern PATH]
+    python benchmarks/mixed_traffic.py [--requests 300] [--pattern NAME_OR_PATH]
     python benchmarks/mixed_traffic.py --requests 1000 --backends duo --part-out /tmp/duo.json
     python benchmarks/mixed_traffic.py --requests 1000 --backends FLASH_ATTN --part-out /tmp/fa.json
     python benchmarks/mixed_traffic.py --combine /tmp/duo.json /tmp/fa.json
@@ -30,7 +30,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.short_prompt import DEFAULT_PATTERN, backends  # noqa: E402
+from benchmarks.short_prompt import DEFAULT_PATTERN, backends, check_pattern  # noqa: E402
 from benchmarks.summary import save_result  # noqa: E402
 from vllm_duo.eval.bench import ratio  # noqa: E402
 from vllm_duo.eval.engine_proc import LLAMA3_8B, run_job, write_model  # noqa: E402
@@ -44,7 +44,7 @@ def figures_of(rows: dict[str, dict]) -> dict[str, float | None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="duo pattern folder (.patterns/... on the GPU machine)")
+    ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="duo pattern: built-in name or folder")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -70,8 +70,8 @@ def main() -> None:
         save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": parts[0]["requests"],
                                       "parts": [p["command"] for p in parts]}, figures)
         return
-    if "duo" in args.backends and not os.path.isdir(args.pattern):
-        sys.exit(f"mixed_traffic: no pattern folder at {args.pattern}; pass --pattern PATH")
+    if "duo" in args.backends:
+        check_pattern(args.pattern, "mixed_traffic")
     requests = mixed_requests(args.requests, args.seed, (args.min_prompt, args.max_prompt),
                               (args.min_output, args.max_output))
     described = {"count": args.requests, "seed": args.seed, "prompt_range": [args.min_prompt, args.max_prompt],

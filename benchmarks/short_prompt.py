@@ -7,7 +7,7 @@ in a fresh process; throughput = batch x output tokens / wall time of the batch 
 engine per backend measures host overhead per decode step at the same batch with the torch
 profiler (``vllm_duo.eval.traffic.profile_decode``). About 5 minutes on one H200.
 
-    python benchmarks/short_prompt.py [--pattern ../shared/patterns/Llama-3-8B-Instruct-Gradient-1048k]
+    python benchmarks/short_prompt.py [--pattern Llama-3-8B-Instruct-Gradient-1048k]
 
 Writes results/short_prompt_<date>.json and the summary key short_prompt_ratio_1k_b64.
 """
@@ -25,19 +25,28 @@ from benchmarks.summary import save_result  # noqa: E402
 from vllm_duo.eval.bench import ratio  # noqa: E402
 from vllm_duo.eval.engine_proc import LLAMA3_8B, run_job, write_model  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PATTERN = os.path.join(ROOT, "..", "shared", "patterns", "Llama-3-8B-Instruct-Gradient-1048k")
+DEFAULT_PATTERN = "Llama-3-8B-Instruct-Gradient-1048k"  # built in
+
+
+def check_pattern(pattern: str, script: str) -> None:
+    """A built-in name or a folder; else one line before any GPU work."""
+    from vllm_duo.builtin_patterns import builtin, builtin_names
+
+    if builtin(pattern) is None and not os.path.isdir(pattern):
+        sys.exit(f"{script}: {pattern!r} is neither a built-in pattern ({', '.join(builtin_names())}) "
+                 "nor a pattern folder; pass --pattern")
 
 
 def backends(pattern: str, sparsity: float) -> dict[str, dict]:
     return {"FLASH_ATTN": {"attention_backend": "FLASH_ATTN"},
             "duo": {"attention_backend": "duo", "additional_config": {"duo_attention": {
-                "pattern": os.path.abspath(pattern), "sparsity": sparsity}}}}
+                "pattern": os.path.abspath(pattern) if os.path.isdir(pattern) else pattern,
+                "sparsity": sparsity}}}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="duo pattern folder (.patterns/... on the GPU machine)")
+    ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="duo pattern: built-in name or folder")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--output-tokens", type=int, default=128)
@@ -48,8 +57,7 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=50)
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
-    if not os.path.isdir(args.pattern):
-        sys.exit(f"short_prompt: no pattern folder at {args.pattern}; pass --pattern PATH")
+    check_pattern(args.pattern, "short_prompt")
     base = dict(load_format="dummy", skip_tokenizer_init=True, seed=0, enable_prefix_caching=False,
                 disable_log_stats=False, gpu_memory_utilization=args.gpu_memory_utilization,
                 max_model_len=args.max_model_len, max_num_seqs=max(args.batch, 64))
