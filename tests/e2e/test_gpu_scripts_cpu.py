@@ -182,8 +182,10 @@ def test_rank_probe_ships_by_value():
     ns = types.SimpleNamespace
     ctx = {"l0": ns(kv_cache=torch.zeros(2, 7, 16, 1, 8)), "x": ns(), "empty": ns(kv_cache=torch.tensor([]))}
     worker = ns(rank=1, cache_config=ns(num_gpu_blocks=7),
-                vllm_config=ns(compilation_config=ns(static_forward_context=ctx)))
-    assert probe(worker) == {"rank": 1, "num_gpu_blocks": 7, "layout": [["l0", [2, 7, 16, 1, 8]]]}
+                vllm_config=ns(compilation_config=ns(static_forward_context=ctx,
+                                                     cudagraph_mode=ns(name="FULL_AND_PIECEWISE"))))
+    assert probe(worker) == {"rank": 1, "num_gpu_blocks": 7, "layout": [["l0", [2, 7, 16, 1, 8]]],
+                             "cudagraph_mode": "FULL_AND_PIECEWISE"}
 
 
 def test_soak_request_mix_and_budget():
