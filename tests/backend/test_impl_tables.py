@@ -190,3 +190,80 @@ def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkey
     assert args[4].tolist() == [metas["l0.duo_s0"].block_table.data_ptr()]  # the null-gapped table
     assert kw["block_table_row0"] == 1 and kw["window"] == WIN
     assert calls["decode"]["max_seq_len"] == 60 and calls["decode"]["graph_slots"] is None
+
+
+def _causal_varlen(q, k, v, cu, scale):
+    """FA3's non-paged varlen causal attention in float32 (GQA: q heads grouped per KV head)."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    g = q.shape[1] // k.shape[1]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kk, vv = k[a:b].repeat_interleave(g, 1).float(), v[a:b].repeat_interleave(g, 1).float()
+        s = torch.einsum("thd,shd->hts", q[a:b].float(), kk) * scale
+        s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        out[a:b] = torch.einsum("hts,shd->thd", s.softmax(-1), vv)
+    return out
+
+
+def test_fresh_prompts_take_one_fa3_call_over_the_gathered_retrieval_heads(monkeypatch):
+    """A step whose prompt chunks all start at position 0: one FA3 varlen call on the step's own
+    K/V of the retrieval heads (KV heads 0 and 2 of 3); their outputs land in those heads' rows and
+    equal causal attention over each prompt; streaming heads' rows are left to the window kernel."""
+    import vllm.v1.attention.backends.fa_utils as fa_utils
+
+    from vllm_duo.backend.builder import fresh_prefill
+
+    Hk, n_tok = 3, 11
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
+        model_config=SimpleNamespace(max_model_len=WIDTH * BS))
+    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
+                            recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+    names = ["l0", "l0.duo_s0", "l0.duo_s1"]
+    kinds = [RETRIEVAL, STREAMING, RETRIEVAL]
+    builders = [DuoMetadataBuilder(specs[0 if k == RETRIEVAL else 1], [name], config, torch.device("cpu"))
+                for name, k in zip(names, kinds)]
+    slots = [SimpleNamespace(name=nm, kind=k, head=h, layer=SimpleNamespace(kv_cache=torch.randn(POOL, 1, BS, 2 * D)))
+             for h, (nm, k) in enumerate(zip(names, kinds))]
+    impl = impl_module.DuoAttentionImpl(num_heads=Hk * G, head_size=D, scale=D ** -0.5, num_kv_heads=Hk,
+                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    calls = []
+
+    def fa3(**kw):
+        calls.append(kw)
+        out = _causal_varlen(kw["q"], kw["k"], kw["v"], kw["cu_seqlens_q"], kw["softmax_scale"]).to(kw["q"].dtype)
+        return out if kw.get("out") is None else kw["out"].copy_(out)
+
+    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: None)
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)
+    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    qsl = torch.tensor([0, 1, 5, 11], dtype=torch.int32)  # one decode, then prompts of 4 and 6 tokens
+    seq_lens = torch.tensor([40, 4, 6], dtype=torch.int32)
+    table = torch.arange(3 * WIDTH, dtype=torch.int32).view(3, WIDTH) + 1
+
+    def cm(bound):
+        return CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=3, num_actual_tokens=n_tok,
+            max_query_len=6, max_seq_len=40, block_table_tensor=table, slot_mapping=torch.arange(n_tok),
+            seq_lens_cpu_upper_bound=bound)
+
+    assert fresh_prefill(cm(seq_lens), 1) and not fresh_prefill(cm(None), 1)
+    assert not fresh_prefill(cm(torch.tensor([40, 4, 9], dtype=torch.int32)), 1)  # a chunk after a cached prefix
+    assert not fresh_prefill(cm(seq_lens), 3)  # no prompt chunk at all
+    metas = {name: b.build(0, cm(seq_lens)) for name, b in zip(names, builders)}
+    assert all(m.fresh_prefill for m in metas.values())
+    monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
+    q, out = torch.randn(n_tok, Hk * G, D), torch.full((n_tok, Hk * G, D), float("nan"))
+    k, v = torch.randn(n_tok, Hk, D), torch.randn(n_tok, Hk, D)
+    impl.forward(None, q, k, v, None, metas["l0"], output=out)
+    assert len(calls) == 1 and calls[0].get("block_table") is None  # the step's K/V, not the cache
+    assert calls[0]["q"].shape == (10, 2 * G, D) and calls[0]["cu_seqlens_k"].tolist() == [0, 4, 10]
+    want = _causal_varlen(q[1:].view(10, Hk, G, D)[:, [0, 2]].reshape(10, 2 * G, D), k[1:, [0, 2]], v[1:, [0, 2]],
+                          torch.tensor([0, 4, 10]), D ** -0.5)
+    got = out[1:].view(10, Hk, G, D)[:, [0, 2]].reshape(10, 2 * G, D)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert out[1:, G:2 * G].isnan().all(), "the streaming head's rows belong to the window kernel"

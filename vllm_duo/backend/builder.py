@@ -21,6 +21,17 @@ from vllm_duo.block_manager import DuoStreamingSpec
 NULL_BLOCK_ID = 0  # vLLM's BlockPool reserves block 0 as the null block
 
 
+def fresh_prefill(cm: CommonAttentionMetadata, num_decodes: int) -> bool:
+    """Whether the step has prompt chunks and every one starts at position 0 (nothing cached
+    before it), from host values vLLM already holds (no device sync). vLLM's CPU upper bound
+    on ``seq_lens`` is exact for prefill rows."""
+    bound = cm.seq_lens_cpu_upper_bound
+    if bound is None or num_decodes >= cm.num_reqs:
+        return False
+    qsl = cm.query_start_loc_cpu[num_decodes:cm.num_reqs + 1]
+    return bool(torch.equal(bound[num_decodes:cm.num_reqs].to(qsl.dtype), qsl[1:] - qsl[:-1]))
+
+
 class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
     # Pure-decode batches run as full CUDA graphs (the csrc decode kernel's grid depends only on
     # the batch size); prompt chunks run eagerly between piecewise graphs (FA3 per slot, Triton).
@@ -54,7 +65,7 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
             query_start_loc=cm.query_start_loc[:num_reqs + 1], seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs], slot_mapping=cm.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
-            tables=self.tables, group_row=self.row)
+            tables=self.tables, group_row=self.row, fresh_prefill=fresh_prefill(cm, num_decodes))
         if not self.streaming:
             self.tables.set_block_table(self.row, cm.block_table_tensor)
             return meta

@@ -4,7 +4,9 @@ Per step and layer:
 - one ``write_kv`` launch stores the step's K/V into every slot cache;
 - one ``paged_decode`` launch (csrc split-head kernel) attends every decode token over every
   slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
-- prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN); streaming slots
+- prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN) or, when every
+  chunk of the step starts at position 0 (fresh prompts), one FA3 varlen call over all retrieval
+  heads of the layer on the step's own K/V; streaming slots
   by the ``streaming_prefill`` option: ``"window"`` (default) one vllm-duo Triton launch for all
   streaming slots that visits only the sink and window tiles, O(sink + window); ``"rswa"``
   vLLM's Triton unified attention per slot with its exact sink + window mask, O(context).
@@ -52,6 +54,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         self.block_size = 0  # the slot caches', read when they are bound
         self._tables: tuple | None = None  # ((tables, cache address), SlotTensors)
         self._views: list = []  # (slot, its query heads, K view, V view) of each real slot
+        self._retrieval_heads: torch.Tensor | None = None  # int64 KV heads of retrieval slots
 
     def set_slots(self, slots: list, opts: DuoOptions) -> None:
         self.slots, self.opts = slots, opts
@@ -87,8 +90,11 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             if isinstance(metas, list):
                 metas = metas[0]
             window_kernel = self.opts.streaming_prefill == "window"
+            fresh = attn_metadata.fresh_prefill and self._retrieval_heads is not None
+            if fresh:
+                self._prefill_retrieval_fresh(query, key, value, output, attn_metadata, nd, ndt, n)
             self._prefill_per_slot(query, output, metas, attn_metadata, nd, ndt, n,
-                                   streaming=not window_kernel)
+                                   retrieval=not fresh, streaming=not window_kernel)
             if window_kernel:
                 self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n)
         return output
@@ -106,6 +112,9 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             self._tables = (key, tables.layer_tensors(self.slots, rows))
             self._views = [(s, slice(s.head * self.group, (s.head + 1) * self.group),
                             *self._kv_views(s)) for s in self.slots if s.head >= 0]
+            heads = sorted(s.head for s in self.slots if s.head >= 0 and s.kind == RETRIEVAL)
+            self._retrieval_heads = torch.tensor(heads, dtype=torch.int64, device=tables.device) \
+                if heads else None
         return self._tables[1]
 
     def _kv_views(self, slot) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,18 +124,43 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
         return k_cache, v_cache
 
+    def _prefill_retrieval_fresh(self, query, key, value, output, meta: DuoMetadata, nd: int,
+                                 ndt: int, n: int) -> None:
+        """Prompt chunks that all start at position 0 see only their own keys: one FA3 varlen
+        call for every retrieval head of the layer, on this step's K/V (gathered by head when
+        some heads are streaming), instead of one paged call per retrieval slot."""
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+        qsl = meta.query_start_loc[nd:]
+        cu = qsl - qsl[:1]
+        T, H, G, D = n - ndt, self.num_kv_heads, self.group, self.head_size
+        heads = self._retrieval_heads
+        every = heads.numel() == H
+        q = query[ndt:n] if every else query[ndt:n].view(T, H, G, D).index_select(1, heads).view(T, -1, D)
+        k = key[ndt:n] if every else key[ndt:n].index_select(1, heads)
+        v = value[ndt:n] if every else value[ndt:n].index_select(1, heads)
+        out = flash_attn_varlen_func(
+            q=q, k=k, v=v, max_seqlen_q=meta.max_query_len, cu_seqlens_q=cu,
+            max_seqlen_k=meta.max_query_len, cu_seqlens_k=cu, softmax_scale=self.scale, causal=True,
+            out=output[ndt:n] if every else None, fa_version=self.fa_version)
+        if not every:
+            output[ndt:n].view(T, H, G, D).index_copy_(1, heads, out.view(T, -1, G, D))
+
     def _prefill_per_slot(self, query, output, metas, meta: DuoMetadata, nd: int, ndt: int, n: int,
-                          streaming: bool) -> None:
-        """Prompt chunks (requests ``nd..``) one slot at a time: retrieval slots through FA3,
-        and, when ``streaming``, streaming slots through vLLM's Triton R-SWA. Every group shares
-        the step's query offsets and lengths; only the block table is the slot's group's."""
+                          retrieval: bool, streaming: bool) -> None:
+        """Prompt chunks (requests ``nd..``) one slot at a time: when ``retrieval``, retrieval
+        slots through FA3, and, when ``streaming``, streaming slots through vLLM's Triton R-SWA.
+        Every group shares the step's query offsets and lengths; only the block table is the
+        slot's group's."""
+        if not (retrieval or streaming):
+            return
         qsl = meta.query_start_loc[nd:]
         cu_seqlens_q, seq_lens = qsl - qsl[:1], meta.seq_lens[nd:]
         for slot, heads, k_cache, v_cache in self._views:
-            retrieval = slot.kind == RETRIEVAL
-            if not (retrieval or streaming):
+            is_retrieval = slot.kind == RETRIEVAL
+            if not (retrieval if is_retrieval else streaming):
                 continue
-            run = self._retrieval if retrieval else self._streaming
+            run = self._retrieval if is_retrieval else self._streaming
             run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd,
                 cu_seqlens_q, seq_lens)
 

@@ -30,6 +30,8 @@ class DuoMetadata:
     num_decode_tokens: int
     tables: StepTables  # all groups' slot mappings and block-table addresses (persistent)
     group_row: int  # this group's row in ``tables``
+    # Every prompt chunk of the step starts at position 0: it attends only its own keys.
+    fresh_prefill: bool = False
     # Streaming groups: sink length per request (vLLM's R-SWA prefix), and the windows.
     sink_lens: torch.Tensor | None = None
     decode_window: int = 0
