@@ -7,10 +7,7 @@ Only for what vLLM 0.26 offers no hook for; guarded by the version check in
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
-
-logger = logging.getLogger("vllm_duo")
 
 DUO_NAMES = ("DUO",)
 _applied = False
@@ -43,11 +40,11 @@ def _wrap_create_engine_config() -> None:
     """Resolve duo options once, in the front process, before any worker starts.
 
     There is no config hook for general plugins. Wrapping ``EngineArgs.create_engine_config``
-    lets us (1) turn prefix caching off for duo by default (its sink-aware hits are checked on
-    CPU only), with one warning, while an explicit request keeps it,
-    (2) refuse bad patterns, models and feature combinations with a clear message before GPU
-    work, and (3) embed the binary pattern in ``additional_config`` so workers on other
-    nodes never read the pattern file.
+    lets us (1) refuse bad patterns, models and feature combinations with a clear message
+    before GPU work, and (2) embed the binary pattern in ``additional_config`` so workers on
+    other nodes never read the pattern file. Prefix caching keeps vLLM's default (on) and an
+    explicit ``--no-enable-prefix-caching``: cache hits bring back the streaming heads' sink and
+    window blocks (:class:`vllm_duo.block_manager.DuoStreamingManager`).
     """
     from vllm.engine.arg_utils import EngineArgs
 
@@ -57,16 +54,6 @@ def _wrap_create_engine_config() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any):
-        if _names_duo(self.attention_backend) or _names_duo(getattr(self.attention_config, "backend", None)):
-            if self.enable_prefix_caching is None:
-                logger.warning("vllm-duo: prefix caching is off by default for the duo backend "
-                               "(its sink-aware cache hits are not yet validated on a GPU); "
-                               "--enable-prefix-caching turns it on (experimental).")
-                self.enable_prefix_caching = False
-            elif self.enable_prefix_caching:
-                logger.warning("vllm-duo: prefix caching with the duo backend is experimental: "
-                               "cache hits bring the streaming heads' sink and window blocks "
-                               "(checked on CPU against vLLM's KV-cache manager).")
         config = original(self, *args, **kwargs)
         from vllm_duo.plugin import is_duo_backend_selected
 
@@ -78,14 +65,6 @@ def _wrap_create_engine_config() -> None:
 
     create_engine_config._duo_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
-
-
-def _names_duo(backend: Any) -> bool:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    if isinstance(backend, str):
-        return backend.upper() in DUO_NAMES + ("CUSTOM",)
-    return backend is AttentionBackendEnum.CUSTOM
 
 
 def _wrap_attention_init() -> None:
