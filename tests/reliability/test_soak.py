@@ -72,8 +72,14 @@ PREFIX = dataclasses.replace(SOAK_RUNS["async-tail-only-prefix"], num_requests=6
 
 
 def test_soak_catches_a_stale_prefix_hit(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pool that reuses a cached block without dropping its hash lets a later hit map
+    """A pool that reuses a cached block but keeps its old hash findable lets a later hit map
     overwritten keys: the shadow contents catch it."""
-    monkeypatch.setattr(BlockPool, "_maybe_evict_cached_block", lambda self, block: False)
+
+    def evict_but_keep_findable(self: BlockPool, block) -> bool:
+        self.cached_block_hashes_by_block.pop(block.block_id, None)
+        block.reset_hash()  # the block may be cached anew; its old hash still maps to it
+        return False
+
+    monkeypatch.setattr(BlockPool, "_maybe_evict_cached_block", evict_but_keep_findable)
     with pytest.raises(AssertionError, match="stale read"):
         run_soak(model_dir, dataclasses.replace(PREFIX, num_blocks=1200))
