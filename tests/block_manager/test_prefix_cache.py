@@ -209,6 +209,18 @@ def test_hit_snaps_back_to_a_chunk_end_and_is_the_minimum_over_groups(model_conf
             assert real == [i < NUM_SINK or i >= window_start for i in range(len(group))]
         else:
             assert all(real)
-    _serve(scheduler, runner, [second])
+    # What the first chunk after the hit takes from the pool is what the manager said it would:
+    # the touched hit blocks (all evictable here) and the chunk's real blocks, not its null middle.
+    manager, chunk = scheduler.kv_cache_manager, 512
+    need = coordinator.get_num_blocks_to_allocate(
+        request_id="b", num_tokens=hit + chunk, new_computed_blocks=hit_blocks, num_encoder_tokens=0,
+        total_computed_tokens=hit, num_local_computed_tokens=hit, num_tokens_main_model=hit + chunk)
+    free = manager.block_pool.get_num_free_blocks()
+    scheduler.add_request(second)
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens == {"b": chunk}
+    assert free - manager.block_pool.get_num_free_blocks() == need
+    scheduler.update_from_output(out, runner.execute(out))
+    _serve(scheduler, runner, [])
     assert runner.hits["b"] == 2560
     assert_pool_empty(scheduler.kv_cache_manager)
