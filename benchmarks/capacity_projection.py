@@ -98,12 +98,11 @@ def main() -> None:
             print(f"{name}: FLASH_ATTN {r['flash_attn']['max_concurrency']} x 64K; duo rswa "
                   f"{r['rswa']['max_concurrency']} ({r['rswa']['ratio']}x), window "
                   f"{r['window']['max_concurrency']} ({r['window']['ratio']}x)")
-    save_result("capacity_projection_prefix" if args.prefix_caching else "capacity_projection", {"rows": rows, "measured": os.path.basename(args.measured),
-                                        "measured_device": measured.get("device"),
-                                        "max_model_len": args.max_model_len,
-                                        "max_num_batched_tokens": args.max_num_batched_tokens,
-                                        "async_scheduling": not args.no_async,
-                                        "enable_prefix_caching": args.prefix_caching}, {})
+    name = "capacity_projection_prefix" if args.prefix_caching else "capacity_projection"
+    save_result(name, {"rows": rows, "measured": os.path.basename(args.measured),
+                       "measured_device": measured.get("device"), "max_model_len": args.max_model_len,
+                       "max_num_batched_tokens": args.max_num_batched_tokens,
+                       "async_scheduling": not args.no_async, "enable_prefix_caching": args.prefix_caching}, {})
 
 
 if __name__ == "__main__":
