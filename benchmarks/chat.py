@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                                                           if k != "additional_config"})
             print(backend, {k: v for k, v in runs[backend].items() if k not in ("engine", "turn_s")}, flush=True)
     fa, duo = runs["FLASH_ATTN"], runs["duo"]
+    if not (fa["ttft_s"] and duo["ttft_s"]):
+        raise SystemExit("vLLM returned no request stats (TTFT): the engines need disable_log_stats=False")
     figures = {
         "prefix_hit_ratio_vs_fa": round(duo["cached_tokens"] / max(fa["cached_tokens"], 1), 4),
         "chat_throughput_ratio": round(duo["output_tokens_per_s"] / fa["output_tokens_per_s"], 4),
