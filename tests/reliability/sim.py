@@ -189,6 +189,7 @@ class FakeRunner:
             blocks = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:
                 self.tables[rid] = [list(b) for b in blocks]
+                self.verified.pop(rid, None)  # a resumed request may be handed cached blocks anew
             elif blocks is not None:
                 for table, new_ids in zip(self.tables[rid], blocks, strict=True):
                     table.extend(new_ids)
