@@ -36,10 +36,7 @@ for stage in "$@"; do
     reference) gpu_test 300 tests/e2e/test_reference_gpu.py ;;
     reference-window) gpu_test 300 tests/e2e/test_reference_gpu.py -k "window_kernel_chunked or harness" ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
-    prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py -k reference ;;
-    prefix-cache-smollm2) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py -k smollm2 ;;
-    chat) run_for 580 python benchmarks/chat.py $CHAT_ARGS ;;
-    soak-prefix) run_for 570 python benchmarks/soak_gpu.py --prefix-caching $SOAK_ARGS ;;
+    prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py $PREFIX_ARGS ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
