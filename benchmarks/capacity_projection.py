@@ -51,7 +51,7 @@ def project(model_dir: str, cfg: dict, full_blocks: int, pattern: str, sparsity:
                         max_model_len=args.max_model_len)
     config = make_vllm_config(model, max_model_len=args.max_model_len,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              async_scheduling=not args.no_async)
+                              async_scheduling=not args.no_async, enable_prefix_caching=args.prefix_caching)
     full = {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
         block_size=16, num_kv_heads=heads, head_size=head_dim, dtype=torch.bfloat16) for i in range(layers)}
     memory = full_blocks * bytes_per_block(config, full)
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="LLM's default on an H100")
     ap.add_argument("--no-async", action="store_true", help="without async scheduling (one batch in flight)")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="size with prefix caching on (duo's default; vLLM's sizing does not depend on it)")
     args = ap.parse_args()
     with open(args.measured) as f:
         measured = json.load(f)
@@ -95,11 +97,11 @@ def main() -> None:
             print(f"{name}: FLASH_ATTN {r['flash_attn']['max_concurrency']} x 64K; duo rswa "
                   f"{r['rswa']['max_concurrency']} ({r['rswa']['ratio']}x), window "
                   f"{r['window']['max_concurrency']} ({r['window']['ratio']}x)")
-    save_result("capacity_projection", {"rows": rows, "measured": os.path.basename(args.measured),
-                                        "measured_device": measured.get("device"),
-                                        "max_model_len": args.max_model_len,
-                                        "max_num_batched_tokens": args.max_num_batched_tokens,
-                                        "async_scheduling": not args.no_async}, {})
+    name = "capacity_projection_prefix" if args.prefix_caching else "capacity_projection"
+    save_result(name, {"rows": rows, "measured": os.path.basename(args.measured),
+                       "measured_device": measured.get("device"), "max_model_len": args.max_model_len,
+                       "max_num_batched_tokens": args.max_num_batched_tokens,
+                       "async_scheduling": not args.no_async, "enable_prefix_caching": args.prefix_caching}, {})
 
 
 if __name__ == "__main__":

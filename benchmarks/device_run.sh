@@ -44,7 +44,7 @@ for stage in "$@"; do
     short-prompt) run_for 500 python benchmarks/short_prompt.py ;;
     mixed-traffic) run_for 580 python benchmarks/mixed_traffic.py ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
-    prefix-cache) gpu_test 400 tests/e2e/test_prefix_cache_gpu.py ;;
+    prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py $PREFIX_ARGS ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;

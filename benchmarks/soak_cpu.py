@@ -3,9 +3,11 @@
 Runs the CI soak workloads (tests/reliability/sim.py) at full size and records leaked blocks,
 preemptions and aborts: 1,000 seeded requests (prompts 10 to 16K tokens), 10% aborted midway,
 a KV pool small enough to force preemption, a batch-independent fake model whose every
-finished request must equal its solo run.
+finished request must equal its solo run. The ``*-prefix`` runs turn prefix caching on (duo's
+default) with shared prefixes and 6-turn conversations, and record the cached tokens; every
+read is checked against a shadow of each block's contents (no stale hit).
 
-    python benchmarks/soak_cpu.py [--runs sync async async-full-isl] [--requests N] [--num-blocks N]
+    python benchmarks/soak_cpu.py [--runs sync async-tail-only-prefix ...] [--requests N] [--num-blocks N]
 """
 
 from __future__ import annotations

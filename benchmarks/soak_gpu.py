@@ -22,6 +22,7 @@ pool is readable: ``llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_ma
 
     python benchmarks/soak_gpu.py [--model smollm2|llama3-layout] [--backend duo|FLASH_ATTN] [--requests 1000]
     python benchmarks/soak_gpu.py --dry-run        # the request mix and KV budget only, no GPU
+    python benchmarks/soak_gpu.py --prefix-caching # prefix caching on, half the prompts share a prefix
 
 SmolLM2 (real weights, context stretched to fit 16K; patterns/smollm2-135m-instruct at
 ``--sparsity`` when present, else a seeded random mask) is the default, sized for one 10-minute
@@ -93,19 +94,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--time-limit", type=float, default=300.0,
                     help="seconds after which no new request is submitted (the rest count as not run)")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="prefix caching on (duo's default), and half the prompts start with one of "
+                         "--shared-prefixes shared prefixes (system prompts) so hits happen")
+    ap.add_argument("--shared-prefixes", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry-run", action="store_true", help="print the request mix and budget, no engine")
     return ap.parse_args(argv)
 
 
 def make_requests(n: int, min_len: int, max_len: int, max_out: int, abort_frac: float, vocab: int,
-                  seed: int) -> list[Req]:
+                  seed: int, shared_prefixes: int = 0) -> list[Req]:
     rng = np.random.default_rng(seed)
     lengths = np.exp(rng.uniform(math.log(min_len), math.log(max_len), n)).round().astype(int)
     aborted = set(rng.permutation(n)[:round(abort_frac * n)].tolist())
-    return [Req(rid=f"soak-{i}", prompt=rng.integers(100, vocab - 100, int(lengths[i])).tolist(),
+    reqs = [Req(rid=f"soak-{i}", prompt=rng.integers(100, vocab - 100, int(lengths[i])).tolist(),
                 max_tokens=int(rng.integers(1, max_out + 1)),
                 abort_after=int(rng.integers(1, 61)) if i in aborted else None) for i in range(n)]
+    if shared_prefixes:  # half the prompts start with a shared prefix of 300..3,000 tokens
+        share = np.random.default_rng([seed, 1])
+        prefixes = [share.integers(100, vocab - 100, int(share.integers(300, 3001))).tolist()
+                    for _ in range(shared_prefixes)]
+        reqs = [Req(r.rid, (prefixes[int(share.integers(shared_prefixes))] + r.prompt)[:max_len], r.max_tokens,
+                    r.abort_after) if share.random() < 0.5 else r for r in reqs]
+    return reqs
 
 
 def full_bytes_per_token(cfg: dict) -> int:
@@ -237,7 +249,7 @@ def run_soak(args: argparse.Namespace, tmp: str) -> dict:
     """Start the engine in this process, soak it, re-run the sample alone; the result payload."""
     model, cfg, extra = model_setup(args, tmp)
     reqs = make_requests(args.requests, args.min_len, args.max_len, args.max_out, args.abort_frac,
-                         cfg["vocab_size"], args.seed)
+                         cfg["vocab_size"], args.seed, args.shared_prefixes if args.prefix_caching else 0)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: block pool readable
     if args.batch_invariant:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
@@ -246,7 +258,7 @@ def run_soak(args: argparse.Namespace, tmp: str) -> dict:
     backend = {"attention_backend": "duo", "additional_config": {"duo_attention": duo_config(args, cfg)}} \
         if args.backend.lower() == "duo" else {"attention_backend": args.backend}
     t0 = time.monotonic()
-    llm = LLM(model, skip_tokenizer_init=True, seed=args.seed, enable_prefix_caching=False,
+    llm = LLM(model, skip_tokenizer_init=True, seed=args.seed, enable_prefix_caching=args.prefix_caching,
               max_model_len=args.max_len + args.max_out, max_num_seqs=args.max_num_seqs,
               kv_cache_memory_bytes=args.kv_tokens * full_bytes_per_token(cfg),
               enforce_eager=args.enforce_eager, **backend, **extra)
@@ -289,13 +301,14 @@ def main() -> None:
     if args.dry_run:
         vocab = LLAMA3_LAYOUT["vocab_size"] if args.model == "llama3-layout" else 49152
         reqs = make_requests(args.requests, args.min_len, args.max_len, args.max_out, args.abort_frac,
-                             vocab, args.seed)
+                             vocab, args.seed, args.shared_prefixes if args.prefix_caching else 0)
         print(json.dumps(mix_summary(reqs, args.kv_tokens), indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp:
         payload = run_soak(args, tmp)
     variant = "".join(part for part, on in ((f"_{args.backend.lower()}", args.backend.lower() != "duo"),
                                              ("_llama3", args.model == "llama3-layout"),
+                                             ("_prefix", args.prefix_caching),
                                              ("_bi", args.batch_invariant)) if on)
     name = "soak_gpu" + variant  # figures soak_gpu_leaked_blocks, ... (soak_leaked_blocks is the CPU soak's)
     save_result(name, payload, {f"{name}_leaked_blocks": payload["soak_leaked_blocks"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 from vllm_duo.errors import DuoConfigError
@@ -38,17 +37,6 @@ def resolve_duo_config(vllm_config: Any) -> DuoOptions:
         raise DuoConfigError("additional_config must be a JSON object holding a 'duo_attention' entry")
     raw = extra.get(CONFIG_KEY)
     opts = parse_options(raw)
-    if vllm_config.cache_config.enable_prefix_caching and opts.streaming_prefill == "window":
-        if isinstance(raw, dict) and "streaming_prefill" in raw:
-            raise DuoConfigError(
-                "prefix caching cannot be combined with duo_attention.streaming_prefill='window' yet "
-                "(its streaming heads store no chunk middles to cache); use streaming_prefill='rswa' "
-                "or drop --enable-prefix-caching")
-        # Cached prefixes need every prompt token's K/V in the streaming slots: only "rswa" keeps them.
-        logger.warning("vllm-duo: prefix caching is on, so streaming heads prefill with "
-                       "streaming_prefill='rswa' (O(context), stores every prompt token) "
-                       "instead of the default 'window'.")
-        opts = replace(opts, streaming_prefill="rswa")
     num_layers, num_kv_heads = model_shape(model_config)
     check_tp(num_kv_heads, vllm_config.parallel_config.tensor_parallel_size)
     picking = opts.pattern is None and not opts.resolved

@@ -26,7 +26,7 @@ DEFAULT_SPARSITY = 0.5
 # Streaming heads' prompt-chunk kernel: "window" (default) = vllm-duo's Triton kernel that visits
 # only sink + window tiles, O(sink + window), and lets streaming slots keep only each chunk's last
 # window; "rswa" = vLLM's Triton unified attention with the same exact mask, O(context), every
-# prompt token stored (needed by prefix caching). Both pass the float32 reference on H100.
+# prompt token stored. Both pass the float32 reference on H100; both serve prefix-cache hits.
 PREFILL_KERNELS = ("window", "rswa")
 _MAX_TOKENS = 1 << 24
 

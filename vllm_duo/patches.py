@@ -6,8 +6,7 @@ Only for what vLLM 0.26 offers no hook for; guarded by the version check in
 Log (why / what vLLM lacks / when it can go):
 - ``_alias_backend_name``: ``--attention-backend duo``. vLLM lacks named out-of-tree backends
   (only ``CUSTOM``). Goes when ``register_backend`` accepts a new name.
-- ``_wrap_create_engine_config``: resolve duo options, default prefix caching off, refuse bad
-  input before GPU work. vLLM lacks a config hook for general plugins. Goes with such a hook.
+- ``_wrap_create_engine_config``: resolve duo options and refuse bad input before GPU work. vLLM lacks a config hook for general plugins. Goes with such a hook.
 - ``_wrap_attention_init``: add per-KV-head slot layers. vLLM lacks a way for a backend to give
   its layer several KV-cache specs. Goes when a layer may own more than one KV cache.
 - :func:`set_layer_kv_cache_spec` (per instance): the layer's own spec becomes its slot 0's.
@@ -23,7 +22,7 @@ import logging
 import types
 from typing import Any, Callable
 
-from vllm_duo.selection import DUO_NAMES, is_duo_backend_selected, names_duo
+from vllm_duo.selection import DUO_NAMES, is_duo_backend_selected
 
 logger = logging.getLogger("vllm_duo")
 
@@ -58,11 +57,11 @@ def _wrap_create_engine_config() -> None:
     """Resolve duo options once, in the front process, before any worker starts.
 
     There is no config hook for general plugins. Wrapping ``EngineArgs.create_engine_config``
-    lets us (1) turn prefix caching off for duo by default (its sink-aware hits are checked on
-    CPU only), with one warning, while an explicit request keeps it,
-    (2) refuse bad patterns, models and feature combinations with a clear message before GPU
-    work, and (3) embed the binary pattern in ``additional_config`` so workers on other
-    nodes never read the pattern file.
+    lets us (1) refuse bad patterns, models and feature combinations with a clear message
+    before GPU work, and (2) embed the binary pattern in ``additional_config`` so workers on
+    other nodes never read the pattern file. Prefix caching keeps vLLM's default (on) and an
+    explicit ``--no-enable-prefix-caching``: cache hits bring back the streaming heads' sink and
+    window blocks (:class:`vllm_duo.block_manager.DuoStreamingManager`).
     """
     from vllm.engine.arg_utils import EngineArgs
 
@@ -72,16 +71,6 @@ def _wrap_create_engine_config() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any):
-        if names_duo(self.attention_backend) or names_duo(getattr(self.attention_config, "backend", None)):
-            if self.enable_prefix_caching is None:
-                logger.warning("vllm-duo: prefix caching is off by default for the duo backend "
-                               "(its sink-aware cache hits are not yet validated on a GPU); "
-                               "--enable-prefix-caching turns it on (experimental).")
-                self.enable_prefix_caching = False
-            elif self.enable_prefix_caching:
-                logger.warning("vllm-duo: prefix caching with the duo backend is experimental: "
-                               "cache hits bring the streaming heads' sink and window blocks "
-                               "(checked on CPU against vLLM's KV-cache manager).")
         config = original(self, *args, **kwargs)
         if is_duo_backend_selected(config.attention_config.backend):
             from vllm_duo.engine_config import resolve_duo_config

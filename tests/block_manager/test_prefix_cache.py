@@ -1,4 +1,5 @@
-"""Prefix-cache hits on streaming slots must bring the sink blocks back, never the null block."""
+"""Prefix-cache hits on streaming slots must bring the sink blocks back, never the null block;
+multi-turn conversations resume where the last turn ended, on vLLM's real scheduler."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.block_manager.conftest import (
     assert_footprint,
     assert_pool_empty,
     duo_specs,
+    full_specs,
     kv_cache_config,
     kv_cache_manager,
     make_request,
@@ -25,6 +27,7 @@ from tests.block_manager.conftest import (
     request_from_tokens,
 )
 from tests.block_manager.test_scheduler import _runner_output
+from tests.reliability.sim import FakeRunner, check_pool
 from vllm_duo.block_manager import DuoStreamingManager, DuoStreamingSpec
 
 PROMPT = 1000
@@ -108,4 +111,116 @@ def test_shared_prefix_batch_hits_through_the_scheduler(model_config) -> None:
     prompts = [prefix + rng.integers(0, 1000, int(n)).tolist() for n in rng.integers(50, 400, 8)]
     queries, hits = run(prompts)
     assert queries == sum(map(len, prompts)) and hits == 8 * (len(prefix) // BLOCK * BLOCK)
+    assert_pool_empty(scheduler.kv_cache_manager)
+
+
+def _scheduler(model_config, specs_of, *, tail_only: bool, prefill_window: int = RECENT,
+               num_blocks: int = 6000, budget: int = 512) -> Scheduler:
+    """vLLM's scheduler with prefix caching on, chunks of ``budget`` tokens (tail-only slots null
+    every chunk's middle), duo slots (``specs_of`` = duo) or the stock model (``full_specs``)."""
+    config = make_vllm_config(model_config, max_model_len=32768, max_num_batched_tokens=budget,
+                              enable_prefix_caching=True)
+    tail = config.max_concurrent_batches if tail_only else 0
+    specs = specs_of(prefill_window, tail) if specs_of is not None else full_specs()
+    cfg = kv_cache_config(config, specs, num_blocks)
+    config.cache_config.num_gpu_blocks = cfg.num_blocks
+    return Scheduler(vllm_config=config, kv_cache_config=cfg, block_size=BLOCK,
+                     structured_output_manager=StructuredOutputManager(config))
+
+
+def _duo(prefill_window: int, tail: int):
+    return duo_specs(random_mask(3), prefill_window, tail)
+
+
+def _serve(scheduler: Scheduler, runner: FakeRunner, requests: list) -> None:
+    for r in requests:
+        scheduler.add_request(r)
+    while scheduler.has_requests():
+        out = scheduler.schedule()
+        check_pool(scheduler)
+        scheduler.update_from_output(out, runner.execute(out))
+
+
+def _conversation(scheduler: Scheduler, turns: int = 8, seed: int = 0) -> tuple[list[int], list[int]]:
+    """8 turns, each appending 200-2,000 new tokens to the last prompt and its output: the hit of
+    each turn and the tokens the turn before had computed."""
+    rng = np.random.default_rng(seed)
+    runner, hits, computed = FakeRunner(scheduler), [], []
+    history: list[int] = []
+    for k in range(turns):
+        prompt = history + rng.integers(0, 1000, int(rng.integers(200, 2001))).tolist()
+        request = request_from_tokens(f"turn{k}", prompt, int(rng.integers(20, 300)))
+        _serve(scheduler, runner, [request])
+        hits.append(runner.hits[request.request_id])
+        history = prompt + list(request.output_token_ids)
+        computed.append(len(history) - 1)  # the last sampled token's K/V is never computed
+    assert_pool_empty(scheduler.kv_cache_manager)
+    return hits, computed
+
+
+@pytest.mark.parametrize("tail_only", [True, False], ids=["window", "rswa"])
+def test_each_turn_resumes_where_the_last_one_ended(model_config, tail_only: bool) -> None:
+    """Each turn hits everything the turn before computed (block-floored), as full attention does:
+    the last chunk's window and every decode block are real, so the end of a turn is resumable."""
+    duo = _conversation(_scheduler(model_config, _duo, tail_only=tail_only))
+    fa = _conversation(_scheduler(model_config, None, tail_only=False))
+    hits, computed = duo
+    assert hits[0] == 0 and hits[1:] == [c // BLOCK * BLOCK for c in computed[:-1]]
+    assert duo == fa
+
+
+def test_a_wider_prefill_window_caches_prompt_blocks_only(model_config) -> None:
+    """Decoded keys (recent window) differ from what a cold prompt computes (prefill window):
+    each turn resumes at the end of the last prompt, not of its output."""
+    rng = np.random.default_rng(0)
+    scheduler = _scheduler(model_config, _duo, tail_only=True, prefill_window=1024)
+    runner, history = FakeRunner(scheduler), []
+    for k in range(4):
+        prompt = history + rng.integers(0, 1000, int(rng.integers(200, 2001))).tolist()
+        request = request_from_tokens(f"turn{k}", prompt, 100)
+        _serve(scheduler, runner, [request])
+        if k:
+            assert runner.hits[request.request_id] == last_prompt // BLOCK * BLOCK
+        history, last_prompt = prompt + list(request.output_token_ids), len(prompt)
+    assert_pool_empty(scheduler.kv_cache_manager)
+
+
+def test_hit_snaps_back_to_a_chunk_end_and_is_the_minimum_over_groups(model_config) -> None:
+    """Tail-only slots hold only each chunk's last window: a prompt sharing 3,000 tokens of a cached
+    one resumes at the last chunk end before them (2,560), though retrieval slots hold 2,992."""
+    scheduler = _scheduler(model_config, _duo, tail_only=True)
+    runner = FakeRunner(scheduler)
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 1000, 5000).tolist()
+    _serve(scheduler, runner, [request_from_tokens("a", first, 4)])
+    second = request_from_tokens("b", first[:3000] + rng.integers(1000, 2000, 500).tolist(), 4)
+    coordinator = scheduler.kv_cache_manager.coordinator
+    blocks, per_group = coordinator.find_longest_cache_hit_per_group(second.block_hashes, second.num_tokens - 1)
+    streaming = [isinstance(s.kv_cache_spec, DuoStreamingSpec) for s in coordinator.single_type_managers]
+    assert {h for h, s in zip(per_group, streaming, strict=True) if not s} == {3000 // BLOCK * BLOCK}
+    assert {h for h, s in zip(per_group, streaming, strict=True) if s} == {2560}
+    hit_blocks, hit, _ = coordinator.find_longest_cache_hit(second.block_hashes, second.num_tokens - 1)
+    assert hit == min(per_group) == 2560
+    window_start = (hit - RECENT + 1) // BLOCK
+    for group, is_streaming in zip(hit_blocks, streaming, strict=True):
+        assert len(group) == hit // BLOCK
+        real = [not b.is_null for b in group]
+        if is_streaming:
+            assert real == [i < NUM_SINK or i >= window_start for i in range(len(group))]
+        else:
+            assert all(real)
+    # What the first chunk after the hit takes from the pool is what the manager said it would:
+    # the touched hit blocks (all evictable here) and the chunk's real blocks, not its null middle.
+    manager, chunk = scheduler.kv_cache_manager, 512
+    need = coordinator.get_num_blocks_to_allocate(
+        request_id="b", num_tokens=hit + chunk, new_computed_blocks=hit_blocks, num_encoder_tokens=0,
+        total_computed_tokens=hit, num_local_computed_tokens=hit, num_tokens_main_model=hit + chunk)
+    free = manager.block_pool.get_num_free_blocks()
+    scheduler.add_request(second)
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens == {"b": chunk}
+    assert free - manager.block_pool.get_num_free_blocks() == need
+    scheduler.update_from_output(out, runner.execute(out))
+    _serve(scheduler, runner, [])
+    assert runner.hits["b"] == 2560
     assert_pool_empty(scheduler.kv_cache_manager)

@@ -96,24 +96,23 @@ def _create(model, duo, **kw):
     return args.create_engine_config()
 
 
-def test_front_process_embeds_mask_and_disables_prefix_caching(plugins_loaded, tmp_path):
+def test_front_process_embeds_mask_and_keeps_prefix_caching_on(plugins_loaded, tmp_path):
     cfg = _create(_model_dir(tmp_path), {"pattern": pattern_dir("Llama-3-8B-Instruct-Gradient-1048k"),
                                          "sparsity": 0.5})
     duo = cfg.additional_config["duo_attention"]
     assert len(duo["retrieval_mask"]) == 32 and sum(map(sum, duo["retrieval_mask"])) == 128
-    assert cfg.cache_config.enable_prefix_caching is False
-
-
-def test_explicit_prefix_caching_is_kept_but_not_with_the_window_kernel(plugins_loaded, tmp_path):
-    model = _model_dir(tmp_path)
-    cfg = _create(model, {"pattern": "full"}, enable_prefix_caching=True)
+    # vLLM's default, with the window kernel: no fallback to "rswa".
     assert cfg.cache_config.enable_prefix_caching is True
-    assert cfg.additional_config["duo_attention"]["streaming_prefill"] == "rswa"  # the default falls back
-    cfg = _create(model, {"pattern": "full"}, enable_prefix_caching=False)
-    assert cfg.cache_config.enable_prefix_caching is False
-    assert cfg.additional_config["duo_attention"]["streaming_prefill"] == "window"
-    with pytest.raises(DuoConfigError, match="prefix caching cannot be combined.*streaming_prefill='rswa'"):
-        _create(model, {"pattern": "full", "streaming_prefill": "window"}, enable_prefix_caching=True)
+    assert duo.get("streaming_prefill", "window") == "window"
+
+
+@pytest.mark.parametrize("kernel", [None, "window", "rswa"])
+@pytest.mark.parametrize("caching", [True, False])
+def test_explicit_prefix_caching_is_kept_with_either_kernel(plugins_loaded, tmp_path, caching, kernel):
+    duo = {"pattern": "full"} if kernel is None else {"pattern": "full", "streaming_prefill": kernel}
+    cfg = _create(_model_dir(tmp_path), duo, enable_prefix_caching=caching)
+    assert cfg.cache_config.enable_prefix_caching is caching
+    assert cfg.additional_config["duo_attention"]["streaming_prefill"] == (kernel or "window")
 
 
 @pytest.mark.parametrize("duo,overrides,msg", [

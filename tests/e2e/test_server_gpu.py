@@ -20,7 +20,7 @@ from tests.e2e.server import MODEL_NAME, VllmServer, chat, complete, free_port, 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not os.path.isdir(SMOLLM2), reason=f"{SMOLLM2} not found (devkit --model)")]
 
-# Prefix caching off on every server: duo turns it off, and cached prefixes change FLASH_ATTN's
+# Prefix caching off on every server (duo has it on by default): cached prefixes change FLASH_ATTN's
 # numerics (first run: "duo full == FLASH_ATTN over HTTP" failed with it on for FLASH_ATTN only).
 COMMON = ["--max-model-len", "8192", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.3",
           "--seed", "0", "--no-enable-prefix-caching"]

@@ -9,6 +9,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock, resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import KVCacheSpec
+from vllm.v1.request import Request
 
 from vllm_duo.block_manager.spec import DuoStreamingSpec
 
@@ -29,10 +30,16 @@ class DuoStreamingManager(SlidingWindowManager):
     window) are the null block from the start: a long chunk never occupies the pool.
 
     No prefix is ever skipped (the sink is at the front), so
-    ``get_num_skipped_tokens`` is 0. Prefix-cache hits need the sink blocks
-    cached as well as the sliding-window tail; a missing sink block bounds the
-    hit to the plain prefix before it, so a hit never installs the null block
-    where a sink is read.
+    ``get_num_skipped_tokens`` is 0.
+
+    Prefix caching: a hit at h (block-aligned) is served only if the sink blocks and the
+    prefill window's blocks before h are cached: sliding window's search finds the longest
+    such h, a missing sink block bounds the hit to the plain prefix before it, and the
+    hybrid coordinator takes the minimum over all groups. Every chunk's last window is a
+    real block (tail-only or not) and so is every decode block, so each finished turn leaves
+    its end resumable. When the prefill window differs from the recent window, a decoded
+    token's K/V (recent window) is not what a cold prompt computes (prefill window), so only
+    prompt blocks are cached.
     """
 
     def __init__(self, kv_cache_spec: DuoStreamingSpec, **kwargs) -> None:
@@ -80,23 +87,28 @@ class DuoStreamingManager(SlidingWindowManager):
                                    new_computed_blocks: Sequence[KVCacheBlock],
                                    total_computed_tokens: int, num_local_computed_tokens: int,
                                    num_tokens_main_model: int, apply_admission_cap: bool = False) -> int:
-        if not self.tail_only or new_computed_blocks:
+        if not self.tail_only:
             return super().get_num_blocks_to_allocate(
                 request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                 num_local_computed_tokens, num_tokens_main_model, apply_admission_cap)
+        # A prefix hit arrives before the request holds any block: its entries come first,
+        # and only those in the free queue (ref_cnt 0) take blocks from it when touched.
         blocks = self.req_to_blocks.get(request_id, [])
-        start, end = len(blocks), cdiv(num_tokens, self.block_size)
+        start, end = len(blocks) + len(new_computed_blocks), cdiv(num_tokens, self.block_size)
+        evictable = self._get_num_evictable_blocks(new_computed_blocks)
         if apply_admission_cap:
             # The full-sequence gate: what the request may still take, up to its peak.
-            held = sum(not b.is_null for b in blocks)
+            held = sum(not b.is_null for b in blocks) + \
+                sum(not b.is_null and b.ref_cnt > 0 for b in new_computed_blocks)
             return max(min(end, self._max_admission_blocks_per_request) - held, 0)
-        return max(end - start, 0) - len(self._null_entries(start, end, num_tokens))
+        return max(end - start, 0) - len(self._null_entries(start, end, num_tokens)) + evictable
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int) -> list[KVCacheBlock]:
         if not self.tail_only:
             return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
-        assert request_id not in self._partial_hit_reqs, "duo runs without prefix caching"
+        # Sliding window's hits are block-aligned: no partial-block copy-on-write to apply.
+        assert request_id not in self._partial_hit_reqs
         blocks = self.req_to_blocks[request_id]
         start, end = len(blocks), cdiv(num_tokens, self.block_size)
         if end <= start:
@@ -109,6 +121,13 @@ class DuoStreamingManager(SlidingWindowManager):
         new = real[:head] + [self._null_block] * len(nulls) + real[head:]
         blocks.extend(new)
         return new
+
+    def cache_blocks(self, request: Request, num_tokens: int, retention_interval: int | None = None) -> None:
+        """Cache as sliding window does, but never a decoded token's block when the prefill
+        window differs from the recent window (see the class docstring)."""
+        if self.sliding_window != self.recent_size:
+            num_tokens = min(num_tokens, request.num_prompt_tokens)
+        super().cache_blocks(request, num_tokens, retention_interval)
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         return 0

@@ -1,0 +1,39 @@
+"""The chat job's bookkeeping (CPU): where generated tokens sit, the teacher-forced gap, hits."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.chat import engine, parse_args
+from vllm_duo.eval.chat import conversations, logprob_gap, output_positions, summary
+
+
+def _result() -> dict:
+    # Two turns: prompt 3 -> 2 tokens; prompt 3 + 2 + 2 = 7 -> 2 tokens.
+    return {"prompt_lens": [[3, 7]], "tokens": [[[10, 11], [12, 13]]], "cached": [[0, 4]],
+            "logprobs": [[[-0.5, -1.0], [-0.25, -2.0]]], "ttft_s": [0.1, 0.3], "turn_s": [1.0, 1.0]}
+
+
+def test_positions_gap_and_summary() -> None:
+    result = _result()
+    assert output_positions(result) == [[3, 4, 7, 8]]
+    scores = [[None, -9, -9, -0.5, -1.5, -9, -9, -0.25, -2.0]]
+    assert logprob_gap(result, {"scores": scores}) == pytest.approx(0.5 / 4)
+    s = summary(result)
+    assert (s["cached_tokens"], s["prompt_tokens"], s["generated_tokens"]) == (4, 10, 4)
+    assert s["output_tokens_per_s"] == 2.0 and s["ttft_s"]["p50"] == pytest.approx(0.2)
+
+
+def test_conversations_are_seeded_and_sized() -> None:
+    convs = conversations(3, 8, seed=1)
+    assert convs == conversations(3, 8, seed=1) and len(convs) == 3 and all(len(c) == 8 for c in convs)
+    assert all(200 <= len(turn) <= 2000 for c in convs for turn in c)
+
+
+def test_chat_benchmark_compares_with_prefix_caching_on() -> None:
+    args = parse_args([])
+    assert (args.conversations, args.turns) == (64, 8)
+    for backend in ("FLASH_ATTN", "duo"):
+        e = engine(args, backend)
+        assert e["enable_prefix_caching"] is True and e["attention_backend"] == backend
+    assert "duo_attention" in engine(args, "duo")["additional_config"]
