@@ -6,7 +6,8 @@
 # CUDA_VISIBLE_DEVICES and OUT (it then frees only its own GPU between stages).
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
-# back after every stage so a cut-off call still returns what finished. SOAK_ARGS: extra soak_gpu.py flags.
+# back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS,
+# CAPACITY_ARGS: extra flags of those stages.
 source benchmarks/device_setup.sh
 export PYTHONUNBUFFERED=1
 # GPU tests append evidence rows here; kept on the machine while it is warm, copied to $OUT after
@@ -21,6 +22,7 @@ left() { local l=$((BUDGET - SECONDS - 10)); echo $(( $1 < l ? $1 : l )); }
 gpu_test() { timeout "$(left "$1")" python -m pytest -q -s -m gpu -p no:cacheprovider "${@:2}"; }
 run_for() { timeout "$(left "$1")" "${@:2}"; }
 free_gpu() {  # a stage cut off by its time limit may leave engine processes holding GPU memory
+  [ "${FREE_GPU:-1}" = 0 ] && return  # FREE_GPU=0: runs share the GPUs, kill nothing
   if [ -n "$CUDA_VISIBLE_DEVICES" ]; then  # another device_run may own the other GPUs: only ours
     nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
   else
@@ -41,8 +43,9 @@ for stage in "$@"; do
     agreement) gpu_test 580 tests/e2e/test_agreement_gpu.py ;;
     ray) gpu_test 580 tests/e2e/test_ray_gpu.py ;;
     cudagraph) gpu_test 400 tests/e2e/test_cudagraph_gpu.py ;;
-    short-prompt) run_for 500 python benchmarks/short_prompt.py ;;
+    short-prompt) run_for 500 python benchmarks/short_prompt.py $SHORT_ARGS ;;
     mixed-traffic) run_for 580 python benchmarks/mixed_traffic.py ;;
+    chat) run_for 580 python benchmarks/chat.py ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py $PREFIX_ARGS ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;

@@ -38,7 +38,8 @@ def reference(tmp_path_factory) -> str:
 
 def _engine(backend: str, caching: bool, mask: list[list[int]] | None, extra: dict) -> dict:
     engine = dict(load_format="auto", dtype="bfloat16", skip_tokenizer_init=True, max_model_len=MAX_LEN,
-                  max_num_seqs=8, max_num_batched_tokens=2048, gpu_memory_utilization=0.5, enforce_eager=True,
+                  max_num_seqs=8, max_num_batched_tokens=2048, gpu_memory_utilization=0.08,
+                  kv_cache_memory_bytes=4 << 30, enforce_eager=True,
                   enable_prefix_caching=caching, attention_backend=backend, seed=0, **extra)
     if backend == "duo":
         engine["additional_config"] = {"duo_attention": {"retrieval_mask": mask, "sink_size": SINK,
