@@ -16,18 +16,20 @@ from typing import Any
 
 # Figure key -> what it measures (the README's wording). Unknown keys are shown by key.
 LABELS = {
-    "capacity_ratio_llama3_s050": "KV capacity vs FLASH_ATTN, 64K requests, Llama-3-8B, 50%",
-    "capacity_ratio_llama2_s075": "KV capacity vs FLASH_ATTN, 64K requests, Llama-2-7B, 75%",
+    "short_prompt_ratio_1k_b64": "output throughput vs FLASH_ATTN, 1K-token prompts, 128 out, batch 64",
+    "capacity_ratio_llama3_s050": "64K requests held vs FLASH_ATTN, Llama-3-8B, 50% (vLLM's computed max concurrency)",
+    "capacity_ratio_llama2_s075": "64K requests held vs FLASH_ATTN, Llama-2-7B, 75% (vLLM's computed max concurrency)",
+    "capacity_ratio_llama3_s050_prefix": "same, Llama-3-8B, 50%, prefix caching on",
     "capacity_ratio_llama3_s050_rswa": "KV capacity, Llama-3-8B, 50%, `streaming_prefill=\"rswa\"`",
     "capacity_ratio_llama2_s075_rswa": "KV capacity, Llama-2-7B, 75%, `streaming_prefill=\"rswa\"`",
     "decode_kernel_ratio_64k_b16_s050": "decode kernel time / FA3, 64K, batch 16, 50% (lower: better)",
     "decode_kernel_ratio_64k_b16_s075": "decode kernel time / FA3, 64K, batch 16, 75%",
+    "decode_kernel_ratio_64k_b16_s000": "decode kernel time / FA3, 64K, batch 16, every head retrieval",
     "prefill_attn_ratio_128k_s050": "prefill attention speed-up, a Llama-3-8B layer, 128K, 50%",
     "prefill_ratio_128k_s050": "prefill speed-up, Llama-3-8B shape, 128K, 50%",
     "prefill_ratio_256k_s050": "prefill speed-up, Llama-3-8B shape, 256K, 50%",
-    "max_context_tokens_duo_s050": "longest single context, Llama-3-8B, 50% (tokens)",
+    "max_context_tokens_duo_s050": "KV tokens for one request, Llama-3-8B, 50% (vLLM's computed max_model_len; not run)",
     "e2e_decode_ratio_64k_s050": "decode throughput vs FLASH_ATTN, 64K requests, largest batch each fits",
-    "short_prompt_ratio_1k_b64": "throughput vs FLASH_ATTN, 1K-token prompts, batch 64",
     "niah_smollm2": "NIAH accuracy, SmolLM2-135M-Instruct, 1K-8K x 5 depths x 2",
     "server_load_errors": "`vllm serve` under load (64 clients, 120 s): errors",
     "server_load_exact_match_rate": "`vllm serve` under load: answers = one-at-a-time greedy",
@@ -37,6 +39,10 @@ LABELS = {
     "soak_gpu_preemptions": "GPU soak: preemptions",
     "soak_leaked_blocks": "soak on vLLM's real scheduler: leaked KV blocks",
     "fuzz_cases": "bad inputs refused with a clear message (cases)",
+    "mixed_traffic_ratio": "output throughput vs FLASH_ATTN, mixed traffic (64..32K prompts)",
+    "chat_throughput_ratio": "multi-turn chat throughput vs FLASH_ATTN, prefix caching on",
+    "chat_ttft_p50_ratio": "multi-turn chat TTFT p50, FLASH_ATTN / duo",
+    "prefix_hit_ratio_vs_fa": "prefix-cache hits vs FLASH_ATTN, multi-turn chat",
 }
 _ORDER = {k: i for i, k in enumerate(LABELS)}
 EVIDENCE_PREFIX = "evidence_"  # summarised by the evidence table, not the figures table
