@@ -67,22 +67,33 @@ class FakeOps:
                 out[r, heads] = (p @ kv[:, D:]).to(out.dtype)
 
 
-def test_decode_reads_this_steps_tables(monkeypatch):
+def _config_and_specs():
+    """A builder's view of the engine config, and the retrieval / streaming slot specs."""
     config = SimpleNamespace(
         scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
         model_config=SimpleNamespace(max_model_len=WIDTH * BS))
-    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
-                            recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+    return config, slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
+                                   recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+
+
+def _impl(slots: list, kv_heads: int = H) -> impl_module.DuoAttentionImpl:
+    impl = impl_module.DuoAttentionImpl(num_heads=kv_heads * G, head_size=D, scale=D ** -0.5,
+                                        num_kv_heads=kv_heads, alibi_slopes=None, sliding_window=None,
+                                        kv_cache_dtype="auto")
+    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    return impl
+
+
+def test_decode_reads_this_steps_tables(monkeypatch):
+    config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0"]
     builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
     caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
     # slot order differs from group order on purpose: the streaming slot comes first
     slots = [SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1])),
              SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0]))]
-    impl = impl_module.DuoAttentionImpl(num_heads=H * G, head_size=D, scale=D ** -0.5, num_kv_heads=H,
-                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
-    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    impl = _impl(slots)
     context = SimpleNamespace(attn_metadata=None)
     tables = [torch.zeros(MAXR, WIDTH, dtype=torch.int32) for _ in range(2)]  # vLLM's, persistent
     fake = FakeOps(lambda: caches + tables + [b._block_table for b in builders if b._block_table is not None])
@@ -147,20 +158,13 @@ def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkey
     addresses and the null-gapped table (recorded, not computed)."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
-    config = SimpleNamespace(
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
-        compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
-        model_config=SimpleNamespace(max_model_len=WIDTH * BS))
-    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
-                            recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+    config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0"]
     builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
     caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
     slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
              SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
-    impl = impl_module.DuoAttentionImpl(num_heads=H * G, head_size=D, scale=D ** -0.5, num_kv_heads=H,
-                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
-    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    impl = _impl(slots)
     calls = {}
     monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
     monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: calls.setdefault("decode", k))
@@ -213,21 +217,14 @@ def test_fresh_prompts_take_one_fa3_call_over_the_gathered_retrieval_heads(monke
     from vllm_duo.backend.builder import fresh_prefill
 
     Hk, n_tok = 3, 11
-    config = SimpleNamespace(
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
-        compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
-        model_config=SimpleNamespace(max_model_len=WIDTH * BS))
-    specs = slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
-                            recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
+    config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0", "l0.duo_s1"]
     kinds = [RETRIEVAL, STREAMING, RETRIEVAL]
     builders = [DuoMetadataBuilder(specs[0 if k == RETRIEVAL else 1], [name], config, torch.device("cpu"))
                 for name, k in zip(names, kinds)]
     slots = [SimpleNamespace(name=nm, kind=k, head=h, layer=SimpleNamespace(kv_cache=torch.randn(POOL, 1, BS, 2 * D)))
              for h, (nm, k) in enumerate(zip(names, kinds))]
-    impl = impl_module.DuoAttentionImpl(num_heads=Hk * G, head_size=D, scale=D ** -0.5, num_kv_heads=Hk,
-                                        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
-    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    impl = _impl(slots, Hk)
     calls = []
 
     def fa3(**kw):
