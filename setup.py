@@ -4,12 +4,19 @@ The extension is a plain shared library that registers ``torch.ops.vllm_duo.*`` 
 TORCH_LIBRARY (no pybind, Py_LIMITED_API), so one build loads on any CPython that runs the
 same torch. It is built when torch and a CUDA toolkit (nvcc) are present; otherwise the
 package installs without it and any kernel use says so (``vllm_duo.ops``).
+
+It must be built against the torch it will run with, which is whichever the installed vLLM
+pins (0.26: torch 2.11, 0.33: torch 2.14). So torch is not a build requirement (pip would put
+some other torch in its isolated build environment); the build uses the target environment's
+torch, which pip's build isolation hides from ``sys.path`` but not from ``sysconfig``.
 Arch list: ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0"). ``VLLM_DUO_SKIP_EXT=1`` skips it.
 """
 
 import glob
 import os
 import shutil
+import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -24,12 +31,14 @@ def _cuda_extension():
     # script there (e.g. /usr/local/bin/nvcc) makes it guess /usr/local and miss libcudart.
     if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    try:
-        import torch  # noqa: F401
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    except ImportError:
-        print("vllm-duo: torch is not importable at build time, installing without the CUDA extension")
+    if not _target_torch_visible():
+        print("vllm-duo: torch is not installed yet, installing without the CUDA extension; "
+              "run the same pip install again once vLLM (and its torch) is installed to build it")
         return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    print(f"vllm-duo: building the CUDA extension against torch {torch.__version__}")
     if not (os.environ.get("CUDA_HOME") or shutil.which("nvcc")):
         print("vllm-duo: no CUDA toolkit (nvcc) found, installing without the CUDA extension")
         return [], {}
@@ -51,6 +60,18 @@ def _cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
+def _target_torch_visible() -> bool:
+    """Make the install target's torch importable here; False when it has none."""
+    for path in dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib")):
+        if os.path.isdir(os.path.join(path, "torch")) and path not in sys.path:
+            sys.path.append(path)  # after the build environment's own packages
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 ext_modules, cmdclass = _cuda_extension()
 
 setup(
@@ -62,7 +83,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_duo", "vllm_duo.*"]),
-    install_requires=["vllm==0.26.0", "torch==2.11.0", "numpy", "matplotlib", "tqdm"],
+    # Each vLLM pins its own torch (0.26: 2.11, 0.33: 2.14); the plugin's version check refuses
+    # the releases in between, which it was not tested on.
+    install_requires=["vllm>=0.26,<0.34", "numpy", "matplotlib", "tqdm"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
         "ray": ["ray[default]>=2.40"],
