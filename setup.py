@@ -46,14 +46,16 @@ def _cuda_extension():
     if not sources:
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # torch 2.14's headers require C++20; 2.11 builds (and was validated) with C++17.
+    std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14) else "-std=c++17"
     ext = CUDAExtension(
         name="vllm_duo._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         py_limited_api=True,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x030a0000"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+            "cxx": ["-O3", std, "-DPy_LIMITED_API=0x030a0000"],
+            "nvcc": ["-O3", std, "-lineinfo", "--expt-relaxed-constexpr",
                      "-DPy_LIMITED_API=0x030a0000"],
         },
     )
