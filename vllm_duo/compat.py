@@ -10,6 +10,7 @@ subclass overrides (e.g. ``DuoStreamingSpec.num_retained_tokens``, 0.33 only) or
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,31 +46,34 @@ V033 = SERIES == "0.33"
 # 0.33: moved to vllm.v1.core.kv_cache_planning; get_kv_cache_configs takes a 4th argument,
 #       get_global_kv_cache_groups(cfg, specs); sizing reads cache_config.kv_cache_layout,
 #       which the engine core resolves (resolve_kv_cache_layout) before building configs.
-if V033:
-    from vllm.v1.core import kv_cache_planning as _planning
-else:
-    from vllm.v1.core import kv_cache_utils as _planning
+PLANNING_MODULE = "vllm.v1.core.kv_cache_planning" if V033 else "vllm.v1.core.kv_cache_utils"
+
+
+def _planning() -> Any:
+    # Imported on use, so that importing this module (the version check does) cannot fail.
+    return importlib.import_module(PLANNING_MODULE)
 
 
 def get_kv_cache_groups(config: VllmConfig, specs: dict[str, KVCacheSpec]) -> list[KVCacheGroupSpec]:
     """vLLM's grouping of one worker's layer specs (0.26, 0.33)."""
-    return _planning.get_kv_cache_groups(config, specs)
+    return _planning().get_kv_cache_groups(config, specs)
 
 
 def pool_bytes_per_block(config: VllmConfig, groups: list[KVCacheGroupSpec]) -> int:
     """Bytes one block id costs in the pool, as vLLM sizes it (0.26, 0.33: private helper)."""
-    return _planning._pool_bytes_per_block(config, groups)
+    return _planning()._pool_bytes_per_block(config, groups)
 
 
 def get_kv_cache_configs(config: VllmConfig, specs: list[dict[str, KVCacheSpec]],
                          memory: list[int]) -> list[KVCacheConfig]:
     """One KVCacheConfig per worker, as the engine core builds them (0.26, 0.33); on 0.33 the
     KV-cache layout is resolved first when nothing set it, as the engine core does."""
+    planning = _planning()
     if V033:
         resolve_kv_cache_layout(config, specs)
-        groups = _planning.get_global_kv_cache_groups(config, specs)
-        return _planning.get_kv_cache_configs(config, specs, memory, groups)
-    return _planning.get_kv_cache_configs(config, specs, memory)
+        groups = planning.get_global_kv_cache_groups(config, specs)
+        return planning.get_kv_cache_configs(config, specs, memory, groups)
+    return planning.get_kv_cache_configs(config, specs, memory)
 
 
 def resolve_kv_cache_layout(config: VllmConfig, specs: list[dict[str, KVCacheSpec]]) -> None:
@@ -108,6 +112,4 @@ CLI_ARGS_MODULE = "vllm.entrypoints.common.cli_args" if V033 else "vllm.entrypoi
 
 def make_arg_parser(parser: Any) -> Any:
     """``vllm serve``'s argument parser (0.26, 0.33)."""
-    import importlib
-
     return importlib.import_module(CLI_ARGS_MODULE).make_arg_parser(parser)
