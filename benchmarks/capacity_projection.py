@@ -37,10 +37,11 @@ def project(model_dir: str, cfg: dict, full_blocks: int, pattern: str, sparsity:
             args: argparse.Namespace) -> dict:
     import torch
     from vllm.config import ModelConfig
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from tests.block_manager.conftest import bytes_per_block, make_vllm_config
+    from vllm_duo import compat
     from vllm_duo.block_manager import duo_kv_cache_specs, register_duo_kv_cache_spec
     from vllm_duo.options import parse_options, resolve_options
 
@@ -55,7 +56,7 @@ def project(model_dir: str, cfg: dict, full_blocks: int, pattern: str, sparsity:
     full = {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
         block_size=16, num_kv_heads=heads, head_size=head_dim, dtype=torch.bfloat16) for i in range(layers)}
     memory = full_blocks * bytes_per_block(config, full)
-    (full_cfg,) = get_kv_cache_configs(config, [full], [memory])
+    (full_cfg,) = compat.get_kv_cache_configs(config, [full], [memory])
     full_tokens, full_conc = get_kv_cache_capacity(config, full_cfg)
     mask = resolve_options(parse_options({"pattern": pattern, "sparsity": sparsity}), layers, heads).mask()
     row = {"memory_bytes": memory, "flash_attn": {"num_gpu_blocks": full_cfg.num_blocks,
@@ -65,7 +66,7 @@ def project(model_dir: str, cfg: dict, full_blocks: int, pattern: str, sparsity:
         specs = duo_kv_cache_specs(mask, block_size=16, head_size=head_dim, dtype=torch.bfloat16,
                                    sink_size=64, recent_size=256, prefill_window=256,
                                    tail_only_batches=batches)
-        (duo_cfg,) = get_kv_cache_configs(config, [specs], [memory])
+        (duo_cfg,) = compat.get_kv_cache_configs(config, [specs], [memory])
         tokens, conc = get_kv_cache_capacity(config, duo_cfg)
         row[mode] = {"num_gpu_blocks": duo_cfg.num_blocks, "kv_cache_tokens": tokens,
                      "max_concurrency": round(conc, 2), "ratio": round(conc / full_conc, 3)}

@@ -166,9 +166,9 @@ def count_preemptions(llm) -> list[int]:
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     counter, original = [0], sched._preempt_request
 
-    def preempt(request, timestamp):
+    def preempt(*args, **kwargs):  # (request, timestamp[, drop_stale_output: vLLM 0.33])
         counter[0] += 1
-        return original(request, timestamp)
+        return original(*args, **kwargs)
 
     sched._preempt_request = preempt
     return counter

@@ -15,19 +15,21 @@ from vllm_duo.selection import BACKEND_PATH
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = ("0.26.",)
 _registered = False
 
 
 def check_vllm_version(version: str | None = None) -> None:
+    from vllm_duo.compat import SUPPORTED_SERIES, series_of
+
     if version is None:
         import vllm
 
         version = vllm.__version__
-    if not version.startswith(SUPPORTED_VLLM):
+    if series_of(version) is None:
         raise DuoConfigError(
-            f"vllm-duo supports vLLM 0.26.x but vLLM {version} is installed; "
-            f"install vllm==0.26.0 (pip install 'vllm==0.26.0' torch==2.11.0)")
+            f"vllm-duo supports vLLM {' and '.join(s + '.x' for s in SUPPORTED_SERIES)} but vLLM "
+            f"{version} is installed; install one of them (pip install 'vllm==0.33.0' or "
+            f"'vllm==0.26.0'; each brings the torch it needs)")
 
 
 def register() -> None:

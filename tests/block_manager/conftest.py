@@ -18,16 +18,11 @@ from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig,
 from vllm.utils.hashing import sha256
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_manager import KVCacheManager
-from vllm.v1.core.kv_cache_utils import (
-    _pool_bytes_per_block,
-    get_kv_cache_configs,
-    get_kv_cache_groups,
-    get_request_block_hasher,
-    init_none_hash,
-)
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
 from vllm.v1.request import Request
 
+from vllm_duo import compat
 from vllm_duo.block_manager import DuoStreamingSpec, duo_kv_cache_specs, register_duo_kv_cache_spec
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, DTYPE, BLOCK = 32, 8, 128, torch.bfloat16, 16
@@ -97,13 +92,14 @@ def full_specs() -> dict[str, KVCacheSpec]:
 
 def bytes_per_block(config: VllmConfig, specs: dict[str, KVCacheSpec]) -> int:
     """What one block id costs in the pool (group_size x page), as vLLM computes it."""
-    return _pool_bytes_per_block(config, get_kv_cache_groups(config, dict(specs)))
+    compat.resolve_kv_cache_layout(config, [specs])
+    return compat.pool_bytes_per_block(config, compat.get_kv_cache_groups(config, dict(specs)))
 
 
 def kv_cache_config(config: VllmConfig, specs: dict[str, KVCacheSpec], num_blocks: int) -> KVCacheConfig:
     """vLLM's own KVCacheConfig for a pool of ``num_blocks`` block ids."""
     memory = num_blocks * bytes_per_block(config, specs)
-    (cfg,) = get_kv_cache_configs(config, [dict(specs)], [memory])
+    (cfg,) = compat.get_kv_cache_configs(config, [dict(specs)], [memory])
     assert cfg.num_blocks == num_blocks
     return cfg
 
@@ -171,7 +167,7 @@ def assert_footprint(manager: KVCacheManager, request: Request, window: Window) 
             last_window = max(0, num_tokens - future_w + 1) // BLOCK
             must = window.needed_blocks(processed, processed, request.num_prompt_tokens) | \
                 set(range(last_window, cdiv(num_tokens, BLOCK)))
-            assert must <= positions and len(positions) <= single._max_admission_blocks_per_request, \
+            assert must <= positions and len(positions) <= compat.admission_cap(single), \
                 (sorted(must - positions), len(positions))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from vllm.utils.math_utils import cdiv
-from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
+from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
 from tests.block_manager.conftest import (
     BLOCK,
@@ -18,6 +18,7 @@ from tests.block_manager.conftest import (
     make_vllm_config,
     random_mask,
 )
+from vllm_duo import compat
 
 MEMORY = 40 * 2**30  # KV memory of an 80 GB GPU serving an 8B model
 PAGE = 2 * BLOCK * HEAD_DIM * 2  # one bf16 KV head, one block: 8 KiB
@@ -56,8 +57,8 @@ def test_capacity(model_config, retrieval: float, max_len: int, batched: int, pr
                               async_scheduling=batched == 16384)
     batches = config.max_concurrent_batches if tail_only else 0
     mask = random_mask(0, retrieval)
-    (duo,) = get_kv_cache_configs(config, [duo_specs(mask, prefill_window, batches)], [MEMORY])
-    (full,) = get_kv_cache_configs(config, [full_specs()], [MEMORY])
+    (duo,) = compat.get_kv_cache_configs(config, [duo_specs(mask, prefill_window, batches)], [MEMORY])
+    (full,) = compat.get_kv_cache_configs(config, [full_specs()], [MEMORY])
     duo_tokens, duo_concurrency = get_kv_cache_capacity(config, duo)  # what vLLM logs
     full_tokens, full_concurrency = get_kv_cache_capacity(config, full)
 

@@ -25,6 +25,7 @@ from tests.block_manager.conftest import (
     make_vllm_config,
     random_mask,
 )
+from vllm_duo import compat
 from vllm_duo.block_manager import DuoStreamingSpec
 
 CHUNK = 512
@@ -65,7 +66,7 @@ def test_prefill_decode_finish(model_config, prefill_window: int, lag: int, tail
                               async_scheduling=bool(lag))  # max_in_flight_tokens = (1 + lag) chunks
     specs = duo_specs(random_mask(), prefill_window, tail_only_batches=(1 + lag) * tail_only)
     manager = kv_cache_manager(config, kv_cache_config(config, specs, num_blocks=2000))
-    caps = [s._max_admission_blocks_per_request for s in manager.coordinator.single_type_managers
+    caps = [compat.admission_cap(s) for s in manager.coordinator.single_type_managers
             if isinstance(s.kv_cache_spec, DuoStreamingSpec)]
     window = Window(SINK, RECENT, prefill_window, tail_only)
     prompt, decode = 3000, 300

@@ -21,6 +21,7 @@ from tests.block_manager.conftest import (
     make_vllm_config,
     random_mask,
 )
+from vllm_duo import compat
 from vllm_duo.block_manager import (
     DuoStreamingManager,
     DuoStreamingSpec,
@@ -122,14 +123,20 @@ def test_vllm_groups_streaming_apart_and_caps_admission(model_config) -> None:
     for group in cfg.kv_cache_groups:
         assert {type(specs[n]) for n in group.layer_names} == {type(group.kv_cache_spec)}
     assert sorted(n for g in cfg.kv_cache_groups for n in g.layer_names) == sorted(specs)
-    # One tensor per group slot, shared by one layer of every group: all pages are 1 head.
-    assert len(cfg.kv_cache_tensors) == max(len(g.layer_names) for g in cfg.kv_cache_groups)
+    if compat.V033:
+        # One packed buffer that every group overlays: one same-sized tensor per group.
+        assert sorted(sorted(t.layers) for t in cfg.kv_cache_tensors) == \
+            sorted(sorted(g.layer_names) for g in cfg.kv_cache_groups)
+        assert len({t.size for t in cfg.kv_cache_tensors}) == 1
+    else:
+        # One tensor per group slot, shared by one layer of every group: all pages are 1 head.
+        assert len(cfg.kv_cache_tensors) == max(len(g.layer_names) for g in cfg.kv_cache_groups)
 
     manager = kv_cache_manager(config, cfg)
     for single in manager.coordinator.single_type_managers:
         if isinstance(single.kv_cache_spec, DuoStreamingSpec):
             assert isinstance(single, DuoStreamingManager)
-            assert single._max_admission_blocks_per_request == \
+            assert compat.admission_cap(single) == \
                 single.kv_cache_spec.max_admission_blocks_per_request(config.max_in_flight_tokens, 32768)
         else:
-            assert single._max_admission_blocks_per_request is None
+            assert compat.admission_cap(single) is None

@@ -63,7 +63,7 @@ def test_engine_args_accept_duo(plugins_loaded):
 
 
 def test_serve_cli_parses_duo():
-    code = CPU_PLATFORM_SNIPPET + ("from vllm.entrypoints.openai.cli_args import make_arg_parser;"
+    code = CPU_PLATFORM_SNIPPET + ("from vllm_duo.compat import make_arg_parser;"
             "from vllm.utils.argparse_utils import FlexibleArgumentParser;"
             "p = make_arg_parser(FlexibleArgumentParser());"
             "a = p.parse_args(['--attention-backend', 'duo', '--additional-config',"
@@ -78,8 +78,10 @@ def test_refuses_other_vllm_versions():
     from vllm_duo.plugin import check_vllm_version
 
     check_vllm_version("0.26.0")
-    with pytest.raises(DuoConfigError, match="supports vLLM 0.26.x but vLLM 0.27.0 is installed"):
-        check_vllm_version("0.27.0")
+    check_vllm_version("0.33.0")
+    for other in ("0.27.0", "0.34.0", "0.3.3", "0.260.0"):
+        with pytest.raises(DuoConfigError, match=f"supports vLLM 0.26.x and 0.33.x but vLLM {other} is"):
+            check_vllm_version(other)
 
 
 def _model_dir(tmp_path, **overrides):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_duo.identify.gating import HeadGates, full_attention, streaming_attention
+from vllm_duo.identify.gating import HeadGates, full_attention, streaming_attention, unit_interval
 
 
 def reference(q, k, v, sink: int | None = None, recent: int | None = None) -> torch.Tensor:
@@ -72,3 +72,13 @@ def test_gradient_reaches_gates_initialised_at_one():
     out, hg = _gated([1.0], q, k, v, 2, 4)
     out.square().sum().backward()
     assert hg.gates.grad is not None and hg.gates.grad.abs().item() > 0
+
+
+def test_unit_interval_gradient_is_one_at_the_bounds_and_zero_outside():
+    """torch 2.14's ``clamp`` gives gradient 0 at a bound (2.11: 1); gates start at 1.0, so a
+    clamp-based gate would never move on 2.14. The gate's clip must pass gradient at 0 and 1."""
+    g = torch.tensor([-0.5, 0.0, 0.3, 1.0, 1.5], requires_grad=True)
+    out = unit_interval(g)
+    out.sum().backward()
+    assert out.tolist() == pytest.approx([0.0, 0.0, 0.3, 1.0, 1.0])
+    assert g.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]

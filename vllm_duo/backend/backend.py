@@ -37,7 +37,8 @@ class DuoAttentionBackend(FlashAttentionBackend):
         return DuoMetadataBuilder
 
     @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+    def get_supported_kernel_block_sizes(kv_cache_spec: object = None) -> list[int | MultipleOf]:
+        # vLLM 0.33's worker passes the layer's spec; 0.26 calls it without one.
         return [MultipleOf(16)]
 
     @classmethod

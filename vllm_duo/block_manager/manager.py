@@ -12,6 +12,7 @@ from vllm.v1.kv_cache_interface import KVCacheSpec
 from vllm.v1.request import Request
 
 from vllm_duo.block_manager.spec import DuoStreamingSpec
+from vllm_duo.compat import admission_cap
 
 
 class DuoStreamingManager(SlidingWindowManager):
@@ -86,11 +87,13 @@ class DuoStreamingManager(SlidingWindowManager):
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
                                    new_computed_blocks: Sequence[KVCacheBlock],
                                    total_computed_tokens: int, num_local_computed_tokens: int,
-                                   num_tokens_main_model: int, apply_admission_cap: bool = False) -> int:
+                                   num_tokens_main_model: int, apply_admission_cap: bool = False,
+                                   **kwargs) -> int:
+        # kwargs: what newer vLLM adds (0.33: prefill_end), passed through.
         if not self.tail_only:
             return super().get_num_blocks_to_allocate(
                 request_id, num_tokens, new_computed_blocks, total_computed_tokens,
-                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap)
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, **kwargs)
         # A prefix hit arrives before the request holds any block: its entries come first,
         # and only those in the free queue (ref_cnt 0) take blocks from it when touched.
         blocks = self.req_to_blocks.get(request_id, [])
@@ -100,7 +103,7 @@ class DuoStreamingManager(SlidingWindowManager):
             # The full-sequence gate: what the request may still take, up to its peak.
             held = sum(not b.is_null for b in blocks) + \
                 sum(not b.is_null and b.ref_cnt > 0 for b in new_computed_blocks)
-            return max(min(end, self._max_admission_blocks_per_request) - held, 0)
+            return max(min(end, admission_cap(self)) - held, 0)
         return max(end - start, 0) - len(self._null_entries(start, end, num_tokens)) + evictable
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
@@ -177,10 +180,13 @@ class DuoStreamingManager(SlidingWindowManager):
         use_eagle: bool,
         retention_interval: int | None = None,
         reachable_boundaries: Sequence[int] = (),
+        **kwargs,
     ) -> list[bool] | None:
-        """Sliding window's sparse caching, but every hit needs the sink blocks."""
+        """Sliding window's sparse caching, but every hit needs the sink blocks.
+
+        kwargs: what newer vLLM adds (0.33: dcp_world_size, final_segment_end_block), passed through."""
         mask = super().reachable_block_mask(start_block, end_block, alignment_tokens, kv_cache_spec,
-                                            use_eagle, retention_interval, reachable_boundaries)
+                                            use_eagle, retention_interval, reachable_boundaries, **kwargs)
         if mask is not None:
             assert isinstance(kv_cache_spec, DuoStreamingSpec)
             for i in range(start_block, min(end_block, kv_cache_spec.num_sink_blocks)):

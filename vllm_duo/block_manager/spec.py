@@ -66,6 +66,18 @@ class DuoStreamingSpec(SlidingWindowSpec):
         return min(self.num_sink_blocks + window, cdiv(max_model_len, self.block_size))
 
     @property
+    def num_retained_tokens(self) -> int:
+        """0: the worker must not null any of this group's block-table entries.
+
+        vLLM 0.33's V2 model runner nulls, per step, the entries wholly below (first scheduled
+        position - ``num_retained_tokens``) of sliding-window groups; with the parent's value
+        (W - 1) that would null the sink blocks, which every streaming query reads. 0 turns
+        that masking off for the group (``BlockTables``); freed middle blocks are never read,
+        as duo's kernels address only sink and window blocks. 0.26 does not read it.
+        """
+        return 0
+
+    @property
     def window_blocks(self) -> int:
         """Most blocks W - 1 consecutive tokens can touch (an unaligned start adds one)."""
         return cdiv(self.sliding_window - 1, self.block_size) + 1

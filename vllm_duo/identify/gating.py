@@ -140,10 +140,19 @@ class HeadGates(nn.Module):
         if full is None or full.shape != stream.shape:
             raise RuntimeError(f"layer {layer}: no teacher output for this batch; run the teacher pass first")
         groups = query.shape[1] // key.shape[1]
-        a = self.gates[layer].clamp(0.0, 1.0).repeat_interleave(groups)[:, None]
+        a = unit_interval(self.gates[layer]).repeat_interleave(groups)[:, None]
         # Mixed in float32, so that a gate of exactly 1 reproduces the teacher bit for bit.
         s32 = stream.float()
         return (s32 + a * (full.float() - s32)).to(stream.dtype), None
+
+
+def unit_interval(g: torch.Tensor) -> torch.Tensor:
+    """``g`` clipped to [0, 1], with gradient 1 on the closed interval and 0 outside.
+
+    Not ``torch.clamp``: its gradient at a bound is 1 in torch 2.11 but 0 in torch 2.14, and
+    gates start at exactly 1.0, so with 2.14 they would never move.
+    """
+    return torch.where((g >= 0) & (g <= 1), g, g.detach().clamp(0.0, 1.0))
 
 
 def install_attention(model: nn.Module, name: str, fn) -> None:
