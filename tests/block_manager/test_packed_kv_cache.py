@@ -3,7 +3,7 @@ duo's kernels address every slot cache by its data pointer and a fixed block str
 
 Here vLLM's own allocator (``allocate_kv_cache``, on CPU) builds the views for duo's slot
 layers with the layout vLLM resolves for the duo backend, and duo's per-layer pointer tables
-(``slot_tensors``) accept them: contiguous ``[num_blocks, 1, block_size, 2 * head_size]`` views,
+(``StepTables.layer_tensors``) accept them: contiguous ``[num_blocks, 1, block_size, 2 * head_size]`` views,
 one region per slot. A block-outer layout is the control: the same check refuses it.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from tests.block_manager.conftest import BLOCK, HEAD_DIM, duo_specs, kv_cache_config, make_vllm_config, random_mask
 from vllm_duo import compat
-from vllm_duo.backend.step_tables import StepTables, slot_tensors
+from vllm_duo.backend.step_tables import StepTables
 from vllm_duo.slot_plan import RETRIEVAL, STREAMING
 
 pytestmark = pytest.mark.skipif(not compat.V033, reason="the packed KV-cache allocation is vLLM 0.33's")
@@ -37,18 +37,16 @@ def slot_views(model_config, layout: str | None = None) -> tuple[dict[str, torch
 
 
 def check_layer(caches: dict[str, torch.Tensor], cfg, layer: int):
-    """``slot_tensors`` on one decoder layer's slots, as the impl builds it on its first step."""
+    """``layer_tensors`` on one decoder layer's slots, as the impl builds it on its first step."""
     names = sorted(n for n in caches if n.startswith(f"model.layers.{layer}.self_attn.attn"))
-    group_of = {n: i for i, g in enumerate(cfg.kv_cache_groups) for n in g.layer_names}
-    by_group = {g: SimpleNamespace() for g in set(group_of[n] for n in names)}
-    metas = {n: by_group[group_of[n]] for n in names}
-    step = StepTables(metas=metas, group_index={id(m): g for g, m in by_group.items()},
-                      slot_mappings=torch.zeros(0), block_table_ptrs=torch.zeros(0),
-                      block_table_strides=torch.zeros(0), block_size=BLOCK)
+    tables = StepTables(max_tokens=16, device="cpu")
+    rows = {n: tables.add_group(g.layer_names) for g in cfg.kv_cache_groups for n in g.layer_names}
+    for row in set(rows.values()):
+        tables.set_block_table(row, torch.zeros(1, 1, dtype=torch.int32))
     slots = [SimpleNamespace(name=n, layer=SimpleNamespace(kv_cache=caches[n]), head=i,
                              kind=RETRIEVAL if ".duo_s" not in n else STREAMING)
              for i, n in enumerate(names)]
-    return slot_tensors(slots, step, torch.device("cpu"))
+    return tables.layer_tensors(slots, [rows[n] for n in names])
 
 
 def test_duo_slot_views_fit_the_pointer_tables(model_config) -> None:

@@ -25,7 +25,7 @@ def fresh_prefill(cm: CommonAttentionMetadata, num_decodes: int) -> bool:
     """Whether the step has prompt chunks and every one starts at position 0 (nothing cached
     before it), from host values vLLM already holds (no device sync). vLLM's CPU upper bound
     on ``seq_lens`` is exact for prefill rows."""
-    bound = cm.seq_lens_cpu_upper_bound
+    bound = getattr(cm, "seq_lens_cpu_upper_bound", None)  # absent: no fast path
     if bound is None or num_decodes >= cm.num_reqs:
         return False
     qsl = cm.query_start_loc_cpu[num_decodes:cm.num_reqs + 1]
