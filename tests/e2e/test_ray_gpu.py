@@ -2,7 +2,9 @@
 
 The Llama-3-8B attention layout with seeded weights where attention matters
 (tests/e2e/reference_model.py; saved weights, so TP=1 and TP=2 load the same model), a mixed mask
-at 50 %, vLLM's defaults (torch.compile, CUDA graphs). TP=2 / PP=2 tokens are scored by teacher
+at 50 %, eager (on an H200 pair, vLLM 0.26's FLASH_ATTN itself failed CUDA-graph capture at TP=2
+over Ray with CUBLAS_STATUS_EXECUTION_FAILED; test_default_graphs_start checks that duo starts
+wherever FLASH_ATTN does). TP=2 / PP=2 tokens are scored by teacher
 forcing in the TP=1 engine of the same backend; FLASH_ATTN's own TP=2 / PP=2 gap calibrates the
 tolerance; the control is FLASH_ATTN's TP=2 tokens scored by duo (all-retrieval vs mixed). Every
 worker rank must report the same number of KV blocks (and, within TP, identical slot caches).
@@ -45,8 +47,6 @@ def check_ranks(result: dict, world: int, same_layout: bool) -> None:
     assert len(blocks) == 1 and blocks.pop() > 0, [r["num_gpu_blocks"] for r in ranks]
     if same_layout:
         assert all(r["layout"] == ranks[0]["layout"] for r in ranks), "TP ranks hold different KV caches"
-    modes = {r["cudagraph_mode"] for r in ranks}
-    assert modes == {"FULL_AND_PIECEWISE"}, f"ranks ran with CUDA-graph mode {modes}, not vLLM's default"
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +61,15 @@ def runs(tmp_path_factory) -> dict:
     for backend, engine in BACKENDS.items():
         for name, parallel in PARALLEL.items():
             done[f"{backend}/{name}"] = run_ranked(
-                dict(model=model, prompts=prompts, max_tokens=STEPS, engine=dict(engine, **parallel),
-                     name=f"{backend} {name}"), log_path=log)
+                dict(model=model, prompts=prompts, max_tokens=STEPS, name=f"{backend} {name}",
+                     engine=dict(engine, enforce_eager=True, **parallel)), log_path=log)
     one = {}
     for i, (backend, engine) in enumerate(BACKENDS.items()):
         score = {k: agreement.scored_sequences(prompts, done[k]) for k in done if k.startswith(backend)}
         score["FLASH_ATTN/tp2"] = agreement.scored_sequences(prompts, done["FLASH_ATTN/tp2"])
         one[f"{backend}/tp1"] = dict(model=model, prompts=prompts, max_tokens=STEPS, score=score,
-                                     engine=dict(agreement.ENGINE, **engine), env={"CUDA_VISIBLE_DEVICES": str(i)})
+                                     engine=dict(agreement.ENGINE, enforce_eager=True, **engine),
+                                     env={"CUDA_VISIBLE_DEVICES": str(i)})
     done.update(agreement.run_parallel(one, workers=2, log_dir=os.environ.get("VLLM_DUO_ENGINE_LOGS")))
     return dict(done, prompts=prompts)
 
@@ -85,3 +86,18 @@ def test_ray_parallel_agrees_with_one_gpu(runs, name) -> None:
     check(f"ray::{name}_equals_tp1[duo]", f"duo {name.upper()} over Ray vs duo on one GPU", METRIC,
           agreement.tolerance(calibration), _gap(runs, f"duo/{name}", "duo/tp1"),
           "FLASH_ATTN TP=2 tokens scored by duo TP=1", _gap(runs, "FLASH_ATTN/tp2", "duo/tp1"))
+
+
+def test_default_graphs_start(tmp_path) -> None:
+    """TP=2 over Ray with vLLM's defaults (torch.compile + FULL_AND_PIECEWISE): duo starts, with
+    full decode graphs on every rank, wherever FLASH_ATTN starts."""
+    from vllm_duo.eval.engine_proc import EngineJobError
+
+    model = make_model(str(tmp_path / "llama3_layout"), seed=0, **LAYOUTS["llama3"])
+    spec = dict(model=model, prompts=[[5] * 100], max_tokens=4)
+    try:
+        run_ranked(dict(spec, name="FLASH_ATTN tp2 graphs", engine=dict(BACKENDS["FLASH_ATTN"], **PARALLEL["tp2"])))
+    except EngineJobError as e:
+        pytest.skip(f"FLASH_ATTN itself does not start at TP=2 with graphs here: {str(e).splitlines()[0]}")
+    duo = run_ranked(dict(spec, name="duo tp2 graphs", engine=dict(BACKENDS["duo"], **PARALLEL["tp2"])))
+    assert {r["cudagraph_mode"] for r in duo["ranks"]} == {"FULL_AND_PIECEWISE"}, duo["ranks"]
