@@ -18,13 +18,12 @@ import argparse
 import os
 import shutil
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.summary import RESULTS, save_result  # noqa: E402
 from vllm_duo.errors import DuoConfigError  # noqa: E402
 from vllm_duo.eval import suite  # noqa: E402
-from vllm_duo.eval.methods import expand_methods, model_shape  # noqa: E402
+from vllm_duo.eval.methods import expand_methods  # noqa: E402
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK  # noqa: E402
 
 DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
@@ -60,65 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not os.path.isdir(args.model):
         sys.exit(f"niah_suite: no model folder at {args.model}; pass --model PATH")
-    from vllm_duo.eval.niah import HFCodec
-
+    out_dir = os.path.join(os.environ["OUT"], "niah_suite") if os.environ.get("OUT") else None
     try:
-        tasks = suite.parse_formats(args.formats)
         methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
                                  recent=args.recent)
-        suite.method_masks(methods, args.model)  # a pattern made for another model fails here, before any work
-        _, _, max_positions = model_shape(args.model)
-        longest = max(args.lengths) + max(t.max_tokens for t in tasks)
-        if max_positions and longest > max_positions:
-            raise DuoConfigError(f"--lengths up to {max(args.lengths)} plus generated tokens need {longest} "
-                                 f"positions; the model has {max_positions}: lower --lengths")
-        codec = HFCodec(args.model)
-        chat, prefix = suite.codec_chat(codec, tasks)
-        prompts = suite.interleave(suite.build_suite(codec, tasks, args.lengths, args.depths, args.samples,
-                                                     args.seed, chat=chat, prefix=prefix))
+        payload = suite.measure(
+            args.model, methods, suite.parse_formats(args.formats), lengths=args.lengths, depths=args.depths,
+            samples=args.samples, seed=args.seed, sink=args.sink, recent=args.recent, runner=args.runner,
+            time_budget=args.time_budget, timeout=args.timeout,
+            engine=dict(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs),
+            log_path=os.path.join(out_dir or RESULTS, "niah_suite_engine.log"),
+            log=lambda line: print(line, flush=True))
     except DuoConfigError as e:
         sys.exit(f"niah_suite: {e}")
-    out_dir = os.path.join(os.environ["OUT"], "niah_suite") if os.environ.get("OUT") else None
-    print(f"niah_suite: {len(prompts)} prompts ({len(tasks)} formats x {len(args.lengths)} lengths x "
-          f"{len(args.depths)} depths x {args.samples}), methods {[m.name for m in methods]}", flush=True)
-
-    t0 = time.monotonic()
-    if args.runner == "hf":
-        deadline = t0 + args.time_budget if args.time_budget else None
-        cells = suite.run_hf(args.model, methods, prompts, codec.decode, sink=args.sink, recent=args.recent,
-                             deadline=deadline,
-                             on_prompt=lambda n: print(f"niah_suite: {n}/{len(prompts)} prompts, "
-                                                       f"{time.monotonic() - t0:.0f} s", flush=True))
-        results = {name: {"cells": c} for name, c in cells.items()}
-    else:
-        log_dir = out_dir or RESULTS
-        os.makedirs(log_dir, exist_ok=True)
-        engine = dict(max_model_len=longest, seed=0, gpu_memory_utilization=args.gpu_memory_utilization,
-                      max_num_seqs=args.max_num_seqs, enforce_eager=True, enable_prefix_caching=False)
-        results = suite.run_engine(args.model, methods, prompts, codec.decode, engine=engine,
-                                   log_path=os.path.join(log_dir, "niah_suite_engine.log"), timeout=args.timeout)
-    for m in methods:
-        r = results[m.name]
-        r["duo"] = m.duo
-        if "cells" in r:
-            r.update(suite.summarize(r["cells"]))
-            print(f"niah_suite: {m.name:>10} {r['correct']}/{r['total']} ({r['accuracy']:.1%})", flush=True)
-
-    table = suite.accuracy_table(results)
-    counts = {}
-    for r in results.values():
-        for f, v in r.get("formats", {}).items():
-            counts[f] = v["total"]
+    payload["pattern"] = args.pattern
+    results, table, counts = payload["methods"], payload["per_format"], payload["prompts_per_format"]
     ran = next((r["total"] for r in results.values() if "total" in r), 0)
-    payload = dict(runner=args.runner, model=args.model, pattern=args.pattern, formats=[t.name for t in tasks],
-                   format_specs={t.name: {k: getattr(t, k) for k in ("needle", "filler", "variant", "chat",
-                                                                    "needles", "queries")} for t in tasks},
-                   lengths=args.lengths, depths=args.depths, samples=args.samples, seed=args.seed, sink=args.sink,
-                   recent=args.recent, prompts_planned=len(prompts), prompts_run=ran, prompts_per_format=counts,
-                   seconds=round(time.monotonic() - t0, 1),
-                   attention=("HF transformers float32 (duo: vllm_duo/eval/hf_duo.py)" if args.runner == "hf"
-                              else "vLLM engine (full = FLASH_ATTN)"),
-                   accuracy={m: r.get("accuracy") for m, r in results.items()}, per_format=table, methods=results)
     name = f"niah_suite_{args.runner}"
     key = args.record or ("niah_suite_smollm2" if args.runner == "engine" else "niah_suite_smollm2_hf")
     failed = [m for m, r in results.items() if "error" in r]

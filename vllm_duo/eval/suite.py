@@ -505,3 +505,60 @@ def run_engine(model: str, methods: Sequence[Any], prompts: Sequence[SuitePrompt
                        "generate_seconds": res.get("generate_seconds"),
                        "cells": [cell(p, decode(toks[:p.max_tokens])) for p, toks in zip(prompts, res["tokens"])]}
     return out
+
+
+def measure(model: str, methods: Sequence[Any], tasks: Sequence[Task], *, lengths: Sequence[int],
+            depths: Sequence[float], samples: int, seed: int, sink: int, recent: int, runner: str = "hf",
+            time_budget: float | None = None, engine: dict[str, Any] | None = None, log_path: str | None = None,
+            timeout: float = 300, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The suite for ``methods`` (vllm_duo.eval.methods.Method): the result payload, per format per method.
+
+    Bad input (a pattern for another model, lengths past the model's positions, unknown formats)
+    raises :class:`DuoConfigError` before any model is loaded.
+    """
+    import time
+
+    from vllm_duo.eval.methods import model_shape
+    from vllm_duo.eval.niah import HFCodec
+
+    if runner not in ("hf", "engine"):
+        raise DuoConfigError(f"runner must be 'hf' or 'engine', got {runner!r}")
+    method_masks(methods, model)  # a pattern made for another model fails here
+    _, _, max_positions = model_shape(model)
+    longest = max(lengths) + max(t.max_tokens for t in tasks)
+    if max_positions and longest > max_positions:
+        raise DuoConfigError(f"lengths up to {max(lengths)} plus generated tokens need {longest} positions; "
+                             f"the model has {max_positions}: lower the lengths")
+    codec = HFCodec(model)
+    chat, prefix = codec_chat(codec, tasks)
+    prompts = interleave(build_suite(codec, tasks, lengths, depths, samples, seed, chat=chat, prefix=prefix))
+    log(f"niah suite: {len(prompts)} prompts ({len(tasks)} formats x {len(lengths)} lengths x {len(depths)} "
+        f"depths x {samples}), methods {[m.name for m in methods]}, runner {runner}")
+    t0 = time.monotonic()
+    if runner == "hf":
+        cells = run_hf(model, methods, prompts, codec.decode, sink=sink, recent=recent,
+                       deadline=t0 + time_budget if time_budget else None,
+                       on_prompt=lambda n: log(f"niah suite: {n}/{len(prompts)} prompts, {time.monotonic() - t0:.0f} s"))
+        results: dict[str, dict[str, Any]] = {name: {"cells": c} for name, c in cells.items()}
+    else:
+        engine = dict(dict(max_model_len=longest, seed=0, gpu_memory_utilization=0.5, max_num_seqs=256,
+                           enforce_eager=True, enable_prefix_caching=False), **(engine or {}))
+        results = run_engine(model, methods, prompts, codec.decode, engine=engine,
+                             log_path=log_path or "niah_suite_engine.log", timeout=timeout)
+    counts: dict[str, int] = {}
+    for m in methods:
+        r = results[m.name]
+        r["duo"] = m.duo
+        if "cells" in r:
+            r.update(summarize(r["cells"]))
+            counts.update({f: v["total"] for f, v in r["formats"].items()})
+            log(f"niah suite: {m.name:>10} {r['correct']}/{r['total']} ({r['accuracy']:.1%})")
+    return dict(runner=runner, model=model, formats=[t.name for t in tasks],
+                format_specs={t.name: {k: getattr(t, k) for k in ("needle", "filler", "variant", "chat", "needles",
+                                                                 "queries")} for t in tasks},
+                lengths=list(lengths), depths=list(depths), samples=samples, seed=seed, sink=sink, recent=recent,
+                prompts_planned=len(prompts), prompts_per_format=counts, seconds=round(time.monotonic() - t0, 1),
+                attention=("HF transformers float32 (duo: vllm_duo/eval/hf_duo.py)" if runner == "hf"
+                           else "vLLM engine (full = FLASH_ATTN)"),
+                accuracy={m: r.get("accuracy") for m, r in results.items()}, per_format=accuracy_table(results),
+                methods=results)
