@@ -149,3 +149,38 @@ def test_real_tokenizer_keeps_needles_whole():
         for (s, e), value in zip(p.spans, p.values):
             assert value in codec.decode(p.ids[s:e])
         assert suite.score(p.shape, p.values, oracle(p)) == 1.0
+
+
+def test_engine_runner_batches_each_method_and_scores_its_own_tokens(monkeypatch):
+    """One job per method with every prompt; tokens past a format's max_tokens are not scored;
+    a failed engine is recorded, not raised (stand-in engine, CPU)."""
+    from vllm_duo.eval import engine_proc
+    from vllm_duo.eval.engine_proc import EngineJobError
+    from vllm_duo.eval.methods import expand_methods
+
+    codec = WordCodec()
+    tasks = suite.parse_formats(["single_number_repeat", "multikey_uuid_repeat"])
+    prompts = suite.build_suite(codec, tasks, [400], [0.5], 2)
+    by_ids = {tuple(p.ids): p for p in prompts}
+    jobs = []
+
+    def run_job(job, spec, **kw):
+        jobs.append(spec)
+        duo = spec["engine"].get("additional_config", {}).get("duo_attention", {})
+        if duo.get("sparsity") == 0.75:
+            raise EngineJobError("engine job exited with 1")
+        late = " filler" * 40  # past every max_tokens: the right answer after it must not count
+        outs = [oracle(by_ids[tuple(ids)]) if duo.get("pattern") != "streaming"
+                else late + oracle(by_ids[tuple(ids)]) for ids in spec["prompts"]]
+        return {"tokens": [codec.encode(o) for o in outs], "generate_seconds": 0.1}
+
+    monkeypatch.setattr(engine_proc, "run_job", run_job)
+    methods = expand_methods(["full", "duo", "streaming"], pattern="/p", sparsities=[0.5, 0.75], sink=4, recent=8)
+    out = suite.run_engine("/m", methods, prompts, codec.decode, engine={"max_model_len": 500}, log_path="/dev/null")
+    assert len(jobs) == 4 and all(len(j["prompts"]) == len(prompts) for j in jobs)
+    assert jobs[0]["max_tokens"] == max(t.max_tokens for t in tasks)
+    assert jobs[0]["engine"] == {"max_model_len": 500, "attention_backend": "FLASH_ATTN"}
+    assert suite.summarize(out["full"]["cells"])["accuracy"] == 1.0
+    assert suite.summarize(out["duo_s050"]["cells"])["accuracy"] == 1.0
+    assert suite.summarize(out["streaming"]["cells"])["accuracy"] == 0.0
+    assert "exited with 1" in out["duo_s075"]["error"]
