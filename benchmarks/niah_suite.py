@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="hf runner: seconds after which no new prompt starts (the result says how many ran)")
     ap.add_argument("--record", default=None,
                     help="summary figure key (default niah_suite_smollm2 for the engine, niah_suite_smollm2_hf for hf)")
+    ap.add_argument("--name", default=None, help="result file name (default niah_suite_<runner>; _<date>.json added)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--timeout", type=int, default=300, help="engine runner: seconds per engine")
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.model):
         sys.exit(f"niah_suite: no model folder at {args.model}; pass --model PATH")
     out_dir = os.path.join(os.environ["OUT"], "niah_suite") if os.environ.get("OUT") else None
+    os.makedirs(out_dir or RESULTS, exist_ok=True)  # the engine log goes there from the start
     try:
         methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
                                  recent=args.recent)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["pattern"] = args.pattern
     results, table, counts = payload["methods"], payload["per_format"], payload["prompts_per_format"]
     ran = next((r["total"] for r in results.values() if "total" in r), 0)
-    name = f"niah_suite_{args.runner}"
+    name = args.name or f"niah_suite_{args.runner}"
     key = args.record or ("niah_suite_smollm2" if args.runner == "engine" else "niah_suite_smollm2_hf")
     failed = [m for m, r in results.items() if "error" in r]
     fname = save_result(name, payload, {} if failed else {key: table})
@@ -85,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"niah_suite: wrote benchmarks/results/{fname} and {os.path.basename(png)}"
           + (f"; figure {key} not recorded: {failed} failed" if failed else f"; figure {key}"))
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         for f in (fname, os.path.basename(png), "summary.json"):
             shutil.copy(os.path.join(RESULTS, f), os.path.join(out_dir, f))
     return 1 if failed else 0

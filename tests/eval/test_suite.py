@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 
@@ -184,3 +185,28 @@ def test_engine_runner_batches_each_method_and_scores_its_own_tokens(monkeypatch
     assert suite.summarize(out["duo_s050"]["cells"])["accuracy"] == 1.0
     assert suite.summarize(out["streaming"]["cells"])["accuracy"] == 0.0
     assert "exited with 1" in out["duo_s075"]["error"]
+
+
+@pytest.mark.skipif(not os.path.isdir(SMOLLM2), reason=f"no SmolLM2 tokenizer at {SMOLLM2}")
+def test_measure_through_the_engine_runner(monkeypatch, tmp_path):
+    """suite.measure's engine path: engine options merged, per-format results (stand-in engine)."""
+    from vllm_duo.eval import engine_proc
+    from vllm_duo.eval.methods import expand_methods
+    from vllm_duo.eval.niah import HFCodec
+
+    codec, specs = HFCodec(SMOLLM2), []
+
+    def run_job(job, spec, **kw):
+        specs.append(spec)
+        streaming = spec["engine"].get("additional_config", {}).get("duo_attention", {}).get("pattern") == "streaming"
+        answer = lambda ids: re.search(r"is: (\d+)\.\n", codec.decode(ids)).group(1)  # noqa: E731
+        return {"tokens": [codec.encode(" 1." if streaming else f" {answer(ids)}.") for ids in spec["prompts"]]}
+
+    monkeypatch.setattr(engine_proc, "run_job", run_job)
+    methods = expand_methods(["full", "streaming"], pattern=None, sparsities=[], sink=64, recent=256)
+    payload = suite.measure(SMOLLM2, methods, suite.parse_formats(["single_number_repeat"]), lengths=[1500, 3000],
+                            depths=[0.5], samples=2, seed=0, sink=64, recent=256, runner="engine",
+                            engine={"gpu_memory_utilization": 0.3}, log_path=str(tmp_path / "e.log"), log=lambda s: None)
+    assert specs[0]["engine"]["gpu_memory_utilization"] == 0.3 and specs[0]["engine"]["max_model_len"] == 3010
+    assert payload["per_format"] == {"full": {"single_number_repeat": 1.0}, "streaming": {"single_number_repeat": 0.0}}
+    assert payload["prompts_per_format"] == {"single_number_repeat": 4}
