@@ -125,12 +125,14 @@ class DuoStreamingManager(SlidingWindowManager):
         blocks.extend(new)
         return new
 
-    def cache_blocks(self, request: Request, num_tokens: int, retention_interval: int | None = None) -> None:
+    def cache_blocks(self, request: Request, num_tokens: int, retention_interval: int | None = None,
+                     **kwargs) -> None:
         """Cache as sliding window does, but never a decoded token's block when the prefill
-        window differs from the recent window (see the class docstring)."""
+        window differs from the recent window (see the class docstring). kwargs: what newer
+        vLLM adds (0.33: replay_boundaries), passed through."""
         if self.sliding_window != self.recent_size:
             num_tokens = min(num_tokens, request.num_prompt_tokens)
-        super().cache_blocks(request, num_tokens, retention_interval)
+        super().cache_blocks(request, num_tokens, retention_interval, **kwargs)
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         return 0
