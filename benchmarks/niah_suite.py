@@ -27,7 +27,7 @@ from vllm_duo.eval.methods import expand_methods  # noqa: E402
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK  # noqa: E402
 
 DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
-DEFAULT_PATTERN = os.path.join(os.path.dirname(RESULTS), "..", "patterns", "smollm2-135m-instruct")
+DEFAULT_PATTERN = "smollm2-135m-instruct"  # built in
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,6 +7,7 @@ process, so remote Ray nodes never read the pattern file.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -15,8 +16,9 @@ import numpy as np
 
 from vllm_duo.builtin_patterns import pick_builtin
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.patterns import DEFAULT_SEED, binarize, check_shape, load_gates
+from vllm_duo.patterns import DEFAULT_SEED, binarize, calibrated_sparsity, check_shape, load_gates
 
+logger = logging.getLogger("vllm_duo")
 CONFIG_KEY = "duo_attention"
 PATTERN_FULL = "full"  # every head a retrieval head (testing: must equal FLASH_ATTN)
 PATTERN_STREAMING = "streaming"  # every head a streaming head (StreamingLLM baseline)
@@ -172,8 +174,14 @@ def resolve_options(opts: DuoOptions, num_layers: int, num_kv_heads: int, model:
     elif opts.pattern is not None:
         gates = load_gates(opts.pattern).gates
         check_shape(gates, num_layers, num_kv_heads, model)
-        sparsity = opts.sparsity if opts.threshold is None and opts.sparsity is not None else (
-            None if opts.threshold is not None else DEFAULT_SPARSITY)
+        sparsity = opts.sparsity if opts.threshold is None else None
+        if opts.threshold is None and sparsity is None:
+            sparsity = calibrated_sparsity(opts.pattern)
+            if sparsity is None:
+                sparsity = DEFAULT_SPARSITY
+            else:
+                logger.info("vllm-duo: sparsity %g from the calibration in pattern %s (vllm-duo calibrate); "
+                            "set \"sparsity\" to override", sparsity, opts.pattern)
         mask = binarize(gates, sparsity=sparsity, threshold=opts.threshold, seed=opts.seed)
         opts = replace(opts, sparsity=sparsity)
     else:

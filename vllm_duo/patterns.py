@@ -20,6 +20,7 @@ from vllm_duo.builtin_patterns import builtin, builtin_names
 from vllm_duo.errors import DuoConfigError
 
 PATTERN_FILE = "full_attention_heads.tsv"
+CALIBRATED_KEY = "calibrated_sparsity"  # written into a pattern's config.json by vllm-duo calibrate
 # Tie-break noise exactly as the reference's sparsify_attention_heads (U(0, 1e-6)).
 TIE_NOISE = 1e-6
 DEFAULT_SEED = 42
@@ -223,3 +224,25 @@ def kv_fraction(mask: np.ndarray, context: int, sink: int, recent: int, block_si
         if block_size > 1 else min(context, sink + recent)
     r = float(mask.mean())
     return r + (1.0 - r) * stream_blocks / full_blocks
+
+
+def calibrated_sparsity(pattern: str) -> float | None:
+    """The sparsity ``vllm-duo calibrate`` wrote into a pattern's config.json (a built-in name, a
+    folder, or the folder beside a TSV); None if there is none. Used when no sparsity is given."""
+    if (found := builtin(pattern)) is not None:
+        pattern = found.path
+    folder = pattern if os.path.isdir(pattern) else os.path.dirname(os.path.abspath(pattern))
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            value = json.load(f).get(CALIBRATED_KEY)
+    except (ValueError, AttributeError):
+        return None  # not ours to judge: the pattern loader reports a broken config.json
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise DuoConfigError(f"{path}: {CALIBRATED_KEY} must be a fraction in [0, 1], got {value!r}; "
+                             f"re-run vllm-duo calibrate or remove the key")
+    return float(value)

@@ -71,3 +71,28 @@ def test_resolve_defaults_sparsity_half():
 def test_pattern_for_another_model():
     with pytest.raises(DuoConfigError, match=r"\(32, 32\).*\(32, 8\)"):
         resolve_options(parse_options({"pattern": pattern_dir("Llama-2-7B-32K-Instruct")}), 32, 8)
+
+
+def test_calibrated_sparsity_is_used_when_none_is_given(tmp_path, caplog):
+    """A pattern whose config.json carries vllm-duo calibrate's choice: that sparsity unless the
+    user sets one (or a threshold); one log line says where it came from."""
+    import json
+    import logging
+    import shutil
+
+    from vllm_duo.builtin_patterns import builtin
+
+    folder = tmp_path / "p"
+    shutil.copytree(builtin("smollm2-135m-instruct").path, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, calibrated_sparsity=0.75)))
+    with caplog.at_level(logging.INFO, logger="vllm_duo"):
+        opts = resolve_options(parse_options({"pattern": str(folder)}), 30, 3)
+    explicit = resolve_options(parse_options({"pattern": str(folder), "sparsity": 0.75}), 30, 3)
+    assert opts.sparsity == 0.75 and (opts.mask() == explicit.mask()).all() and opts.mask().sum() < 45
+    assert "calibration" in caplog.text
+    assert resolve_options(parse_options({"pattern": str(folder), "sparsity": 0.25}), 30, 3).sparsity == 0.25
+    assert resolve_options(parse_options({"pattern": str(folder), "threshold": 0.5}), 30, 3).sparsity is None
+    del cfg["calibrated_sparsity"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.5  # the default

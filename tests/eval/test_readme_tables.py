@@ -32,7 +32,7 @@ def test_readme_is_for_users():
         assert lab_note not in readme
 
 
-def test_h200_rows_come_first_and_commands_are_listed_once():
+def test_h200_rows_then_cpu_and_other_gpus_as_history():
     entry = dict(date="2026-11-30", source="x.json")
     summary = {"fuzz_cases": dict(entry, value=300, device="cpu", command="benchmarks/fuzz_count.py"),
                "capacity_ratio_llama3_s050": dict(entry, value=1.975, device="NVIDIA H100 80GB HBM3",
@@ -42,11 +42,13 @@ def test_h200_rows_come_first_and_commands_are_listed_once():
                                     command="python vllm_duo/cli/main.py niah --samples 2")}
     summary["evidence_rows"] = dict(entry, value=23, device="NVIDIA H200", command="x")  # the evidence table's
     rows = [ln for ln in results_table(summary).splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert ["H200" in r for r in rows] == [True, True, False, False] and "cpu" in rows[-1]
-    assert "| H100 |" in rows[2] and not any("23" in r for r in rows)
+    assert ["H200" in r for r in rows] == [True, True, False] and "cpu" in rows[-1]
+    assert not any("H100" in r or "23" in r for r in rows)
     assert "**1.61**" in rows[0] and "full 81.2%, duo_s050 78.8%" in rows[1]
     text = results_table(summary)
     assert text.count("`benchmarks/capacity.py`") == 1 and "`vllm-duo niah --samples 2`" in text
+    history = [ln for ln in results_table(summary, history=True).splitlines() if ln.startswith("| ")][1:]
+    assert len(history) == 1 and "| H100 |" in history[0] and "**1.98**" in history[0]
 
 
 def _row(test, compares, tol, gap, control_gap, passed=True, separated=True):

@@ -11,12 +11,13 @@ from vllm_duo.errors import DuoConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-duo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from vllm_duo.cli import bench_cmd, identify_cmd, inspect_cmd, niah_cmd, patterns_cmd
+    from vllm_duo.cli import bench_cmd, calibrate_cmd, identify_cmd, inspect_cmd, niah_cmd, patterns_cmd
 
     patterns_cmd.add_parser(sub)
     inspect_cmd.add_parser(sub)
     identify_cmd.add_parser(sub)
     niah_cmd.add_parser(sub)
+    calibrate_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     args = parser.parse_args(argv)
     try:

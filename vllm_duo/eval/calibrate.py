@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_duo.errors import DuoConfigError
-
-CONFIG_KEY = "calibrated_sparsity"
+from vllm_duo.patterns import CALIBRATED_KEY as CONFIG_KEY
+from vllm_duo.patterns import calibrated_sparsity as read  # noqa: F401 - the reader of what write() writes
 RECORD_KEY = "calibration"  # the measurement the sparsity came from
 DEFAULT_TOLERANCE = 1 / 40  # one case in 40
 DEFAULT_SPARSITIES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -77,6 +77,10 @@ def _brief(r: Mapping[str, Any]) -> dict[str, Any]:
 
 def write(pattern: str, record: Mapping[str, Any]) -> str:
     """Put ``record`` into ``pattern``/config.json (other keys kept); returns the file's path."""
+    from vllm_duo.builtin_patterns import builtin
+
+    if (found := builtin(pattern)) is not None:
+        pattern = found.path
     if not os.path.isdir(pattern):
         raise DuoConfigError(f"--pattern must be a pattern folder (with config.json) to write the calibration "
                              f"into, got {pattern}")
@@ -93,28 +97,6 @@ def write(pattern: str, record: Mapping[str, Any]) -> str:
         f.write("\n")
     os.replace(tmp, path)
     return path
-
-
-def read(pattern: str) -> float | None:
-    """The calibrated sparsity in a pattern folder's config.json (or the one beside its TSV); None if none.
-
-    For the plugin, when the user gives no sparsity.
-    """
-    folder = pattern if os.path.isdir(pattern) else os.path.dirname(os.path.abspath(pattern))
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            value = json.load(f).get(CONFIG_KEY)
-    except (ValueError, AttributeError):
-        return None  # not ours to judge: the pattern loader reports a broken config.json
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise DuoConfigError(f"{path}: {CONFIG_KEY} must be a fraction in [0, 1], got {value!r}; re-run "
-                             f"vllm-duo calibrate or remove the key")
-    return float(value)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -75,11 +75,13 @@ def _command(cmd: str) -> str:
     return re.sub(r"^(python )?vllm_duo/cli/main\.py\b", "vllm-duo", cmd.strip()).replace("|", "\\|")
 
 
-def results_table(summary: dict[str, Any]) -> str:
-    """Markdown: one row per figure (its key in summary.json: docs/results.md), newest device
-    first; commands listed once below, numbered."""
-    keys = sorted((k for k in summary if not k.startswith(EVIDENCE_PREFIX)), key=lambda k: (_device_rank(summary[k]["device"]), summary[k]["device"],
-                                          _ORDER.get(k, len(_ORDER)), k))
+def results_table(summary: dict[str, Any], history: bool = False) -> str:
+    """Markdown: one row per figure (its key in summary.json: docs/results.md), the H200's and the
+    CPU's (or, ``history``, older GPUs'); commands listed once below, numbered."""
+    keys = sorted((k for k in summary if not k.startswith(EVIDENCE_PREFIX)
+                   and (_device_rank(summary[k]["device"]) == 1) == history),
+                  key=lambda k: (_device_rank(summary[k]["device"]), summary[k]["device"],
+                                 _ORDER.get(k, len(_ORDER)), k))
     commands: list[str] = []
     lines = ["| figure | value | device | date | command |", "|---|---|---|---|---|"]
     for k in keys:
@@ -104,6 +106,15 @@ def _family(compares: str) -> str:
     return re.sub(r"\s*\([^()]*\)$", "", compares)
 
 
+def _label(compares: list[str]) -> str:
+    """One test's kind over its parametrizations: what their ``compares`` share, cut at a clause."""
+    if len(set(compares)) == 1:
+        return _family(compares[0])
+    prefix = os.path.commonprefix(compares)
+    cut = max(prefix.rfind(", "), prefix.rfind(" ("))
+    return prefix[:cut] if cut > 0 else prefix
+
+
 def _over_tolerance(gap: float, tolerance: float) -> float:
     return gap / tolerance if tolerance > 0 else (0.0 if gap <= 0 else float("inf"))
 
@@ -118,9 +129,12 @@ def evidence_table(evidence: dict[str, Any] | None) -> str:
     if not evidence:
         return ("No evidence file yet: the GPU tests write rows with `VLLM_DUO_EVIDENCE=FILE pytest -m gpu`, "
                 "then `python benchmarks/evidence.py FILE` (docs/gpu-runs.md).")
-    families: dict[str, list[dict[str, Any]]] = {}
+    by_test: dict[str, list[dict[str, Any]]] = {}
     for r in evidence.get("rows", []):
-        families.setdefault(_family(str(r["compares"])), []).append(r)
+        by_test.setdefault(str(r["test"]).split("[")[0], []).append(r)
+    families: dict[str, list[dict[str, Any]]] = {}
+    for rows in by_test.values():
+        families.setdefault(_label([str(r["compares"]) for r in rows]), []).extend(rows)
     lines = [_caption(evidence), "",
              "| check | rows | worst gap (its tolerance) | weakest control's gap | all passed, separated |",
              "|---|---|---|---|---|"]
@@ -160,7 +174,8 @@ def tables(results_dir: str) -> dict[str, dict[str, str]]:
         with open(path) as f:
             evidence = json.load(f)
     return {"README.md": {"results": results_table(summary), "evidence": evidence_table(evidence)},
-            os.path.join("docs", "results.md"): {"evidence-rows": evidence_rows_table(evidence)}}
+            os.path.join("docs", "results.md"): {"evidence-rows": evidence_rows_table(evidence),
+                                                 "results-history": results_table(summary, history=True)}}
 
 
 def render(readme: str, generated: dict[str, str]) -> str:
