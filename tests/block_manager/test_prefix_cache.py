@@ -73,15 +73,24 @@ def test_hit_reuses_sink_and_window_and_a_lost_sink_bounds_it(model_config, retr
     assert_pool_empty(manager)
 
 
-def test_sparse_retention_keeps_sink_blocks_cached() -> None:
+@pytest.mark.parametrize("retention", [None, 0, 64 * BLOCK], ids=["dense", "sparse", "interval"])
+def test_streaming_blocks_are_cached_as_densely_as_full_attention(retention: int | None) -> None:
+    """vLLM's sliding-window retention interval (0.33's default 0 keeps only each prompt's replay
+    tail) does not thin streaming slots: at block alignment every block is cached; at a coarser
+    one (a KV connector's chunk), a window's tail before every aligned boundary and the sink."""
     spec = duo_specs(random_mask())
     duo = next(s for s in spec.values() if isinstance(s, DuoStreamingSpec))
-    args = dict(start_block=0, end_block=64, alignment_tokens=BLOCK, kv_cache_spec=duo, use_eagle=False,
-                retention_interval=0, reachable_boundaries=(PROMPT - 1,))
-    assert not any(SlidingWindowManager.reachable_block_mask(**args)[:NUM_SINK])
-    mask = DuoStreamingManager.reachable_block_mask(**args)
-    assert all(mask[:NUM_SINK])
-    assert mask[NUM_SINK:] == SlidingWindowManager.reachable_block_mask(**args)[NUM_SINK:]
+    args = dict(start_block=0, end_block=128, kv_cache_spec=duo, use_eagle=False,
+                retention_interval=retention, reachable_boundaries=(PROMPT - 1,))
+    assert DuoStreamingManager.reachable_block_mask(alignment_tokens=BLOCK, **args) is None
+    if retention is not None:  # control: sliding window's own mask drops blocks
+        assert not all(SlidingWindowManager.reachable_block_mask(alignment_tokens=BLOCK, **args))
+    chunk = 32 * BLOCK  # longer than the window's 16 blocks: each chunk's head is unreachable
+    dense = SlidingWindowManager.reachable_block_mask(alignment_tokens=chunk,
+                                                      **(args | {"retention_interval": None}))
+    assert not any(dense[:NUM_SINK]) and sum(dense) == 4 * 16
+    mask = DuoStreamingManager.reachable_block_mask(alignment_tokens=chunk, **args)
+    assert mask == [True] * NUM_SINK + dense[NUM_SINK:]
 
 
 def test_shared_prefix_batch_hits_through_the_scheduler(model_config) -> None:
@@ -115,17 +124,24 @@ def test_shared_prefix_batch_hits_through_the_scheduler(model_config) -> None:
 
 
 def _scheduler(model_config, specs_of, *, tail_only: bool, prefill_window: int = RECENT,
-               num_blocks: int = 6000, budget: int = 512) -> Scheduler:
+               num_blocks: int = 6000, budget: int = 512, retention: int | None | str = "default",
+               ) -> Scheduler:
     """vLLM's scheduler with prefix caching on, chunks of ``budget`` tokens (tail-only slots null
-    every chunk's middle), duo slots (``specs_of`` = duo) or the stock model (``full_specs``)."""
+    every chunk's middle), duo slots (``specs_of`` = duo) or the stock model (``full_specs``).
+    ``retention``: vLLM's sliding-window retention interval, else the installed vLLM's default
+    (0.26: None, dense; 0.33: 0, the prompt's replay boundary only)."""
     config = make_vllm_config(model_config, max_model_len=32768, max_num_batched_tokens=budget,
                               enable_prefix_caching=True)
     tail = config.max_concurrent_batches if tail_only else 0
     specs = specs_of(prefill_window, tail) if specs_of is not None else full_specs()
     cfg = kv_cache_config(config, specs, num_blocks)
     config.cache_config.num_gpu_blocks = cfg.num_blocks
-    return Scheduler(vllm_config=config, kv_cache_config=cfg, block_size=BLOCK,
-                     structured_output_manager=StructuredOutputManager(config))
+    scheduler = Scheduler(vllm_config=config, kv_cache_config=cfg, block_size=BLOCK,
+                          structured_output_manager=StructuredOutputManager(config))
+    if retention != "default":
+        # Read by the coordinator's cache_blocks on each call (0.26, 0.33).
+        scheduler.kv_cache_manager.coordinator.retention_interval = retention
+    return scheduler
 
 
 def _duo(prefill_window: int, tail: int):
@@ -158,15 +174,27 @@ def _conversation(scheduler: Scheduler, turns: int = 8, seed: int = 0) -> tuple[
     return hits, computed
 
 
+@pytest.mark.parametrize("retention", [None, 0], ids=["dense", "sparse"])  # 0.26 and 0.33 defaults
 @pytest.mark.parametrize("tail_only", [True, False], ids=["window", "rswa"])
-def test_each_turn_resumes_where_the_last_one_ended(model_config, tail_only: bool) -> None:
+def test_each_turn_resumes_where_the_last_one_ended(model_config, tail_only: bool,
+                                                    retention: int | None) -> None:
     """Each turn hits everything the turn before computed (block-floored), as full attention does:
-    the last chunk's window and every decode block are real, so the end of a turn is resumable."""
-    duo = _conversation(_scheduler(model_config, _duo, tail_only=tail_only))
-    fa = _conversation(_scheduler(model_config, None, tail_only=False))
+    the last chunk's window and every decode block are real, so the end of a turn is resumable.
+    vLLM's sparse retention of sliding-window blocks (0.33's default) must not change that."""
+    duo = _conversation(_scheduler(model_config, _duo, tail_only=tail_only, retention=retention))
+    fa = _conversation(_scheduler(model_config, None, tail_only=False, retention=retention))
     hits, computed = duo
     assert hits[0] == 0 and hits[1:] == [c // BLOCK * BLOCK for c in computed[:-1]]
     assert duo == fa
+
+
+def test_sliding_window_caching_would_lose_the_end_of_each_turn(model_config, monkeypatch) -> None:
+    """Control: caching streaming slots as sliding window does under sparse retention keeps only
+    each prompt's replay tail (and no sink), so a turn resumes short of where the last one ended."""
+    monkeypatch.setattr(DuoStreamingManager, "reachable_block_mask",
+                        SlidingWindowManager.__dict__["reachable_block_mask"])
+    hits, computed = _conversation(_scheduler(model_config, _duo, tail_only=False, retention=0))
+    assert all(h < c // BLOCK * BLOCK for h, c in zip(hits[1:], computed, strict=False))
 
 
 def test_a_wider_prefill_window_caches_prompt_blocks_only(model_config) -> None:
@@ -185,10 +213,12 @@ def test_a_wider_prefill_window_caches_prompt_blocks_only(model_config) -> None:
     assert_pool_empty(scheduler.kv_cache_manager)
 
 
-def test_hit_snaps_back_to_a_chunk_end_and_is_the_minimum_over_groups(model_config) -> None:
+@pytest.mark.parametrize("retention", [None, 0], ids=["dense", "sparse"])  # 0.26 and 0.33 defaults
+def test_hit_snaps_back_to_a_chunk_end_and_is_the_minimum_over_groups(model_config,
+                                                                     retention: int | None) -> None:
     """Tail-only slots hold only each chunk's last window: a prompt sharing 3,000 tokens of a cached
     one resumes at the last chunk end before them (2,560), though retrieval slots hold 2,992."""
-    scheduler = _scheduler(model_config, _duo, tail_only=True)
+    scheduler = _scheduler(model_config, _duo, tail_only=True, retention=retention)
     runner = FakeRunner(scheduler)
     rng = np.random.default_rng(1)
     first = rng.integers(0, 1000, 5000).tolist()

@@ -37,10 +37,11 @@ class DuoStreamingManager(SlidingWindowManager):
     prefill window's blocks before h are cached: sliding window's search finds the longest
     such h, a missing sink block bounds the hit to the plain prefix before it, and the
     hybrid coordinator takes the minimum over all groups. Every chunk's last window is a
-    real block (tail-only or not) and so is every decode block, so each finished turn leaves
-    its end resumable. When the prefill window differs from the recent window, a decoded
-    token's K/V (recent window) is not what a cold prompt computes (prefill window), so only
-    prompt blocks are cached.
+    real block (tail-only or not) and so is every decode block, and all are cached whatever
+    vLLM's sliding-window retention interval (see ``reachable_block_mask``), so each finished
+    turn leaves its end resumable. When the prefill window differs from the recent window, a
+    decoded token's K/V (recent window) is not what a cold prompt computes (prefill window), so
+    only prompt blocks are cached.
     """
 
     def __init__(self, kv_cache_spec: DuoStreamingSpec, **kwargs) -> None:
@@ -184,11 +185,17 @@ class DuoStreamingManager(SlidingWindowManager):
         reachable_boundaries: Sequence[int] = (),
         **kwargs,
     ) -> list[bool] | None:
-        """Sliding window's sparse caching, but every hit needs the sink blocks.
+        """Sliding window's dense caching (a window's tail at every aligned boundary), and every
+        hit needs the sink blocks.
 
+        ``retention_interval`` (vLLM's sparse retention of sliding-window blocks; default None,
+        dense, on 0.26; 0, only each prompt's replay tail, on 0.33) is ignored, as vLLM's
+        full-attention groups ignore it: the model is full attention, so a later request may
+        resume wherever full attention would, the end of a turn's output included. This mask
+        serves local caching and the KV connectors' stores alike.
         kwargs: what newer vLLM adds (0.33: dcp_world_size, final_segment_end_block), passed through."""
         mask = super().reachable_block_mask(start_block, end_block, alignment_tokens, kv_cache_spec,
-                                            use_eagle, retention_interval, reachable_boundaries, **kwargs)
+                                            use_eagle, None, reachable_boundaries, **kwargs)
         if mask is not None:
             assert isinstance(kv_cache_spec, DuoStreamingSpec)
             for i in range(start_block, min(end_block, kv_cache_spec.num_sink_blocks)):
