@@ -50,11 +50,26 @@ def check_features(vllm_config: Any) -> None:
         problems.append("KV connectors / disaggregated prefill (--kv-transfer-config); drop it")
     if getattr(par, "decode_context_parallel_size", 1) > 1 or getattr(par, "prefill_context_parallel_size", 1) > 1:
         problems.append("context parallelism (--decode/prefill-context-parallel-size > 1); use 1")
+    if (interval := retention_interval(cache)) and interval > 0:
+        problems.append(f"a prefix-cache retention interval ({interval}; duo caches streaming heads' blocks "
+                        "densely, as full attention does); unset VLLM_PREFIX_CACHE_RETENTION_INTERVAL / "
+                        "--prefix-cache-retention-interval")
     sched = vllm_config.scheduler_config
     if getattr(sched, "disable_hybrid_kv_cache_manager", False) and _platform_has_hybrid_kv_cache():
         problems.append("--disable-hybrid-kv-cache-manager (duo's memory saving needs it); drop the flag")
     if problems:
         raise DuoConfigError("the duo attention backend does not support: " + "; ".join(problems))
+
+
+def retention_interval(cache_config: Any) -> int | None:
+    """vLLM's sliding-window prefix-cache retention interval: a config field on 0.33, an
+    environment variable on 0.26 (unset there means dense)."""
+    if hasattr(cache_config, "prefix_cache_retention_interval"):
+        return cache_config.prefix_cache_retention_interval
+    import os
+
+    value = os.environ.get("VLLM_PREFIX_CACHE_RETENTION_INTERVAL")
+    return int(value) if value and value.strip().lstrip("-").isdigit() else None
 
 
 def _platform_has_hybrid_kv_cache() -> bool:

@@ -181,3 +181,19 @@ def test_same_layout_other_name_gets_no_pattern(plugins_loaded, tmp_path):
                    skip_tokenizer_init=True).create_engine_config()
     cfg = _create(model, {"pattern": "Llama-3-8B-Instruct-Gradient-1048k"})  # by name, explicitly
     assert sum(map(sum, cfg.additional_config["duo_attention"]["retrieval_mask"])) == 128
+
+
+def test_a_prefix_cache_retention_interval_is_refused(plugins_loaded, tmp_path, monkeypatch):
+    """Duo caches streaming heads' blocks densely (as full attention does), so a positive
+    retention interval would be ignored: it is refused in one line, not silently dropped."""
+    from vllm_duo import compat
+
+    if compat.V033:
+        with pytest.raises(DuoConfigError, match="retention interval"):
+            _create(_model_dir(tmp_path), {"pattern": "full"}, prefix_cache_retention_interval=64)
+    else:
+        monkeypatch.setenv("VLLM_PREFIX_CACHE_RETENTION_INTERVAL", "64")
+        with pytest.raises(DuoConfigError, match="retention interval"):
+            _create(_model_dir(tmp_path), {"pattern": "full"})
+        monkeypatch.setenv("VLLM_PREFIX_CACHE_RETENTION_INTERVAL", "0")
+        assert _create(_model_dir(tmp_path), {"pattern": "full"}).cache_config.enable_prefix_caching
