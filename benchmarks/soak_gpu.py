@@ -60,6 +60,7 @@ from tests.e2e.models import (  # noqa: E402
     make_llama3_layout,
     random_mask,
 )
+from vllm_duo.eval.admission import count_preemptions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -159,19 +160,6 @@ def kv_state(llm) -> dict[str, int]:
     holders = {rid for m in kvm.coordinator.single_type_managers for rid, b in m.req_to_blocks.items() if b}
     return {"num_gpu_blocks": pool.num_gpu_blocks, "free_blocks": pool.get_num_free_blocks(),
             "requests_holding_blocks": len(holders), "scheduler_requests": len(sched.requests)}
-
-
-def count_preemptions(llm) -> list[int]:
-    """Count the scheduler's preemptions (instance-level wrap of this engine only)."""
-    sched = llm.llm_engine.engine_core.engine_core.scheduler
-    counter, original = [0], sched._preempt_request
-
-    def preempt(*args, **kwargs):  # (request, timestamp[, drop_stale_output: vLLM 0.33])
-        counter[0] += 1
-        return original(*args, **kwargs)
-
-    sched._preempt_request = preempt
-    return counter
 
 
 def drive(llm, reqs: list[Req], inflight: int, time_limit: float) -> dict:

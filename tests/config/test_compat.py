@@ -52,7 +52,7 @@ def test_backend_block_sizes_with_and_without_a_spec() -> None:
 
 def test_soak_preemption_counter_passes_every_argument() -> None:
     """0.33's ``Scheduler._preempt_request`` takes ``drop_stale_output`` as well."""
-    from benchmarks.soak_gpu import count_preemptions
+    from vllm_duo.eval.admission import count_preemptions
 
     calls = []
     sched = SimpleNamespace(_preempt_request=lambda request, timestamp, drop_stale_output=False:

@@ -15,6 +15,19 @@ import time
 from typing import Any
 
 
+def count_preemptions(llm) -> list[int]:
+    """Count the in-process scheduler's preemptions (an instance-level wrap of this engine only)."""
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    counter, original = [0], sched._preempt_request
+
+    def preempt(*args, **kwargs):  # (request, timestamp[, drop_stale_output: vLLM 0.33])
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    sched._preempt_request = preempt
+    return counter
+
+
 def admit(spec: dict[str, Any]) -> dict[str, Any]:
     """Job (run through :func:`vllm_duo.eval.engine_proc.run_job`).
 
@@ -31,14 +44,7 @@ def admit(spec: dict[str, Any]) -> dict[str, Any]:
     n = spec.get("requests") or int(figures["max_concurrency"])
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
-    preemptions = [0]
-    original = sched._preempt_request
-
-    def preempt(*args, **kwargs):
-        preemptions[0] += 1
-        return original(*args, **kwargs)
-
-    sched._preempt_request = preempt
+    preemptions = count_preemptions(llm)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=spec["decode_tokens"], ignore_eos=True, detokenize=False)
     for i in range(n):
