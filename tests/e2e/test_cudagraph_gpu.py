@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.reference_model import TINY_LLAMA, make_model
-from vllm_duo.eval.engine_proc import run_job
+from vllm_duo.eval.agreement import run_parallel
 from vllm_duo.eval.evidence import check
 
 pytestmark = pytest.mark.gpu
@@ -136,16 +136,6 @@ def _pairs(runs: list[dict]) -> list[list[list[int]]]:
     return pairs
 
 
-def _parallel(jobs: dict[str, tuple[str, dict]]) -> dict[str, dict]:
-    """Engine jobs at once (each with a small fixed KV cache, so their starts do not interfere)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {k: pool.submit(run_job, f"tests.e2e.test_cudagraph_gpu:{fn}", spec, timeout=900)
-                   for k, (fn, spec) in jobs.items()}
-        return {k: f.result() for k, f in futures.items()}
-
-
 @pytest.fixture(scope="module")
 def graph_runs(tiny) -> dict[str, dict]:
     """Per runner: FLASH_ATTN, duo (mixed) and the control (all-streaming) generate with graphs on;
@@ -155,19 +145,16 @@ def graph_runs(tiny) -> dict[str, dict]:
     for runner, env in RUNNERS.items():
         for name, engine in (("fa", _engine("FLASH_ATTN")), ("duo", _engine("duo")),
                              ("control", _engine("duo", pattern="streaming"))):
-            gen[f"{runner}/{name}"] = ("generate_batches", dict(
-                model=tiny, runner=env, engine=engine, prompts=_prompts(), batches=list(BATCHES),
-                max_tokens=STEPS))
-    done = _parallel(gen)
+            gen[f"{runner}/{name}"] = dict(model=tiny, runner=env, engine=engine, prompts=_prompts(),
+                                           batches=list(BATCHES), max_tokens=STEPS)
+    done = run_parallel(gen, workers=len(gen), job="tests.e2e.test_cudagraph_gpu:generate_batches")
     score = {}
     for runner, env in RUNNERS.items():
-        score[f"{runner}/fa_score"] = ("score", dict(
-            model=tiny, runner=env, engine=_engine("FLASH_ATTN", enforce_eager=True),
-            pairs=_pairs([done[f"{runner}/fa"]])))
-        score[f"{runner}/duo_score"] = ("score", dict(
-            model=tiny, runner=env, engine=_engine("duo", enforce_eager=True),
-            pairs=_pairs([done[f"{runner}/duo"], done[f"{runner}/control"]])))
-    done.update(_parallel(score))
+        score[f"{runner}/fa_score"] = dict(model=tiny, runner=env, engine=_engine("FLASH_ATTN", enforce_eager=True),
+                                           pairs=_pairs([done[f"{runner}/fa"]]))
+        score[f"{runner}/duo_score"] = dict(model=tiny, runner=env, engine=_engine("duo", enforce_eager=True),
+                                            pairs=_pairs([done[f"{runner}/duo"], done[f"{runner}/control"]]))
+    done.update(run_parallel(score, workers=len(score), job="tests.e2e.test_cudagraph_gpu:score"))
     return done
 
 

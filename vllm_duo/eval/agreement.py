@@ -97,13 +97,13 @@ def tolerance(calibration: float) -> float:
 
 
 def run_parallel(jobs: dict[str, dict[str, Any]], workers: int = 4, log_dir: str | None = None,
-                 timeout: float = 900) -> dict[str, dict[str, Any]]:
-    """Run named :func:`generate_and_score` jobs, ``workers`` engines at a time; a failed job
-    raises (with its log tail) after the others finish."""
+                 timeout: float = 900, job: str = JOB) -> dict[str, dict[str, Any]]:
+    """Run named engine jobs (``job``, default :func:`generate_and_score`), ``workers`` engines at
+    a time; a failed job raises (with its log tail) after the others finish."""
     def one(name: str) -> dict[str, Any]:
         log = os.path.join(log_dir, name.replace("/", "_") + ".log") if log_dir else None
         t0 = time.perf_counter()
-        res = run_job(JOB, jobs[name], log_path=log, timeout=timeout, header=name)
+        res = run_job(job, jobs[name], log_path=log, timeout=timeout, header=name)
         print(f"agreement job {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         return res
 
