@@ -7,7 +7,7 @@
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS,
-# CAPACITY_ARGS: extra flags of those stages.
+# CAPACITY_ARGS, SUITE_ARGS: extra flags of those stages.
 source benchmarks/device_setup.sh
 export PYTHONUNBUFFERED=1
 # GPU tests append evidence rows here; kept on the machine while it is warm, copied to $OUT after
@@ -54,9 +54,13 @@ for stage in "$@"; do
     capacity) run_for 580 python benchmarks/capacity.py $CAPACITY_ARGS ;;
     capacity-admit) run_for 580 python benchmarks/capacity.py --admit --modes window ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
+    decode-sweep) run_for 400 python benchmarks/decode_kernel.py --repeats 10 --contexts 1024 4096 65536 131072 \
+      --batches 16 64 --partition-sizes 0 1024 2048 4096 ;;
+    max-context) run_for 590 python benchmarks/max_context.py ;;
     soak) run_for 570 python benchmarks/soak_gpu.py $SOAK_ARGS ;;
     soak-fa) run_for 570 python benchmarks/soak_gpu.py --backend FLASH_ATTN $SOAK_ARGS ;;  # the re-run control
     load) run_for 570 python benchmarks/server_load.py ;;
+    niah-suite) run_for 580 python benchmarks/niah_suite.py --runner engine $SUITE_ARGS ;;
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
       --record niah_smollm2 --out "$OUT" --quiet ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;

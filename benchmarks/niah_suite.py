@@ -52,8 +52,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--name", default=None, help="result file name (default niah_suite_<runner>; _<date>.json added)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--kv-cache-gib", type=float, default=None,
+                    help="engine runner: a fixed KV cache per engine, so the run can share a GPU "
+                         "(default: --gpu-memory-utilization sizes it)")
     ap.add_argument("--timeout", type=int, default=300, help="engine runner: seconds per engine")
     return ap.parse_args(argv)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    if args.kv_cache_gib is None:
+        return dict(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs)
+    # vLLM still checks that the utilization's share of the GPU is free: ask for little
+    return dict(kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), gpu_memory_utilization=0.08,
+                max_num_seqs=args.max_num_seqs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, methods, suite.parse_formats(args.formats), lengths=args.lengths, depths=args.depths,
             samples=args.samples, seed=args.seed, sink=args.sink, recent=args.recent, runner=args.runner,
             time_budget=args.time_budget, timeout=args.timeout,
-            engine=dict(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs),
+            engine=engine_kwargs(args),
             log_path=os.path.join(out_dir or RESULTS, "niah_suite_engine.log"),
             log=lambda line: print(line, flush=True))
     except DuoConfigError as e:

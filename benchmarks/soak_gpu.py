@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--time-limit", type=float, default=300.0,
                     help="seconds after which no new request is submitted (the rest count as not run)")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="vLLM's start-up check of free memory (the KV cache is --kv-tokens); lower it to share a GPU")
     ap.add_argument("--prefix-caching", action="store_true",
                     help="prefix caching on (duo's default), and half the prompts start with one of "
                          "--shared-prefixes shared prefixes (system prompts) so hits happen")
@@ -249,6 +251,7 @@ def run_soak(args: argparse.Namespace, tmp: str) -> dict:
     llm = LLM(model, skip_tokenizer_init=True, seed=args.seed, enable_prefix_caching=args.prefix_caching,
               max_model_len=args.max_len + args.max_out, max_num_seqs=args.max_num_seqs,
               kv_cache_memory_bytes=args.kv_tokens * full_bytes_per_token(cfg),
+              gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, **backend, **extra)
     startup = round(time.monotonic() - t0, 1)
     before = kv_state(llm)

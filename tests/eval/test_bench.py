@@ -210,4 +210,7 @@ def test_child_parts_with_fake_engine():
     c = bench._max_context(llm, dict(max_positions=8000, verify=0.5), {"kv_cache_tokens": 4100})
     assert c["max_context_tokens"] == 4000 and c["bounded_by_positions"] is False
     assert (c["verify"]["prompt_tokens"], c["verify"]["generated"]) == (2000, 4)
-    assert set(c["verify"]) == {"prompt_tokens", "wall_s", "generated"} and c["verify"]["wall_s"] >= 0
+    assert set(c["verify"]) == {"prompt_tokens", "wall_s", "ttft_s", "generated", "decode_tokens_per_s"}
+    c = bench._max_context(llm, dict(max_positions=8000, verify=1.0, verify_tokens=10), {})
+    assert (c["verify"]["prompt_tokens"], c["verify"]["generated"]) == (3990, 10)  # fills the context
+    assert c["verify"]["decode_tokens_per_s"] == pytest.approx(100.0)  # 9 tokens after the first, 10 ms steps

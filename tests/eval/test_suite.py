@@ -210,3 +210,11 @@ def test_measure_through_the_engine_runner(monkeypatch, tmp_path):
     assert specs[0]["engine"]["gpu_memory_utilization"] == 0.3 and specs[0]["engine"]["max_model_len"] == 3010
     assert payload["per_format"] == {"full": {"single_number_repeat": 1.0}, "streaming": {"single_number_repeat": 0.0}}
     assert payload["prompts_per_format"] == {"single_number_repeat": 4}
+
+
+def test_niah_suite_engine_kwargs_share_a_gpu_with_a_fixed_kv_cache() -> None:
+    from benchmarks import niah_suite
+
+    assert niah_suite.engine_kwargs(niah_suite.parse_args([]))["gpu_memory_utilization"] == 0.5
+    shared = niah_suite.engine_kwargs(niah_suite.parse_args(["--kv-cache-gib", "8"]))
+    assert shared["kv_cache_memory_bytes"] == 8 << 30 and shared["gpu_memory_utilization"] < 0.1

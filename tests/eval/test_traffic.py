@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from vllm_duo.eval.traffic import gpu_busy_us, mixed_requests, request_latencies
+from vllm_duo.eval.traffic import gpu_busy_us, mixed_requests, request_latencies, top_kernels
 
 
 def test_mixed_requests_are_log_uniform_and_reproducible():
@@ -49,3 +49,9 @@ def test_combine_refuses_parts_of_different_requests(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith("mixed_traffic: the two parts ran different requests")
+
+
+def test_top_kernels_sums_by_name_largest_first() -> None:
+    got = top_kernels([("gemm", 1000), ("attn", 300), ("gemm", 500), ("x" * 100, 2000), ("tiny", 1)],
+                      n=3, width=10)
+    assert list(got) == ["x" * 10, "gemm", "attn"] and got["gemm"] == 1.5

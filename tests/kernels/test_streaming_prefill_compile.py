@@ -45,3 +45,11 @@ def test_compiles_for_sm90_without_spills(head_dim: int, tmp_path) -> None:
                             capture_output=True, text=True, check=True)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report.stdout + report.stderr)]
     assert spills and not any(spills), report.stdout + report.stderr
+
+
+def test_per_step_arguments_do_not_specialize() -> None:
+    """The decode count (block-table row) and the slices past the decodes change every step: a
+    specialization on them recompiles mid-serving (seconds per new value class)."""
+    params = {p.name: p for p in _streaming_prefill_kernel.params}
+    assert params["bt_row0"].do_not_specialize
+    assert params["QSL"].do_not_specialize_on_alignment and params["SEQ_LENS"].do_not_specialize_on_alignment

@@ -83,7 +83,7 @@ def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
 
     spec: model, engine (``LLM`` kwargs), parts (subset of "abc"), and per part its sizes:
     a {prompt_tokens, decode_tokens, batch|None, max_num_seqs}, b {prompt_tokens, batch,
-    output_tokens, repeats}, c {max_positions, verify}.
+    output_tokens, repeats}, c {max_positions, verify, verify_tokens}.
     """
     from vllm import LLM
 
@@ -208,8 +208,19 @@ def _max_context(llm, c: dict[str, Any], figures: dict[str, float]) -> dict[str,
         "kv_cache_tokens": figures.get("kv_cache_tokens"),
     }
     if c["verify"] > 0:
-        n = max(1, min(max_len - 8, int(max_len * c["verify"])))
-        run = _timed(llm, random_prompts(1, n, seed=7), 4, f"c: verify {n} tokens")
+        new = c.get("verify_tokens", 4)
+        n = max(1, min(max_len - new, int(max_len * c["verify"])))
+        run = _timed(llm, random_prompts(1, n, seed=7), new, f"c: verify {n} tokens")
         out["verify"] = {"prompt_tokens": n, "wall_s": round(run["wall_s"], 2),
-                         "generated": sum(e[2] for e in run["events"])}
+                         "ttft_s": round(run["finished"][0]["ttft_s"], 2), **single_request(run["events"])}
     return out
+
+
+def single_request(events: list[tuple[str, float, int]]) -> dict[str, Any]:
+    """Generated tokens and the decode tokens/s after the first token, from one request's
+    (id, step timestamp, new tokens) events."""
+    steps = sorted((ts, n) for _, ts, n in events if n > 0)
+    generated = sum(n for _, n in steps)
+    span = steps[-1][0] - steps[0][0] if steps else 0.0
+    return {"generated": generated,
+            "decode_tokens_per_s": round((generated - steps[0][1]) / span, 2) if span > 0 else None}

@@ -9,7 +9,9 @@ arrival, TPOT = (last token - first token) / (output tokens - 1).
 Host overhead per decode step (:func:`profile_decode`): the engine runs in-process, a full batch
 decodes, and the torch profiler records only CUDA activity (no per-op CPU hooks that would slow
 eager code down); overhead = wall time per step - GPU busy time per step (the union of kernel
-intervals), i.e. the time the GPU waits for the host.
+intervals), i.e. the time the GPU waits for the host. The same job profiles the batch's prefill
+steps and lists the kernels with the most GPU time in each phase, so a gap between backends has
+a name.
 """
 
 from __future__ import annotations
@@ -126,11 +128,16 @@ def profile_decode(spec: dict[str, Any]) -> dict[str, Any]:
     for i, p in enumerate(random_prompts(batch, spec["prompt_tokens"], seed=7)):
         engine.add_request(f"p-{i}", tokens_input(p), params)
     started: set[str] = set()
-    for _ in range(10_000):  # prefill every request, then a few plain decode steps
-        started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
-        if len(started) == batch:
-            break
-    for _ in range(8):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # prefill every request
+        t = time.perf_counter()
+        for prefill_steps in range(1, 10_001):
+            started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
+            if len(started) == batch:
+                break
+        torch.cuda.synchronize()
+        prefill_wall = time.perf_counter() - t
+    prefill = _kernel_times(prof, torch)
+    for _ in range(8):  # then a few plain decode steps before the profiled ones
         engine.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -139,10 +146,28 @@ def profile_decode(spec: dict[str, Any]) -> dict[str, Any]:
             engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = gpu_busy_us([(e.time_range.start, e.time_range.end) for e in kernels])
-    step_ms, busy_ms = 1000 * wall / steps, busy / 1000 / steps
+    decode = _kernel_times(prof, torch)
+    step_ms, busy_ms = 1000 * wall / steps, decode["busy_us"] / 1000 / steps
     return {"batch": batch, "prompt_tokens": spec["prompt_tokens"], "steps": steps,
             "step_ms": round(step_ms, 3), "gpu_busy_ms": round(busy_ms, 3),
             "host_overhead_ms": round(step_ms - busy_ms, 3),
-            "kernels_per_step": round(len(kernels) / steps, 1)}
+            "kernels_per_step": round(decode["kernels"] / steps, 1),
+            "decode_top_kernels_ms_per_step": {k: round(v / steps, 4) for k, v in decode["top_ms"].items()},
+            "prefill": {"steps": prefill_steps, "wall_ms": round(1000 * prefill_wall, 1),
+                        "gpu_busy_ms": round(prefill["busy_us"] / 1000, 1), "top_kernels_ms": prefill["top_ms"]}}
+
+
+def _kernel_times(prof, torch) -> dict[str, Any]:
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"kernels": len(kernels),
+            "busy_us": gpu_busy_us([(e.time_range.start, e.time_range.end) for e in kernels]),
+            "top_ms": top_kernels([(e.name, e.time_range.end - e.time_range.start) for e in kernels])}
+
+
+def top_kernels(durations: list[tuple[str, float]], n: int = 12, width: int = 90) -> dict[str, float]:
+    """Total milliseconds per kernel name (names cut to ``width``) from (name, microseconds), the
+    ``n`` largest first: where one backend's GPU time goes that the other's does not."""
+    total: dict[str, float] = {}
+    for name, us in durations:
+        total[name[:width]] = total.get(name[:width], 0.0) + us / 1000
+    return {k: round(v, 3) for k, v in sorted(total.items(), key=lambda kv: -kv[1])[:n]}

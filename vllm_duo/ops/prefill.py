@@ -63,7 +63,10 @@ def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, 
     return acc, m_i, l_i
 
 
-@triton.jit
+# Per-step values must not pick a new Triton specialization (each a compile of seconds, in the
+# middle of serving): the block-table row (the step's number of decodes; 1 and multiples of 16
+# specialize) and the alignment of query_start_loc / seq_lens (sliced past the decodes).
+@triton.jit(do_not_specialize=["bt_row0"], do_not_specialize_on_alignment=["QSL", "SEQ_LENS"])
 def _streaming_prefill_kernel(
         Q, K, V, O, KV_PTRS, BT_PTRS, BT_STRIDES, SLOT_HEAD, QSL, SEQ_LENS,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
