@@ -2,8 +2,8 @@
 # each under its own time limit, logs and results copied to $OUT. One device call, for example:
 #   bash benchmarks/device_run.sh kernels agreement
 # carry: [".devkit/bin", "vllm_duo/_C.abi3.so"] (patterns are built into the package). A stage's failure does not stop the next.
-# On a machine with several GPUs, run one device_run per GPU at once, each with its own
-# CUDA_VISIBLE_DEVICES and OUT (it then frees only its own GPU between stages).
+# On a machine with several GPUs, benchmarks/device_parallel.sh runs one device_run per GPU set
+# at once, each with its own CUDA_VISIBLE_DEVICES and OUT.
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS,
