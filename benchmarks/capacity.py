@@ -12,8 +12,8 @@ results/capacity_<date>.json (capacity_<modes>_<date>.json for other ``--modes``
 Patterns: the built-in Llama-3-8B-Instruct-Gradient-1048k and Llama-2-7B-32K-Instruct.
 
 ``--admit``: capacity as it runs (vllm_duo/eval/admission.py): Llama-3-8B, FLASH_ATTN and duo at
-50 % (first mode), each submits floor(vLLM's max concurrency) 64K-token requests at once and the
-scheduler's count of requests decoding together is read; ``capacity_ratio_llama3_s050`` is then
+50 % (first mode), each submits floor(vLLM's max concurrency) 64K-token requests (prompt +
+generated) at once and the scheduler's count of requests decoding together is read; ``capacity_ratio_llama3_s050`` is then
 the ratio of those counts (results/capacity_admitted_<date>.json).
 """
 
@@ -39,7 +39,6 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--modes", nargs="+", default=["window", "rswa"], choices=["window", "rswa"])
     ap.add_argument("--admit", action="store_true", help="admit the claimed requests and count them (Llama-3-8B, 50 %%)")
-    ap.add_argument("--decode-tokens", type=int, default=16, help="--admit: tokens each request decodes")
     args = ap.parse_args()
     if args.admit:
         return admitted(args)
@@ -90,7 +89,6 @@ def main() -> None:
 def admitted(args: argparse.Namespace) -> None:
     from vllm_duo.eval.engine_proc import run_job
 
-    prompt = args.max_model_len - args.decode_tokens
     pattern = "Llama-3-8B-Instruct-Gradient-1048k"  # built in
     engines = {"full": dict(attention_backend="FLASH_ATTN"),
                "duo_s050": dict(attention_backend="duo", additional_config={"duo_attention": {
@@ -103,8 +101,7 @@ def admitted(args: argparse.Namespace) -> None:
                           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                           max_num_seqs=64, enable_prefix_caching=True)  # vLLM's default, and duo's
             rows[name] = run_job("vllm_duo.eval.admission:admit", dict(
-                model=model, engine=engine, prompt_tokens=prompt, decode_tokens=args.decode_tokens,
-                requests=None), timeout=1200)
+                model=model, engine=engine, context_tokens=args.max_model_len, requests=None), timeout=1200)
             print(name, rows[name], flush=True)
     clean = all(r["preemptions"] == 0 and r["max_decoding_at_once"] == r["requests"] for r in rows.values())
     ratio = round(rows["duo_s050"]["max_decoding_at_once"] / rows["full"]["max_decoding_at_once"], 3)
@@ -112,8 +109,8 @@ def admitted(args: argparse.Namespace) -> None:
     figures = {"capacity_ratio_llama3_s050": ratio, "capacity_ratio_llama3_s050_prefix": ratio} if clean else {}
     print("admitted at once:", {k: r["max_decoding_at_once"] for k, r in rows.items()}, "ratio", ratio,
           "" if clean else "(preempted or not all admitted: no summary figure)")
-    save_result("capacity_admitted", {"rows": rows, "ratio": ratio, "clean": clean, "prompt_tokens": prompt,
-                                      "mode": args.modes[0]}, figures)
+    save_result("capacity_admitted", {"rows": rows, "ratio": ratio, "clean": clean,
+                                      "context_tokens": args.max_model_len, "mode": args.modes[0]}, figures)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ def test_h200_rows_then_cpu_and_other_gpus_as_history():
     assert "**1.61**" in rows[0] and "full 81.2%, duo_s050 78.8%" in rows[1]
     text = results_table(summary)
     assert text.count("`benchmarks/capacity.py`") == 1 and "`vllm-duo niah --samples 2`" in text
+    suite = dict(entry, value={"full": {"a": 1.0, "b": 0.5}, "duo_s050": {"a": 0.5, "b": 0.5}},
+                 device="NVIDIA H200", command="benchmarks/niah_suite.py")
+    assert "full 75%, duo_s050 50%" in results_table({"niah_suite_smollm2": suite})  # per method, format mean
     history = [ln for ln in results_table(summary, history=True).splitlines() if ln.startswith("| ")][1:]
     assert len(history) == 1 and "| H100 |" in history[0] and "**1.98**" in history[0]
 

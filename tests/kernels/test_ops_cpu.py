@@ -114,7 +114,11 @@ def test_plan_partitions(max_seq_len: int, num_seqs: int, num_slots: int) -> Non
 def test_plan_partitions_examples() -> None:
     assert plan_partitions(4096, 16, 8, 132) == (512, 8)
     assert plan_partitions(4096, 1, 8, 132) == (128, 32)  # small batch: shorter partitions
-    assert plan_partitions(131072, 16, 8, 132) == (1024, 128)  # capped partition count
+    assert plan_partitions(65536, 16, 8, 132) == (2048, 32)  # long rows: a 32nd of the row
+    assert plan_partitions(32768, 16, 8, 132) == (1024, 32)
+    assert plan_partitions(131072, 16, 8, 132) == (2048, 64)
+    assert plan_partitions(65536, 1, 1, 132) == (512, 128)  # one row: split to fill the GPU
+    assert plan_partitions(1 << 20, 16, 8, 132) == (8192, 128)  # capped partition count
 
 
 def test_decode_slots_addresses() -> None:

@@ -28,8 +28,11 @@ LABELS = {
     "prefill_attn_ratio_128k_s050": "prefill attention speed-up, a Llama-3-8B layer, 128K, 50%",
     "prefill_ratio_128k_s050": "prefill speed-up, Llama-3-8B shape, 128K, 50%",
     "prefill_ratio_256k_s050": "prefill speed-up, Llama-3-8B shape, 256K, 50%",
+    "max_context_tokens_verified": "longest request completed, tokens, Llama-3-8B shape, duo 50%",
+    "max_context_tokens_fa_admissible": "FLASH_ATTN's longest admissible request, same GPU and settings",
     "max_context_tokens_duo_s050": "KV tokens for one request, Llama-3-8B, 50% (vLLM's computed max_model_len; not run)",
     "e2e_decode_ratio_64k_s050": "decode throughput vs FLASH_ATTN, 64K requests, largest batch each fits",
+    "niah_suite_smollm2": "retrieval suite, SmolLM2-135M-Instruct, 10 formats x 40 prompts (mean over formats)",
     "niah_smollm2": "NIAH accuracy, SmolLM2-135M-Instruct, 1K-8K x 5 depths x 2",
     "server_load_errors": "`vllm serve` under load (64 clients, 120 s): errors",
     "server_load_exact_match_rate": "`vllm serve` under load: answers = one-at-a-time greedy",
@@ -37,6 +40,12 @@ LABELS = {
     "soak_gpu_leaked_blocks": "GPU soak, 1,000 requests, 10% aborted: leaked KV blocks",
     "soak_gpu_alone_match_rate": "GPU soak: same greedy tokens when re-run alone",
     "soak_gpu_preemptions": "GPU soak: preemptions",
+    "soak_gpu_prefix_leaked_blocks": "GPU soak, prefix caching, shared prefixes: leaked KV blocks",
+    "soak_gpu_prefix_alone_match_rate": "same soak: same greedy tokens when re-run alone",
+    "soak_gpu_prefix_preemptions": "same soak: preemptions",
+    "soak_gpu_flash_attn_prefix_leaked_blocks": "same soak on FLASH_ATTN (control): leaked KV blocks",
+    "soak_gpu_flash_attn_prefix_alone_match_rate": "same soak on FLASH_ATTN: same greedy tokens re-run alone",
+    "soak_gpu_flash_attn_prefix_preemptions": "same soak on FLASH_ATTN: preemptions",
     "soak_leaked_blocks": "soak on vLLM's real scheduler: leaked KV blocks",
     "fuzz_cases": "bad inputs refused with a clear message (cases)",
     "mixed_traffic_ratio": "output throughput vs FLASH_ATTN, mixed traffic (64..32K prompts)",
@@ -60,6 +69,8 @@ def _value(v: Any) -> str:
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     if isinstance(v, int):
         return f"{v:,}"
+    if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):  # method -> per-case
+        return ", ".join(f"{k} {_value(100 * sum(x.values()) / len(x))}%" for k, x in v.items() if x)
     if isinstance(v, dict):
         return ", ".join(f"{k} {_value(x * 100 if isinstance(x, float) and x <= 1 else x)}%" for k, x in v.items())
     return str(v)

@@ -16,6 +16,11 @@ HEAD_DIMS = (64, 128, 256)
 MAX_GROUP = 8  # query heads per KV head the kernel keeps in registers
 PARTITION_SIZE = 512  # keys per CTA: amortises the combine, still splits one long sequence
 MIN_PARTITION_SIZE = 128
+# Long rows take longer partitions, up to this, at about 1/32 of the row: on an H200 at 64K-128K
+# keys, 2K-key partitions beat 512-key ones by 2-8 %, at 4K keys 512 stays best
+# (benchmarks/results/decode_kernel_nvidia_h200_2026-11-30.json).
+MAX_PLANNED_PARTITION = 2048
+_KEYS_PER_PARTITION_SHARE = 32
 MAX_PARTITIONS = 128  # bounds workspace and combine cost; past 64K keys partitions grow
 _CTAS_PER_SM = 4  # below this many CTAs per SM, partitions shrink to fill the GPU
 _GRAPH_CTAS_PER_SM = 16  # a captured launch: long rows split until this many CTAs per SM
@@ -35,11 +40,14 @@ def _num_sms(device_index: int) -> int:
 def plan_partitions(max_seq_len: int, num_seqs: int, num_slots: int, num_sms: int) -> tuple[int, int]:
     """``(partition_size, num_partitions)`` for a launch whose longest row has ``max_seq_len`` keys.
 
-    Partitions shrink (down to 128 keys) when the batch would not give every SM a few CTAs, and
-    grow when a row would need more than ``MAX_PARTITIONS``. Any plan is correct for any row:
-    the kernel lengthens a row's partitions if it holds more keys than planned for.
+    Partitions start at ``PARTITION_SIZE`` keys, or about a 32nd of a long row (up to
+    ``MAX_PLANNED_PARTITION``); they shrink (down to 128 keys) when the batch would not give every
+    SM a few CTAs, and grow when a row would need more than ``MAX_PARTITIONS``. Any plan is correct
+    for any row: the kernel lengthens a row's partitions if it holds more keys than planned for.
     """
     size = PARTITION_SIZE
+    while size < MAX_PLANNED_PARTITION and size * 2 * _KEYS_PER_PARTITION_SHARE <= max_seq_len:
+        size *= 2
     while size > MIN_PARTITION_SIZE and \
             num_seqs * num_slots * _cdiv(max_seq_len, size) < _CTAS_PER_SM * num_sms:
         size //= 2
