@@ -16,7 +16,7 @@ import numpy as np
 
 from vllm_duo.builtin_patterns import pick_builtin
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.patterns import DEFAULT_SEED, binarize, calibrated_sparsity, check_shape, load_gates
+from vllm_duo.patterns import DEFAULT_SEED, binarize, calibrated_sparsity, check_shape, load_gates, was_calibrated
 
 logger = logging.getLogger("vllm_duo")
 CONFIG_KEY = "duo_attention"
@@ -179,6 +179,10 @@ def resolve_options(opts: DuoOptions, num_layers: int, num_kv_heads: int, model:
             sparsity = calibrated_sparsity(opts.pattern)
             if sparsity is None:
                 sparsity = DEFAULT_SPARSITY
+                if was_calibrated(opts.pattern):
+                    logger.warning("vllm-duo: the calibration in pattern %s found no sparsity within its "
+                                   "tolerance of full attention; using the default %g. Set \"sparsity\" "
+                                   "(lower loses less) or re-run vllm-duo calibrate", opts.pattern, sparsity)
             else:
                 logger.info("vllm-duo: sparsity %g from the calibration in pattern %s (vllm-duo calibrate); "
                             "set \"sparsity\" to override", sparsity, opts.pattern)

@@ -226,20 +226,32 @@ def kv_fraction(mask: np.ndarray, context: int, sink: int, recent: int, block_si
     return r + (1.0 - r) * stream_blocks / full_blocks
 
 
-def calibrated_sparsity(pattern: str) -> float | None:
-    """The sparsity ``vllm-duo calibrate`` wrote into a pattern's config.json (a built-in name, a
-    folder, or the folder beside a TSV); None if there is none. Used when no sparsity is given."""
+def _pattern_config(pattern: str) -> tuple[str, dict]:
+    """(path, contents) of a pattern's config.json (a built-in name, a folder, or the folder
+    beside a TSV); contents {} when absent or unreadable (the pattern loader reports that)."""
     if (found := builtin(pattern)) is not None:
         pattern = found.path
     folder = pattern if os.path.isdir(pattern) else os.path.dirname(os.path.abspath(pattern))
     path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return None
     try:
         with open(path) as f:
-            value = json.load(f).get(CALIBRATED_KEY)
-    except (ValueError, AttributeError):
-        return None  # not ours to judge: the pattern loader reports a broken config.json
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return path, {}
+    return path, cfg if isinstance(cfg, dict) else {}
+
+
+def was_calibrated(pattern: str) -> bool:
+    """Whether ``vllm-duo calibrate`` recorded a measurement in the pattern (even one where no
+    sparsity stayed within its tolerance)."""
+    return "calibration" in _pattern_config(pattern)[1]
+
+
+def calibrated_sparsity(pattern: str) -> float | None:
+    """The sparsity ``vllm-duo calibrate`` wrote into a pattern's config.json; None if there is
+    none. Used when no sparsity is given."""
+    path, cfg = _pattern_config(pattern)
+    value = cfg.get(CALIBRATED_KEY)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:

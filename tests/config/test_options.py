@@ -93,6 +93,14 @@ def test_calibrated_sparsity_is_used_when_none_is_given(tmp_path, caplog):
     assert "calibration" in caplog.text
     assert resolve_options(parse_options({"pattern": str(folder), "sparsity": 0.25}), 30, 3).sparsity == 0.25
     assert resolve_options(parse_options({"pattern": str(folder), "threshold": 0.5}), 30, 3).sparsity is None
-    del cfg["calibrated_sparsity"]
+    (folder / "config.json").write_text(json.dumps(dict(cfg, calibrated_sparsity=None)))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vllm_duo"):  # calibrated, nothing within tolerance
+        assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.5  # the default
+    assert "found no sparsity within its tolerance" in caplog.text
+    del cfg["calibrated_sparsity"], cfg["calibration"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.5  # the default
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vllm_duo"):  # never calibrated: the default, quietly
+        assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.5
+    assert "calibrat" not in caplog.text

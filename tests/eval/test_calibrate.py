@@ -95,8 +95,10 @@ def test_cli_from_results(pattern, tmp_path, capsys):
     assert calibrate.main(argv + ["--tolerance", "0"]) == 0
     assert calibrate.read(pattern) == 0.25
     results.write_text(json.dumps(_payload(40, {0.5: 30})))
-    assert calibrate.main(argv) == 1  # nothing within tolerance: config.json left as it is
+    assert calibrate.main(argv + ["--dry-run"]) == 1  # nothing within tolerance: reported only
     assert calibrate.read(pattern) == 0.25 and "measure lower sparsities" in capsys.readouterr().out
+    assert calibrate.main(argv) == 1  # recorded: the older 0.25 no longer stands
+    assert calibrate.read(pattern) is None and "cleared calibrated_sparsity" in capsys.readouterr().out
     assert calibrate.main(["/models/m", "--pattern", f"{pattern}/full_attention_heads.tsv",
                            "--from-results", str(results), "--tolerance", "0.5"]) == 2
     err = capsys.readouterr().err

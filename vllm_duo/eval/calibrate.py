@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
     chosen = record[CONFIG_KEY]
     if chosen is None:
         print(f"calibrate: no measured sparsity is within {args.tolerance:g} of full attention's accuracy "
-              f"({full['accuracy']:.1%}); measure lower sparsities (--sparsities). config.json left as it is.")
+              f"({full['accuracy']:.1%}); measure lower sparsities (--sparsities).")
+        if not args.dry_run:  # an earlier calibrated sparsity would contradict this measurement
+            print(f"calibrate: recorded the measurement and cleared {CONFIG_KEY} in {write(args.pattern, record)}; "
+                  f"the plugin's default sparsity applies (with a warning)")
         return 1
     print(f"calibrate: calibrated sparsity {chosen:g} (tolerance {args.tolerance:g})")
     if not args.dry_run:
