@@ -85,14 +85,21 @@ def _impl(slots: list, kv_heads: int = H) -> impl_module.DuoAttentionImpl:
     return impl
 
 
-def test_decode_reads_this_steps_tables(monkeypatch):
+def _two_slot_layer(caches: list[torch.Tensor], streaming_first: bool = False) -> tuple[list, list, list]:
+    """(names, builders, slots) of a layer with a retrieval slot (KV head 0, group "l0") and a
+    streaming slot (KV head 1, group "l0.duo_s0") over ``caches``."""
     config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0"]
     builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
+    slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
+             SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
+    return names, builders, slots[::-1] if streaming_first else slots
+
+
+def test_decode_reads_this_steps_tables(monkeypatch):
     caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
     # slot order differs from group order on purpose: the streaming slot comes first
-    slots = [SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1])),
-             SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0]))]
+    names, builders, slots = _two_slot_layer(caches, streaming_first=True)
     impl = _impl(slots)
     context = SimpleNamespace(attn_metadata=None)
     tables = [torch.zeros(MAXR, WIDTH, dtype=torch.int32) for _ in range(2)]  # vLLM's, persistent
@@ -158,12 +165,8 @@ def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkey
     addresses and the null-gapped table (recorded, not computed)."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
-    config, specs = _config_and_specs()
-    names = ["l0", "l0.duo_s0"]
-    builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
     caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
-    slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
-             SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
+    names, builders, slots = _two_slot_layer(caches)
     impl = _impl(slots)
     calls = {}
     monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
