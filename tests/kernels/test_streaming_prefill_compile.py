@@ -33,11 +33,11 @@ def test_compiles_for_sm90_without_spills(head_dim: int, tmp_path) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_m, block_n, num_warps = launch_config(head_dim)
+    block_m, block_n, num_warps, num_stages = launch_config(head_dim)
     src = ASTSource(fn=_streaming_prefill_kernel, signature=SIGNATURE,
                     constexprs={"G": 4, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": 2})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = tmp_path / "kernel.ptx"
     ptx.write_text(kernel.asm["ptx"])
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

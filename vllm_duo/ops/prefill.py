@@ -20,14 +20,18 @@ import triton.language as tl
 HEAD_DIMS = (64, 128, 256)
 
 
-def launch_config(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) per head_dim: the largest tiles that compile for sm_90
-    without register spills (ptxas -v, Triton 3.6; tests/kernels/test_streaming_prefill_compile.py)."""
+LaunchConfig = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+
+
+def launch_config(head_dim: int) -> LaunchConfig:
+    """Per head_dim: the largest tiles that compile for sm_90 without register spills (ptxas -v,
+    Triton 3.6; tests/kernels/test_streaming_prefill_compile.py). ``benchmarks/prefill.py --part
+    window-configs`` times the alternatives on the GPU."""
     if head_dim <= 64:
-        return 64, 64, 4
+        return 64, 64, 4, 2
     if head_dim <= 128:
-        return 64, 64, 8
-    return 32, 32, 8
+        return 64, 64, 8, 2
+    return 32, 32, 8, 2
 
 
 @triton.jit
@@ -175,10 +179,21 @@ def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                           seq_lens: torch.Tensor, block_table_row0: int, max_query_len: int,
                           num_kv_heads: int, block_size: int, sink_size: int, window: int,
                           scale: float) -> None:
+    launch(out, q, k, v, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+           seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window, scale,
+           launch_config(q.shape[2]))
+
+
+def launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ptrs: torch.Tensor,
+           block_table_ptrs: torch.Tensor, block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor,
+           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table_row0: int,
+           max_query_len: int, num_kv_heads: int, block_size: int, sink_size: int, window: int,
+           scale: float, config: LaunchConfig) -> None:
+    """The kernel launch with explicit tiles (unchecked: the op checks its inputs first)."""
     num_slots, group, d = kv_ptrs.numel(), q.shape[1] // num_kv_heads, q.shape[2]
     if num_slots == 0 or seq_lens.numel() == 0 or max_query_len <= 0:
         return
-    block_m, block_n, num_warps = launch_config(d)
+    block_m, block_n, num_warps, num_stages = config
     grid = (seq_lens.numel(), triton.cdiv(max_query_len, block_m), num_slots * group)
     _streaming_prefill_kernel[grid](
         q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
@@ -186,7 +201,7 @@ def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         out.stride(0), out.stride(1), block_table_row0,
         sink_size, window, scale * 1.4426950408889634,
         G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 @_streaming_prefill_op.register_fake
