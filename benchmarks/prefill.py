@@ -18,7 +18,7 @@ model: ``LLM`` with Llama-3-8B's shape and dummy weights, one prompt at a time, 
     python benchmarks/prefill.py --part model [--lengths 32768 131072] [--budgets default]
     python benchmarks/prefill.py --part window-configs --lengths 1024 32768 --batches 64 1
 
-window-configs: the window kernel's launch tiles (BLOCK_M, BLOCK_N, warps, stages) on fresh
+window-configs: the window kernel's launch tiles (BLOCK_M, BLOCK_N, warps, stages, GQA packing) on fresh
     prompts against FA3 causal over the same query heads; a table to choose
     ``ops.prefill.launch_config`` from (no summary figure).
 
@@ -198,9 +198,11 @@ def attention_part(args) -> tuple[list[dict], dict[str, float]]:
 
 # ---------------------------------------------------------------------------- window kernel tiles
 
-WINDOW_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages); head_dim 128
-    (64, 64, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (64, 128, 8, 2),
-    (32, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)]
+WINDOW_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, pack GQA heads); head_dim 128
+    (64, 64, 8, 2, False), (64, 64, 8, 1, False), (64, 64, 8, 3, False), (64, 32, 4, 2, False),
+    (64, 32, 8, 2, False), (32, 64, 4, 2, False), (128, 32, 8, 2, False), (128, 64, 8, 2, False),
+    (64, 64, 8, 2, True), (128, 32, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 2, True),
+    (64, 32, 8, 2, True)]
 
 
 def window_configs_part(args) -> tuple[list[dict], dict[str, float]]:
@@ -216,7 +218,7 @@ def window_configs_part(args) -> tuple[list[dict], dict[str, float]]:
     n_str = round(0.5 * HKV)
     heads = torch.arange(HKV - n_str, HKV, dtype=torch.int32, device="cuda")
     rows = []
-    print(f"{'batch':>5} {'prompt':>7} {'config':>18} {'window ms':>10} {'FA3 ms':>8} {'ratio':>6} {'max err':>8}")
+    print(f"{'batch':>5} {'prompt':>7} {'config':>28} {'window ms':>10} {'FA3 ms':>8} {'ratio':>6} {'max err':>8}")
     for batch, L in ((b, L) for b in args.batches for L in args.lengths):
         T = batch * L
         q = torch.randn(T, HQ, D, dtype=DTYPE, device="cuda")
@@ -245,7 +247,7 @@ def window_configs_part(args) -> tuple[list[dict], dict[str, float]]:
                 ms = gpu_time_ms(run, args.repeats)
             except Exception as e:  # a config that does not compile (shared memory, registers)
                 rows.append(dict(batch=batch, prompt=L, config=list(config), error=str(e).splitlines()[0][:200]))
-                print(f"{batch:>5} {L:>7} {str(config):>18} failed: {rows[-1]['error']}")
+                print(f"{batch:>5} {L:>7} {str(config):>28} failed: {rows[-1]['error']}")
                 continue
             got = out[:, qs].float()
             want = got if want is None else want
@@ -253,7 +255,7 @@ def window_configs_part(args) -> tuple[list[dict], dict[str, float]]:
             rows.append(dict(batch=batch, prompt=L, config=list(config), default=config == default,
                              window_ms=ms, fa3_same_heads_ms=fa_ms, ratio_to_fa3=ms / fa_ms,
                              max_err_vs_default=err))
-            print(f"{batch:>5} {L:>7} {str(config):>18} {ms:>10.3f} {fa_ms:>8.3f} {ms / fa_ms:>6.2f} {err:>8.1e}")
+            print(f"{batch:>5} {L:>7} {str(config):>28} {ms:>10.3f} {fa_ms:>8.3f} {ms / fa_ms:>6.2f} {err:>8.1e}")
         del q, k, v
         torch.cuda.empty_cache()
     return rows, {}

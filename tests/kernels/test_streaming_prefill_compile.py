@@ -24,7 +24,7 @@ SIGNATURE = {
     **{name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                 "stride_vh", "stride_ot", "stride_oh", "bt_row0", "sink", "window")},
     "scale_log2": "fp32",
-    **{name: "constexpr" for name in ("G", "BLOCK_SIZE", "D", "BLOCK_M", "BLOCK_N")},
+    **{name: "constexpr" for name in ("G", "BLOCK_SIZE", "D", "BLOCK_M", "BLOCK_N", "HEADS")},
 }
 
 
@@ -33,9 +33,10 @@ def test_compiles_for_sm90_without_spills(head_dim: int, tmp_path) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_m, block_n, num_warps, num_stages = launch_config(head_dim)
+    block_m, block_n, num_warps, num_stages, pack = launch_config(head_dim)
     src = ASTSource(fn=_streaming_prefill_kernel, signature=SIGNATURE,
-                    constexprs={"G": 4, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n})
+                    constexprs={"G": 4, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                "HEADS": 4 if pack else 1})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = tmp_path / "kernel.ptx"
