@@ -65,10 +65,15 @@ def main() -> None:
         rows = {k: v for p in parts for k, v in p["rows"].items()}
         if set(rows) != {"duo", "FLASH_ATTN"}:
             sys.exit(f"mixed_traffic: --combine needs one duo and one FLASH_ATTN part, got {sorted(rows)}")
+        devices = {p.get("device") for p in parts}
+        if len(devices) != 1 or None in devices:
+            sys.exit(f"mixed_traffic: the parts must name one device (their 'device' field), got {sorted(map(str, devices))}")
         figures = figures_of(rows)
         print("figures:", figures)
+        commands = [p["command"] for p in parts]
         save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": parts[0]["requests"],
-                                      "parts": [p["command"] for p in parts]}, figures)
+                                      "parts": commands}, figures, device=devices.pop(),
+                    command=" and ".join(commands) + ", one GPU each at once; then --combine")
         return
     if "duo" in args.backends:
         check_pattern(args.pattern, "mixed_traffic")
@@ -92,10 +97,11 @@ def main() -> None:
                 model=model, engine=dict(base, **kw), requests=requests, warmup=8), echo=True)
             print(name, {k: v for k, v in rows[name].items() if k != "requests"}, flush=True)
     if args.part_out:
-        from benchmarks.summary import command_line
+        from benchmarks.summary import command_line, device_name
 
         with open(args.part_out, "w") as f:
-            json.dump({"rows": rows, "requests": described, "command": command_line()}, f, indent=2)
+            json.dump({"rows": rows, "requests": described, "command": command_line(), "device": device_name()},
+                      f, indent=2)
         print("wrote", args.part_out)
         return
     if set(rows) != {"duo", "FLASH_ATTN"}:

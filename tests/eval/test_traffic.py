@@ -51,6 +51,36 @@ def test_combine_refuses_parts_of_different_requests(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("mixed_traffic: the two parts ran different requests")
 
 
+def test_combine_records_the_parts_device_not_this_machines(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    row = {"output_tokens_per_s": 100.0, "ttft_s": {"p50": 1.0, "p99": 2.0}, "tpot_s": {"p50": 0.1, "p99": 0.2}}
+    results = tmp_path / "results"
+
+    def combine(devices):
+        parts = []
+        for name, device in zip(("duo", "FLASH_ATTN"), devices):
+            path = tmp_path / f"{name}.json"
+            part = {"rows": {name: row}, "requests": {"count": 3}, "command": f"run {name}"}
+            path.write_text(json.dumps(dict(part, device=device) if device else part))
+            parts.append(str(path))
+        return subprocess.run([sys.executable, "benchmarks/mixed_traffic.py", "--combine", *parts],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, VLLM_DUO_RESULTS=str(results)))
+
+    for devices in (("GPU A", None), ("GPU A", "GPU B")):
+        out = combine(devices)
+        assert out.returncode != 0 and "must name one device" in out.stderr.strip().splitlines()[-1]
+    out = combine(("GPU A", "GPU A"))
+    assert out.returncode == 0, out.stderr
+    entry = json.loads((results / "summary.json").read_text())["mixed_traffic_ratio"]
+    assert entry["device"] == "GPU A" and entry["value"] == 1.0
+    assert "run duo" in entry["command"] and "run FLASH_ATTN" in entry["command"]
+
+
 def test_top_kernels_sums_by_name_largest_first() -> None:
     got = top_kernels([("gemm", 1000), ("attn", 300), ("gemm", 500), ("x" * 100, 2000), ("tiny", 1)],
                       n=3, width=10)
