@@ -31,6 +31,7 @@ free_gpu() {  # a stage cut off by its time limit may leave engine processes hol
   fi
   sleep 2
 }
+mixed_part() { run_for 580 python benchmarks/mixed_traffic.py --requests 1000 --backends "$1" --part-out "$OUT/mixed_$1.json"; }
 copy_results() {  # flat: the device drops nested folders under $OUT
   find benchmarks/results -type f -newer "$marker" -exec cp {} "$OUT/" \;
   [ -f "$VLLM_DUO_EVIDENCE" ] && cp "$VLLM_DUO_EVIDENCE" "$OUT/"
@@ -45,6 +46,8 @@ for stage in "$@"; do
     cudagraph) gpu_test 400 tests/e2e/test_cudagraph_gpu.py ;;
     short-prompt) run_for 500 python benchmarks/short_prompt.py $SHORT_ARGS ;;
     mixed-traffic) run_for 580 python benchmarks/mixed_traffic.py ;;
+    mixed-traffic-duo) mixed_part duo ;;  # the 1,000-request run, one backend per GPU: --combine after
+    mixed-traffic-fa) mixed_part FLASH_ATTN ;;
     chat) run_for 580 python benchmarks/chat.py ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py $PREFIX_ARGS ;;

@@ -5,8 +5,9 @@
 see everything, and long ones both occur), 1..``--max-out`` new tokens each; at most
 ``--inflight`` in the engine at once; ``--abort-frac`` of them aborted a random 1..60 engine steps
 after submission, whatever state they are in then (waiting, prefilling, decoding, preempted). The
-KV cache holds ``--kv-tokens`` tokens of full attention (``kv_cache_memory_bytes``; duo fits more
-tokens in it), far less than the in-flight requests want, so vLLM preempts and recomputes.
+KV cache holds about ``--kv-tokens`` tokens on either backend (``kv_cache_memory_bytes``: full
+attention's bytes for that many tokens, times the retrieval share for duo), far less than the
+in-flight requests want, so vLLM preempts and recomputes on both.
 
 Checks: every request finishes (with all its tokens) or is aborted; afterwards the block pool is
 as free as before the soak (``soak_leaked_blocks`` = 0) and no request holds blocks; and a
@@ -85,8 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--inflight", type=int, default=96, help="requests in the engine at once")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--kv-tokens", type=int, default=20000,
-                    help="KV budget in full-attention tokens (duo at 50%% fits about twice as many; "
-                         "40,000 gave only 2 preemptions on the H100)")
+                    help="KV budget in tokens, either backend (40,000 gave only 2 preemptions on the H100)")
     ap.add_argument("--alone", type=int, default=50, help="finished requests re-run alone")
     ap.add_argument("--min-match", type=float,
                     help="least alone-match rate that passes (default 1.0 with --batch-invariant, else 0.9)")
@@ -121,6 +121,14 @@ def make_requests(n: int, min_len: int, max_len: int, max_out: int, abort_frac: 
         reqs = [Req(r.rid, (prefixes[int(share.integers(shared_prefixes))] + r.prompt)[:max_len], r.max_tokens,
                     r.abort_after) if share.random() < 0.5 else r for r in reqs]
     return reqs
+
+
+def kv_budget_bytes(args: argparse.Namespace, cfg: dict) -> int:
+    """Bytes for about ``--kv-tokens`` tokens: duo's retrieval heads take the (1 - sparsity) share
+    of full attention's bytes per token (its streaming heads' constant sets are small), so duo
+    is under the same pressure as FLASH_ATTN (with full attention's bytes it never preempted)."""
+    share = 1 - args.sparsity if args.backend.lower() == "duo" else 1.0
+    return int(args.kv_tokens * full_bytes_per_token(cfg) * share)
 
 
 def full_bytes_per_token(cfg: dict) -> int:
@@ -232,7 +240,7 @@ def mix_summary(reqs: list[Req], kv_tokens: int) -> dict:
     lengths = [len(r.prompt) for r in reqs]
     return {"requests": len(reqs), "marked_abort": sum(r.abort_after is not None for r in reqs),
             "prompt_tokens": sum(lengths), "prompt_len_p50": int(np.median(lengths)), "prompt_len_max": max(lengths),
-            "kv_budget_full_tokens": kv_tokens}
+            "kv_budget_tokens": kv_tokens}
 
 
 def run_soak(args: argparse.Namespace, tmp: str) -> dict:
@@ -250,7 +258,7 @@ def run_soak(args: argparse.Namespace, tmp: str) -> dict:
     t0 = time.monotonic()
     llm = LLM(model, skip_tokenizer_init=True, seed=args.seed, enable_prefix_caching=args.prefix_caching,
               max_model_len=args.max_len + args.max_out, max_num_seqs=args.max_num_seqs,
-              kv_cache_memory_bytes=args.kv_tokens * full_bytes_per_token(cfg),
+              kv_cache_memory_bytes=kv_budget_bytes(args, cfg),
               gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, **backend, **extra)
     startup = round(time.monotonic() - t0, 1)

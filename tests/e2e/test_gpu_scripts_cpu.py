@@ -204,6 +204,9 @@ def test_soak_request_mix_and_budget():
     assert soak_gpu.full_bytes_per_token(LLAMA3_8B) == 128 * 1024
     args = soak_gpu.parse_args(["--requests", "10"])
     assert args.requests == 10 and args.kv_tokens * 1 > 16384 + 64  # one longest request fits FA
+    full = soak_gpu.kv_budget_bytes(soak_gpu.parse_args(["--backend", "FLASH_ATTN"]), SMOLLM2_CONFIG)
+    duo = soak_gpu.kv_budget_bytes(args, SMOLLM2_CONFIG)  # duo at 50 %: the retrieval heads' share
+    assert full == 20000 * 2 * 30 * 3 * 64 * 2 and duo == full // 2
 
 
 def test_soak_and_examples_parse_args():

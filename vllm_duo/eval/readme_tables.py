@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 from typing import Any
@@ -70,7 +71,8 @@ def _value(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):  # method -> per-case
-        return ", ".join(f"{k} {_value(100 * sum(x.values()) / len(x))}%" for k, x in v.items() if x)
+        # math.fsum: the same digits on every Python (3.12's sum() compensates, 3.11's does not)
+        return ", ".join(f"{k} {_value(100 * math.fsum(x.values()) / len(x))}%" for k, x in v.items() if x)
     if isinstance(v, dict):
         return ", ".join(f"{k} {_value(x * 100 if isinstance(x, float) and x <= 1 else x)}%" for k, x in v.items())
     return str(v)
