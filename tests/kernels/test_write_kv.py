@@ -119,14 +119,17 @@ def test_round_trip_through_decode(evidence) -> None:
              scaled_error(write(skipped), ref))
 
 
-def test_opcheck() -> None:
+@pytest.mark.parametrize("fp8", [False, True])
+def test_opcheck(fp8: bool) -> None:
     T, H, D = 8, 2, 128
     key = torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda")
-    caches = [torch.zeros(4, 16, 2 * D, dtype=torch.bfloat16, device="cuda") for _ in range(H)]
+    caches = [torch.zeros(4, 16, 2 * D, dtype=torch.uint8 if fp8 else torch.bfloat16, device="cuda")
+              for _ in range(H)]
+    scales = (torch.tensor(0.05, device="cuda"), torch.tensor(0.03, device="cuda")) if fp8 else ()
     args = (key, torch.randn_like(key), torch.tensor([c.data_ptr() for c in caches], device="cuda"),
             torch.tensor([1, 0], dtype=torch.int32, device="cuda"),
             torch.zeros(2, dtype=torch.int32, device="cuda"),
-            torch.arange(T, device="cuda")[None])
+            torch.arange(T, device="cuda")[None], *scales)
     torch.library.opcheck(torch.ops.vllm_duo.write_kv.default, args)
 
 
@@ -248,15 +251,3 @@ def test_fp8_round_trip_through_decode(evidence) -> None:
     skipped[1, newest] = -1
     evidence(compares, METRIC, gap, "newest token's row skipped (stale contents)",
              scaled_error(write(skipped), ref))
-
-
-def test_fp8_opcheck() -> None:
-    T, H, D = 8, 2, 128
-    key = torch.randn(T, H, D, dtype=torch.bfloat16, device="cuda")
-    caches = [torch.zeros(4, 16, 2 * D, dtype=torch.uint8, device="cuda") for _ in range(H)]
-    args = (key, torch.randn_like(key), torch.tensor([c.data_ptr() for c in caches], device="cuda"),
-            torch.tensor([1, 0], dtype=torch.int32, device="cuda"),
-            torch.zeros(2, dtype=torch.int32, device="cuda"),
-            torch.arange(T, device="cuda")[None], torch.tensor(0.05, device="cuda"),
-            torch.tensor(0.03, device="cuda"))
-    torch.library.opcheck(torch.ops.vllm_duo.write_kv.default, args)
