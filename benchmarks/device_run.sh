@@ -7,7 +7,7 @@
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS,
-# CAPACITY_ARGS, SUITE_ARGS: extra flags of those stages.
+# CAPACITY_ARGS, SUITE_ARGS, IDENTIFY_ARGS: extra flags of those stages (PATTERN_OUT: identify's folder).
 source benchmarks/device_setup.sh
 export PYTHONUNBUFFERED=1
 # GPU tests append evidence rows here; kept on the machine while it is warm, copied to $OUT after
@@ -64,6 +64,8 @@ for stage in "$@"; do
     soak) run_for 570 python benchmarks/soak_gpu.py $SOAK_ARGS ;;
     soak-fa) run_for 570 python benchmarks/soak_gpu.py --backend FLASH_ATTN $SOAK_ARGS ;;  # the re-run control
     load) run_for 570 python benchmarks/server_load.py ;;
+    identify) run_for 590 python -m vllm_duo.cli.main identify /tmp/models/smollm2-135m-instruct \
+      --out "${PATTERN_OUT:-$OUT/pattern}" --max-minutes 8 $IDENTIFY_ARGS ;;  # then SUITE_ARGS=--pattern DIR
     niah-suite) run_for 580 python benchmarks/niah_suite.py --runner engine $SUITE_ARGS ;;
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
       --record niah_smollm2 --out "$OUT" --quiet ;;

@@ -85,14 +85,21 @@ def _impl(slots: list, kv_heads: int = H, kv_cache_dtype: str = "auto") -> impl_
     return impl
 
 
-def test_decode_reads_this_steps_tables(monkeypatch):
+def _two_slot_layer(caches: list[torch.Tensor], streaming_first: bool = False) -> tuple[list, list, list]:
+    """(names, builders, slots) of a layer with a retrieval slot (KV head 0, group "l0") and a
+    streaming slot (KV head 1, group "l0.duo_s0") over ``caches``."""
     config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0"]
     builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
+    slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
+             SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
+    return names, builders, slots[::-1] if streaming_first else slots
+
+
+def test_decode_reads_this_steps_tables(monkeypatch):
     caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
     # slot order differs from group order on purpose: the streaming slot comes first
-    slots = [SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1])),
-             SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0]))]
+    names, builders, slots = _two_slot_layer(caches, streaming_first=True)
     impl = _impl(slots)
     context = SimpleNamespace(attn_metadata=None)
     tables = [torch.zeros(MAXR, WIDTH, dtype=torch.int32) for _ in range(2)]  # vLLM's, persistent
@@ -160,13 +167,9 @@ def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkey
     gets the layer's scales, and FA3 fp8 views of the cache and the query quantized by q_scale."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
-    config, specs = _config_and_specs()
-    names = ["l0", "l0.duo_s0"]
-    builders = [DuoMetadataBuilder(spec, [name], config, torch.device("cpu")) for spec, name in zip(specs, names)]
     caches = [torch.randint(0, 255, (POOL, 1, BS, 2 * D), dtype=torch.uint8) if fp8 else
               torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
-    slots = [SimpleNamespace(name=names[0], kind=RETRIEVAL, head=0, layer=SimpleNamespace(kv_cache=caches[0])),
-             SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
+    names, builders, slots = _two_slot_layer(caches)
     impl = _impl(slots, kv_cache_dtype="fp8" if fp8 else "auto")
     layer = SimpleNamespace(_q_scale=torch.tensor(0.5), _k_scale=torch.tensor(0.1), _v_scale=torch.tensor(0.2))
     calls = {}

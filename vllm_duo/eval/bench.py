@@ -212,15 +212,8 @@ def _max_context(llm, c: dict[str, Any], figures: dict[str, float]) -> dict[str,
         n = max(1, min(max_len - new, int(max_len * c["verify"])))
         run = _timed(llm, random_prompts(1, n, seed=7), new, f"c: verify {n} tokens")
         out["verify"] = {"prompt_tokens": n, "wall_s": round(run["wall_s"], 2),
-                         "ttft_s": round(run["finished"][0]["ttft_s"], 2), **single_request(run["events"])}
+                         "ttft_s": round(run["finished"][0]["ttft_s"], 2),
+                         "generated": sum(e[2] for e in run["events"]),
+                         # one request: its window runs from its first token to its last
+                         "decode_tokens_per_s": decode_window(run["events"])["decode_tokens_per_s"]}
     return out
-
-
-def single_request(events: list[tuple[str, float, int]]) -> dict[str, Any]:
-    """Generated tokens and the decode tokens/s after the first token, from one request's
-    (id, step timestamp, new tokens) events."""
-    steps = sorted((ts, n) for _, ts, n in events if n > 0)
-    generated = sum(n for _, n in steps)
-    span = steps[-1][0] - steps[0][0] if steps else 0.0
-    return {"generated": generated,
-            "decode_tokens_per_s": round((generated - steps[0][1]) / span, 2) if span > 0 else None}
