@@ -16,6 +16,11 @@ model: ``LLM`` with Llama-3-8B's shape and dummy weights, one prompt at a time, 
 
     python benchmarks/prefill.py --part attention [--lengths 32768 131072] [--chunks 16384 0]
     python benchmarks/prefill.py --part model [--lengths 32768 131072] [--budgets default]
+    python benchmarks/prefill.py --part window-configs --lengths 1024 32768 --batches 64 1
+
+window-configs: the window kernel's launch tiles (BLOCK_M, BLOCK_N, warps, stages, GQA packing) on fresh
+    prompts against FA3 causal over the same query heads; a table to choose
+    ``ops.prefill.launch_config`` from (no summary figure).
 
 ``--chunks 0`` / ``--budgets unchunked`` = the whole prompt in one step; ``default`` = vLLM's
 own max_num_batched_tokens (16384 for ``LLM`` on a >= 70 GB GPU). Writes
@@ -191,6 +196,71 @@ def attention_part(args) -> tuple[list[dict], dict[str, float]]:
     return rows, figures
 
 
+# ---------------------------------------------------------------------------- window kernel tiles
+
+WINDOW_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, pack GQA heads); head_dim 128
+    (64, 64, 8, 2, False), (64, 64, 8, 1, False), (64, 64, 8, 3, False), (64, 32, 4, 2, False),
+    (64, 32, 8, 2, False), (32, 64, 4, 2, False), (128, 32, 8, 2, False), (128, 64, 8, 2, False),
+    (64, 64, 8, 2, True), (128, 32, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 2, True),
+    (64, 32, 8, 2, True)]
+
+
+def window_configs_part(args) -> tuple[list[dict], dict[str, float]]:
+    """The window kernel's launch tiles on fresh prompts (batch x length), timed against FA3's
+    causal attention over the same query heads (the work the window kernel replaces); every
+    config's output is checked against the default config's (the default is checked against the
+    float32 reference by tests/kernels)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    from vllm_duo.ops.prefill import launch, launch_config
+
+    default = launch_config(D)
+    n_str = round(0.5 * HKV)
+    heads = torch.arange(HKV - n_str, HKV, dtype=torch.int32, device="cuda")
+    rows = []
+    print(f"{'batch':>5} {'prompt':>7} {'config':>28} {'window ms':>10} {'FA3 ms':>8} {'ratio':>6} {'max err':>8}")
+    for batch, L in ((b, L) for b in args.batches for L in args.lengths):
+        T = batch * L
+        q = torch.randn(T, HQ, D, dtype=DTYPE, device="cuda")
+        k, v = torch.randn(2, T, HKV, D, dtype=DTYPE, device="cuda")
+        cu = torch.arange(0, T + 1, L, dtype=torch.int32, device="cuda")
+        seq = torch.full((batch,), L, dtype=torch.int32, device="cuda")
+        cache = torch.zeros(n_str, 1, BS, 1, 2 * D, dtype=DTYPE, device="cuda")  # fresh: never read
+        kv_ptrs = torch.tensor([c.data_ptr() for c in cache], dtype=torch.int64, device="cuda")
+        table = torch.zeros(batch, L // BS + 1, dtype=torch.int32, device="cuda")
+        bt_ptrs = torch.full((n_str,), table.data_ptr(), dtype=torch.int64, device="cuda")
+        strides = torch.full((n_str,), table.shape[1], dtype=torch.int64, device="cuda")
+        qs = slice((HKV - n_str) * G, HQ)
+        fa_out = torch.empty_like(q[:, qs])
+        fa_ms = gpu_time_ms(lambda: flash_attn_varlen_func(
+            q=q[:, qs], k=k[:, HKV - n_str:], v=v[:, HKV - n_str:], out=fa_out, cu_seqlens_q=cu,
+            max_seqlen_q=L, cu_seqlens_k=cu, max_seqlen_k=L, softmax_scale=D ** -0.5, causal=True,
+            fa_version=3), args.repeats)
+        want = None
+        for config in [default] + [c for c in WINDOW_CONFIGS if c != default]:
+            out = torch.zeros_like(q)
+
+            def run(config=config, out=out) -> None:
+                launch(out, q, k, v, kv_ptrs, bt_ptrs, strides, heads, cu, seq, 0, L, HKV, BS,
+                       args.sink, args.window, D ** -0.5, config)
+            try:
+                ms = gpu_time_ms(run, args.repeats)
+            except Exception as e:  # a config that does not compile (shared memory, registers)
+                rows.append(dict(batch=batch, prompt=L, config=list(config), error=str(e).splitlines()[0][:200]))
+                print(f"{batch:>5} {L:>7} {str(config):>28} failed: {rows[-1]['error']}")
+                continue
+            got = out[:, qs].float()
+            want = got if want is None else want
+            err = float((got - want).abs().max() / want.abs().max())
+            rows.append(dict(batch=batch, prompt=L, config=list(config), default=config == default,
+                             window_ms=ms, fa3_same_heads_ms=fa_ms, ratio_to_fa3=ms / fa_ms,
+                             max_err_vs_default=err))
+            print(f"{batch:>5} {L:>7} {str(config):>28} {ms:>10.3f} {fa_ms:>8.3f} {ms / fa_ms:>6.2f} {err:>8.1e}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows, {}
+
+
 # ---------------------------------------------------------------------------- whole model
 
 def prefill_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -312,9 +382,11 @@ def plot(rows: list[dict], part: str, path: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["attention", "model"], required=True)
+    ap.add_argument("--part", choices=["attention", "model", "window-configs"], required=True)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 1],
+                    help="window-configs: prompts per step (each of every --lengths)")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=256, help="streaming heads' (prefill) window")
     ap.add_argument("--chunks", type=int, nargs="+", default=[16384, 0], help="attention: 0 = one piece")
@@ -342,7 +414,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("prefill: needs a CUDA GPU")
     print(f"device: {device_name()}")
-    rows, figures = attention_part(args) if args.part == "attention" else model_part(args)
+    part = {"attention": attention_part, "model": model_part, "window-configs": window_configs_part}
+    rows, figures = part[args.part](args)
     sizes = "_".join(f"{L // 1024}k" for L in args.lengths)
     name = f"prefill_{args.part}_{sizes}" + ("" if args.part == "attention" else
                                              "_" + "_".join(args.budgets))
@@ -350,6 +423,9 @@ def main() -> None:
     if args.part == "attention":  # the model part's shape is Llama-3-8B's whole config
         payload["layer"] = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BS, dtype="bf16")
     fname = save_result(name, payload, figures)
+    if args.part == "window-configs":  # a table to pick tiles from: no figure, no plot
+        print(f"wrote benchmarks/results/{fname}")
+        return
     png = os.path.join(RESULTS, fname.replace(".json", ".png"))
     plot(rows, args.part, png)
     print(f"wrote benchmarks/results/{fname}, {os.path.basename(png)}"

@@ -226,10 +226,16 @@ def _causal_varlen(q, k, v, cu, scale):
     return out
 
 
-def test_fresh_prompts_take_one_fa3_call_over_the_gathered_retrieval_heads(monkeypatch):
-    """A step whose prompt chunks all start at position 0: one FA3 varlen call on the step's own
-    K/V of the retrieval heads (KV heads 0 and 2 of 3); their outputs land in those heads' rows and
-    equal causal attention over each prompt; streaming heads' rows are left to the window kernel."""
+@pytest.mark.parametrize(("kinds", "runs"), [
+    ((RETRIEVAL, STREAMING, RETRIEVAL), [(0, 1), (2, 3)]),
+    ((RETRIEVAL, RETRIEVAL, STREAMING), [(0, 2)]),
+    ((RETRIEVAL, RETRIEVAL, RETRIEVAL), [(0, 3)]),
+], ids=["split", "adjacent", "every"])
+def test_fresh_prompts_take_one_fa3_call_per_run_of_retrieval_heads(monkeypatch, kinds, runs):
+    """A step whose prompt chunks all start at position 0: one FA3 varlen call per run of adjacent
+    retrieval KV heads, on views of the step's own Q/K/V and of the output (no copies); their
+    outputs land in those heads' rows and equal causal attention over each prompt; streaming
+    heads' rows are left to the window kernel."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
     from vllm_duo.backend.builder import fresh_prefill
@@ -237,7 +243,6 @@ def test_fresh_prompts_take_one_fa3_call_over_the_gathered_retrieval_heads(monke
     Hk, n_tok = 3, 11
     config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0", "l0.duo_s1"]
-    kinds = [RETRIEVAL, STREAMING, RETRIEVAL]
     builders = [DuoMetadataBuilder(specs[0 if k == RETRIEVAL else 1], [name], config, torch.device("cpu"))
                 for name, k in zip(names, kinds)]
     slots = [SimpleNamespace(name=nm, kind=k, head=h, layer=SimpleNamespace(kv_cache=torch.randn(POOL, 1, BS, 2 * D)))
@@ -248,7 +253,7 @@ def test_fresh_prompts_take_one_fa3_call_over_the_gathered_retrieval_heads(monke
     def fa3(**kw):
         calls.append(kw)
         out = _causal_varlen(kw["q"], kw["k"], kw["v"], kw["cu_seqlens_q"], kw["softmax_scale"]).to(kw["q"].dtype)
-        return out if kw.get("out") is None else kw["out"].copy_(out)
+        return kw["out"].copy_(out)
 
     monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
     monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
@@ -275,10 +280,20 @@ def test_fresh_prompts_take_one_fa3_call_over_the_gathered_retrieval_heads(monke
     q, out = torch.randn(n_tok, Hk * G, D), torch.full((n_tok, Hk * G, D), float("nan"))
     k, v = torch.randn(n_tok, Hk, D), torch.randn(n_tok, Hk, D)
     impl.forward(None, q, k, v, None, metas["l0"], output=out)
-    assert len(calls) == 1 and calls[0].get("block_table") is None  # the step's K/V, not the cache
-    assert calls[0]["q"].shape == (10, 2 * G, D) and calls[0]["cu_seqlens_k"].tolist() == [0, 4, 10]
-    want = _causal_varlen(q[1:].view(10, Hk, G, D)[:, [0, 2]].reshape(10, 2 * G, D), k[1:, [0, 2]], v[1:, [0, 2]],
-                          torch.tensor([0, 4, 10]), D ** -0.5)
-    got = out[1:].view(10, Hk, G, D)[:, [0, 2]].reshape(10, 2 * G, D)
+    assert len(calls) == len(runs)
+    for call, (a, b) in zip(calls, runs):
+        assert call.get("block_table") is None and call["cu_seqlens_k"].tolist() == [0, 4, 10]  # the step's K/V
+        for name, t, lo, hi in (("q", q, a * G, b * G), ("out", out, a * G, b * G), ("k", k, a, b), ("v", v, a, b)):
+            assert call[name].data_ptr() == t[1:, lo:hi].data_ptr() and call[name].shape == t[1:, lo:hi].shape, name
+    retrieval = [h for h, kind in enumerate(kinds) if kind == RETRIEVAL]
+    want = _causal_varlen(q[1:].view(10, Hk, G, D)[:, retrieval].reshape(10, -1, D), k[1:, retrieval],
+                          v[1:, retrieval], torch.tensor([0, 4, 10]), D ** -0.5)
+    got = out[1:].view(10, Hk, G, D)[:, retrieval].reshape(10, -1, D)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert out[1:, G:2 * G].isnan().all(), "the streaming head's rows belong to the window kernel"
+    streaming = [h for h, kind in enumerate(kinds) if kind == STREAMING]
+    assert out[1:].view(10, Hk, G, D)[:, streaming].isnan().all(), "streaming heads' rows belong to the window kernel"
+
+
+def test_head_runs():
+    assert impl_module.head_runs([3, 0, 1, 5, 6, 7]) == [(0, 2), (3, 4), (5, 8)]
+    assert impl_module.head_runs([]) == []

@@ -34,22 +34,31 @@ from tests.kernels.reference import METRIC, scaled_error
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_kernel(case: PrefillCase) -> torch.Tensor:
+def run_kernel(case: PrefillCase, config: tuple | None = None) -> torch.Tensor:
+    """The op (its default tiles), or with ``config`` the launch with those tiles."""
     from vllm_duo.ops import streaming_prefill
+    from vllm_duo.ops.prefill import launch
 
     out = torch.full_like(case.q, float("nan"))  # poisoned: every row the kernel owns is written
-    streaming_prefill(case.q, case.k, case.v, out=out, **case.args())
+    if config is None:
+        streaming_prefill(case.q, case.k, case.v, out=out, **case.args())
+        return out
+    a = case.args()
+    launch(out, case.q, case.k, case.v, a["kv_ptrs"], a["block_table_ptrs"], a["block_table_strides"],
+           a["slot_kv_head"], a["query_start_loc"], a["seq_lens"], a["block_table_row0"], a["max_query_len"],
+           a["num_kv_heads"], a["block_size"], a["sink_size"], a["window"], case.q.shape[2] ** -0.5, config,
+           a.get("k_scale"), a.get("v_scale"))
     return out
 
 
 def run_case(dtype: torch.dtype, device: str, q_lens: list[int], ctx_lens: list[int], *, kv_heads: list[int],
              num_kv_heads: int = 8, group: int = 4, head_dim: int = 128, block_size: int = 16,
-             sink: int = 64, window: int = 256, seed: int = 0) -> tuple[float, float]:
+             sink: int = 64, window: int = 256, seed: int = 0, config: tuple | None = None) -> tuple[float, float]:
     """(scaled error, scaled error of an all-zeros output); asserts the first is <= 1."""
     case = make_prefill_case(q_lens, ctx_lens, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
                              kv_heads=kv_heads, block_size=block_size, sink=sink, window=window,
                              dtype=dtype, seed=seed, device=device)
-    out = run_kernel(case)
+    out = run_kernel(case, config)
     heads = case.heads
     ref = reference(case, head_dim ** -0.5)[:, heads]
     others = [h for h in range(num_kv_heads * group) if h not in heads]
@@ -72,10 +81,17 @@ CPU_CASES = [
 ]
 
 
+# Tiles beside the default: packed GQA rows (one query tile of several queries per head, several
+# tiles per prompt, a group of 3 leaving rows unused) and a plain one of several tiles.
+CPU_CONFIGS = [None, (8, 16, 4, 1, True), (32, 16, 4, 1, True), (16, 16, 4, 1, False)]
+
+
 def test_cpu_interpreter() -> None:
-    """All CPU_CASES under TRITON_INTERPRET=1 (a fresh process: the flag is read at import)."""
-    code = ("import torch\nfrom tests.kernels.test_streaming_prefill import CPU_CASES, run_case\n"
-            "for c in CPU_CASES:\n    run_case(torch.float16, 'cpu', **c)\nprint('ok', len(CPU_CASES))\n")
+    """All CPU_CASES under TRITON_INTERPRET=1 (a fresh process: the flag is read at import), with
+    the default tiles and CPU_CONFIGS."""
+    code = ("import torch\nfrom tests.kernels.test_streaming_prefill import CPU_CASES, CPU_CONFIGS, run_case\n"
+            "for cfg in CPU_CONFIGS:\n    for c in CPU_CASES:\n        run_case(torch.float16, 'cpu', config=cfg, **c)\n"
+            "print('ok', len(CPU_CASES))\n")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

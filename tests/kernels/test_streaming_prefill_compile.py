@@ -25,7 +25,7 @@ SIGNATURE = {
     **{name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                 "stride_vh", "stride_ot", "stride_oh", "bt_row0", "sink", "window")},
     "scale_log2": "fp32",
-    **{name: "constexpr" for name in ("G", "BLOCK_SIZE", "D", "BLOCK_M", "BLOCK_N", "FP8")},
+    **{name: "constexpr" for name in ("G", "BLOCK_SIZE", "D", "BLOCK_M", "BLOCK_N", "FP8", "HEADS")},
 }
 
 
@@ -35,12 +35,12 @@ def test_compiles_for_sm90_without_spills(head_dim: int, fp8: bool, tmp_path) ->
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_m, block_n, num_warps = launch_config(head_dim, fp8)
+    block_m, block_n, num_warps, num_stages, pack = launch_config(head_dim, fp8)
     src = ASTSource(fn=_streaming_prefill_kernel, signature=SIGNATURE,
                     constexprs={"G": 4, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                "FP8": fp8})
+                                "FP8": fp8, "HEADS": 4 if pack else 1})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": 2})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = tmp_path / "kernel.ptx"
     ptx.write_text(kernel.asm["ptx"])
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

@@ -42,7 +42,13 @@ def add_parser(sub) -> None:
                    help="longest sample in tokens (default: min(32000, model's max positions))")
     d.add_argument("--num-lengths", type=int, default=50, help="lengths spread over the range (50)")
     d.add_argument("--num-passkeys", type=int, default=10, help="passkeys per sample (10)")
-    d.add_argument("--passkey-length", type=int, default=32, help="words per passkey (32)")
+    d.add_argument("--passkey-length", type=int, default=32, help="units (words, groups) per passkey (32)")
+    d.add_argument("--passkey-kinds", default="words",
+                   help="passkey alphabets, comma-separated, one drawn per sample: words (NATO words, the "
+                        "reference), digits (3-digit groups), hex (4-digit hex groups) (words)")
+    d.add_argument("--fillers", default="story",
+                   help="haystacks, comma-separated, one drawn per sample: story (prose, the reference), "
+                        "code (Python-like text) (story)")
     m = p.add_argument_group("memory")
     m.add_argument("--no-grad-ckpt", action="store_true",
                    help="keep all activations (faster for small models; more memory)")
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, reg_weight=args.reg_weight, warmup_steps=args.warmup_steps,
         decay_steps=args.decay_steps, min_length=args.min_length, max_length=args.max_length,
         num_lengths=args.num_lengths, num_passkeys=args.num_passkeys, passkey_length=args.passkey_length,
+        passkey_kinds=args.passkey_kinds, fillers=args.fillers,
         sink_size=args.sink, recent_size=args.recent, batch_size=args.batch, seed=args.seed,
         save_steps=args.save_steps, grad_ckpt=not args.no_grad_ckpt, query_chunk=args.query_chunk,
         dtype=args.dtype)

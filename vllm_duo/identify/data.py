@@ -6,6 +6,11 @@ the answer block asks for every passkey in turn. The reference's BookSum haystac
 from small word lists. The model's own teacher outputs are the target, so the filler only needs
 to look like ordinary prose.
 
+Beyond the reference (its defaults: NATO-word passkeys in story prose), ``passkey_kinds`` and
+``fillers`` draw each sample's passkey alphabet (words, digit groups, hex groups) and haystack
+(story prose, code-like text) at random, so the gates see retrieval of more than one needle shape
+in more than one kind of context.
+
 Every sample of one step has exactly the step's length (no padding); sample ``step`` depends only
 on (seed, step), which makes resuming exact without saving any data-loader state.
 """
@@ -65,6 +70,43 @@ _TEMPLATES = (
 )
 
 
+# Passkey alphabets: one unit per "word" of a passkey. Digit and hex units have a fixed width, so
+# a unit never takes more tokens than its characters plus the separating space.
+PASSKEY_UNITS = {
+    "words": PASSKEY_ALPHABET,
+    "digits": tuple(f"{i:03d}" for i in range(1000)),
+    "hex": None,  # 4 random hex digits, drawn per unit
+}
+FILLERS = ("story", "code")
+_HEX = "0123456789abcdef"
+_IDENTS = ("count", "total", "items", "buffer", "offset", "result", "value", "index", "window", "cache",
+           "record", "status", "limit", "cursor", "payload", "handle", "config", "queue", "token", "score")
+_CODE_TEMPLATES = (
+    "def {f}_{g}({a}, {b}):\n    {c} = {a} * {n} + {b}\n    return {c}\n",
+    "for {a} in range({n}):\n    {b}[{a}] = {f}_{g}({a}, {c})\n",
+    "if {a} > {n}:\n    {b} = {c} - {a}\nelse:\n    {b} = {c} + {n}\n",
+    "{a} = [{f}_{g}(x, {n}) for x in {b} if x % {m} == 0]\n",
+    "class {F}{G}:\n    def __init__(self, {a}):\n        self.{a} = {a}\n        self.{b} = {n}\n",
+    "while {a} < {n}:\n    {a} += {m}\n    {b}.append({a})\n",
+    "# {f} the {g} before the {a} is read\n{c} = {{'{a}': {n}, '{b}': {m}}}\n",
+)
+
+
+def passkey_unit(kind: str, rng: np.random.Generator) -> str:
+    if kind == "hex":
+        return "".join(rng.choice(list(_HEX), 4))
+    return str(rng.choice(PASSKEY_UNITS[kind]))
+
+
+def parse_kinds(value: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ("a", "b"), each one of ``allowed``; one-line error naming the flag otherwise."""
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    bad = [k for k in kinds if k not in allowed]
+    if not kinds or bad:
+        raise DuoConfigError(f"{flag} must be a comma-separated list of {', '.join(allowed)}; got {value!r}")
+    return kinds
+
+
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
@@ -85,6 +127,16 @@ def filler_text(rng: random.Random, sentences: int) -> str:
     return "\n\n".join(paras)
 
 
+def code_text(rng: random.Random, blocks: int) -> str:
+    """``blocks`` seeded snippets of Python-like code: a haystack unlike prose."""
+    out = []
+    for _ in range(blocks):
+        a, b, c, f, g = rng.sample(_IDENTS, 5)
+        out.append(rng.choice(_CODE_TEMPLATES).format(
+            a=a, b=b, c=c, f=f, g=g, F=f.title(), G=g.title(), n=rng.randint(2, 999), m=rng.randint(2, 9)))
+    return "\n".join(out)
+
+
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor  # [B, S] int64
@@ -97,7 +149,8 @@ class PasskeyData:
     def __init__(self, tokenizer: Tokenizer, *, min_length: int | None, max_length: int,
                  num_lengths: int = 50, num_passkeys: int = 10, passkey_length: int = 32,
                  depth_intervals: int = 1000, min_depth: float = 0.05, max_depth: float = 0.95,
-                 seed: int = 42) -> None:
+                 seed: int = 42, passkey_kinds: tuple[str, ...] = ("words",),
+                 fillers: tuple[str, ...] = ("story",)) -> None:
         if not 1 <= num_passkeys <= len(ORDINALS):
             raise DuoConfigError(f"--num-passkeys must be in [1, {len(ORDINALS)}], got {num_passkeys}")
         if passkey_length < 1 or num_lengths < 1 or depth_intervals < num_passkeys:
@@ -106,13 +159,19 @@ class PasskeyData:
                 f"{passkey_length}, {num_lengths}, {depth_intervals}")
         if not 0 <= min_depth <= max_depth <= 1:
             raise DuoConfigError(f"need 0 <= min depth <= max depth <= 1, got {min_depth}, {max_depth}")
+        bad = [k for k in passkey_kinds if k not in PASSKEY_UNITS] + [f for f in fillers if f not in FILLERS]
+        if not passkey_kinds or not fillers or bad:
+            raise DuoConfigError(f"passkey kinds must be among {', '.join(PASSKEY_UNITS)} and fillers among "
+                                 f"{', '.join(FILLERS)}; got {list(passkey_kinds)}, {list(fillers)}")
         self.tok, self.seed = tokenizer, seed
+        self.kinds, self.fillers = tuple(passkey_kinds), tuple(fillers)
         self.num_passkeys, self.passkey_length = num_passkeys, passkey_length
         enc = self._enc
         self.start, self.end, self.sep = enc(PROMPT_START, True), enc(PROMPT_END), enc(SEPARATOR)
         self.needles = [enc(NEEDLE.format(ordinal=o)) for o in ORDINALS[:num_passkeys]]
         self.questions = [enc(QUESTION.format(ordinal=o)) for o in ORDINALS[:num_passkeys]]
-        word = max(max(len(enc(w)), len(enc(" " + w))) for w in PASSKEY_ALPHABET)
+        words = max(max(len(enc(w)), len(enc(" " + w))) for w in PASSKEY_ALPHABET)
+        word = max(words if k == "words" else 5 for k in self.kinds)  # " " + 4 characters at most
         self.max_overhead = (len(self.start) + len(self.end) + 3 * num_passkeys * len(self.sep)
                              + sum(map(len, self.needles)) + sum(map(len, self.questions))
                              + 2 * num_passkeys * (word * passkey_length + 1))
@@ -126,15 +185,15 @@ class PasskeyData:
                 f"--num-passkeys / --passkey-length")
         self.lengths = np.linspace(min_length, max_length, num_lengths).astype(np.int64)
         self.depths = np.linspace(min_depth, max_depth, depth_intervals)
-        self.haystack = self._haystack(max_length)
+        self.haystacks = {f: self._haystack(max_length, f) for f in self.fillers}
 
     def _enc(self, text: str, special: bool = False) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=special))
 
-    def _haystack(self, tokens: int) -> np.ndarray:
+    def _haystack(self, tokens: int, kind: str) -> np.ndarray:
         rng, ids = random.Random(self.seed), []
         while len(ids) < tokens:
-            ids += self._enc(filler_text(rng, 200) + "\n\n")
+            ids += self._enc((filler_text(rng, 200) if kind == "story" else code_text(rng, 60)) + "\n\n")
         return np.asarray(ids, dtype=np.int64)
 
     def length_at(self, step: int) -> int:
@@ -150,13 +209,21 @@ class PasskeyData:
         return Batch(torch.tensor(np.stack(ids)), torch.tensor(np.stack(masks)))
 
     def _sample(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
-        keys = [self._enc(" ".join(rng.choice(PASSKEY_ALPHABET, self.passkey_length)))
-                for _ in range(self.num_passkeys)]
+        # The reference's draw order when only its defaults are chosen: same samples as before.
+        kind = self.kinds[int(rng.integers(len(self.kinds)))] if len(self.kinds) > 1 else self.kinds[0]
+        haystack = self.haystacks[self.fillers[int(rng.integers(len(self.fillers)))]
+                                  if len(self.fillers) > 1 else self.fillers[0]]
+        if kind == "words":
+            keys = [self._enc(" ".join(rng.choice(PASSKEY_ALPHABET, self.passkey_length)))
+                    for _ in range(self.num_passkeys)]
+        else:
+            keys = [self._enc(" ".join(passkey_unit(kind, rng) for _ in range(self.passkey_length)))
+                    for _ in range(self.num_passkeys)]
         needles = [self.sep + n + k + self.sep for n, k in zip(self.needles, keys)]
         answer = [t for q, k in zip(self.questions, keys) for t in q + k + self.sep]
         filler = length - len(self.start) - len(self.end) - len(answer) - sum(map(len, needles))
-        offset = int(rng.integers(0, len(self.haystack) - filler + 1))
-        hay = self.haystack[offset:offset + filler].tolist()
+        offset = int(rng.integers(0, len(haystack) - filler + 1))
+        hay = haystack[offset:offset + filler].tolist()
         depths = np.sort(rng.choice(self.depths, self.num_passkeys, replace=False))
         context, last = list(self.start), 0
         for depth, needle in zip(depths, needles):

@@ -22,7 +22,7 @@ from torch import nn
 
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.identify import export
-from vllm_duo.identify.data import PasskeyData, Tokenizer
+from vllm_duo.identify.data import FILLERS, PASSKEY_UNITS, PasskeyData, Tokenizer, parse_kinds
 from vllm_duo.identify.gating import DEFAULT_QUERY_CHUNK, HeadGates, gate_stats
 
 CHECKPOINT_FILE = "identify_checkpoint.pt"
@@ -46,6 +46,8 @@ class IdentifySettings:
     num_lengths: int = 50
     num_passkeys: int = 10
     passkey_length: int = 32
+    passkey_kinds: str = "words"  # comma-separated, of data.PASSKEY_UNITS (the reference: words)
+    fillers: str = "story"  # comma-separated, of data.FILLERS (the reference: prose)
     depth_intervals: int = 1000
     min_depth: float = 0.05
     max_depth: float = 0.95
@@ -68,6 +70,8 @@ class IdentifySettings:
         if bad:
             raise DuoConfigError(f"invalid identification settings: {', '.join(bad)}; lr, steps, batch, "
                                  f"recent and save steps must be positive, sink and reg >= 0")
+        parse_kinds(self.passkey_kinds, tuple(PASSKEY_UNITS), "--passkey-kinds")
+        parse_kinds(self.fillers, FILLERS, "--fillers")
 
 
 @dataclass
@@ -140,12 +144,15 @@ def identify(model: nn.Module, tokenizer: Tokenizer, settings: IdentifySettings,
     data = PasskeyData(tokenizer, min_length=settings.min_length, max_length=settings.max_length,
                        num_lengths=settings.num_lengths, num_passkeys=settings.num_passkeys,
                        passkey_length=settings.passkey_length, depth_intervals=settings.depth_intervals,
-                       min_depth=settings.min_depth, max_depth=settings.max_depth, seed=settings.seed)
+                       min_depth=settings.min_depth, max_depth=settings.max_depth, seed=settings.seed,
+                       passkey_kinds=parse_kinds(settings.passkey_kinds, tuple(PASSKEY_UNITS), "--passkey-kinds"),
+                       fillers=parse_kinds(settings.fillers, FILLERS, "--fillers"))
     settings.min_length = int(data.lengths[0])
     if progress:
         print(f"identify: {layers} layers x {kv_heads} KV heads; samples of {settings.min_length}.."
               f"{settings.max_length} tokens ({settings.num_lengths} lengths), {settings.num_passkeys} "
-              f"passkeys of {settings.passkey_length} words; sink {settings.sink_size}, recent "
+              f"passkeys of {settings.passkey_length} units ({settings.passkey_kinds}) in "
+              f"{settings.fillers} filler; sink {settings.sink_size}, recent "
               f"{settings.recent_size}; {settings.steps} steps, batch {settings.batch_size}")
 
     gates = HeadGates(layers, kv_heads, settings.sink_size, settings.recent_size, settings.query_chunk).to(device)
@@ -235,9 +242,10 @@ def check_out_dir(out_dir: str, resume: bool) -> None:
 
 
 def _compare(saved: dict[str, Any], now: IdentifySettings) -> list[str]:
-    current = dataclasses.asdict(now)
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
-            if k not in _RESUMABLE_CHANGES and saved.get(k) != v]
+    current, defaults = dataclasses.asdict(now), dataclasses.asdict(IdentifySettings())
+    # A setting newer than the checkpoint had its default then.
+    return [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, now {v!r}" for k, v in current.items()
+            if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
 
 
 def _load_checkpoint(out_dir: str, resume: bool, settings: IdentifySettings, gates: HeadGates,

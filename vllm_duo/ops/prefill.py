@@ -22,14 +22,22 @@ from vllm_duo.ops.slots import check_kv_scales
 HEAD_DIMS = (64, 128, 256)
 
 
-def launch_config(head_dim: int, fp8: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) per head_dim (and cache type): the largest tiles that compile
-    for sm_90 without register spills (ptxas -v, Triton 3.6; tests/kernels/test_streaming_prefill_compile.py)."""
+# BLOCK_M, BLOCK_N, num_warps, num_stages, pack: a program's BLOCK_M rows are BLOCK_M queries of
+# one query head, or (pack) BLOCK_M // G queries of all G query heads of its KV head, which then
+# share each K/V tile load and a narrower key range.
+LaunchConfig = tuple[int, int, int, int, bool]
+
+
+def launch_config(head_dim: int, fp8: bool = False) -> LaunchConfig:
+    """Per head_dim (and cache type): the largest tiles that compile for sm_90 without register
+    spills (ptxas -v, Triton 3.6; tests/kernels/test_streaming_prefill_compile.py).
+    ``benchmarks/prefill.py --part window-configs`` times the alternatives on the GPU."""
     if head_dim <= 64:
-        return 64, 64, 4
+        return 64, 64, 4, 2, False
     if head_dim <= 128:
-        return 64, 64, 8
-    return (32, 16, 8) if fp8 else (32, 32, 8)  # fp8 -> bf16 conversion needs registers
+        return 64, 64, 8, 2, False
+    # fp8 -> bf16 conversion needs registers
+    return (32, 16, 8, 2, False) if fp8 else (32, 32, 8, 2, False)
 
 
 @triton.jit
@@ -82,15 +90,18 @@ def _streaming_prefill_kernel(
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         bt_row0, sink, window, scale_log2,
         G: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, HEADS: tl.constexpr):
+    # HEADS query heads per program (1, or G when packed): rows r are query r // HEADS of the
+    # tile's QPT queries, head r % HEADS of the program's heads.
+    QPT: tl.constexpr = BLOCK_M // HEADS
     req = tl.program_id(0)
     tile = tl.program_id(1)
-    slot = tl.program_id(2) // G
-    g = tl.program_id(2) % G
+    slot = tl.program_id(2) // (G // HEADS)
+    g0 = (tl.program_id(2) % (G // HEADS)) * HEADS
     q0 = tl.load(QSL)
     q_start = tl.load(QSL + req) - q0
     q_len = tl.load(QSL + req + 1) - q0 - q_start
-    if tile * BLOCK_M >= q_len:
+    if tile * QPT >= q_len:
         return
     seq_len = tl.load(SEQ_LENS + req)
     ctx = seq_len - q_len  # position of the request's first query
@@ -106,19 +117,20 @@ def _streaming_prefill_kernel(
     bt = tl.load(BT_PTRS + slot).to(tl.pointer_type(tl.int32)) + \
         (bt_row0 + req).to(tl.int64) * tl.load(BT_STRIDES + slot)
     kv_head = tl.load(SLOT_HEAD + slot)
-    head = kv_head * G + g
     k_new = K + kv_head * stride_kh
     v_new = V + kv_head * stride_vh
 
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = tile * QPT + rows // HEADS
+    head = kv_head * G + g0 + rows % HEADS
     offs_d = tl.arange(0, D)
-    m_ok = offs_m < q_len
+    m_ok = (rows < QPT * HEADS) & (offs_m < q_len)
     tok = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=m_ok[:, None], other=0.0)
     t = ctx + offs_m
-    t_lo = ctx + tile * BLOCK_M
-    t_hi = tl.minimum(t_lo + BLOCK_M, seq_len)  # one past the tile's last query
+    t_lo = ctx + tile * QPT
+    t_hi = tl.minimum(t_lo + QPT, seq_len)  # one past the tile's last query
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -142,7 +154,7 @@ def _streaming_prefill_kernel(
                             fresh_lo, t_hi, t, sink, window, scale_log2, k_scale, v_scale, True, FP8,
                             BLOCK_SIZE, D, BLOCK_N)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(O + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+    tl.store(O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(dtype), mask=m_ok[:, None])
 
 
@@ -198,20 +210,36 @@ def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                           num_kv_heads: int, block_size: int, sink_size: int, window: int,
                           scale: float, k_scale: torch.Tensor | None = None,
                           v_scale: torch.Tensor | None = None) -> None:
+    launch(out, q, k, v, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
+           seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window, scale,
+           launch_config(q.shape[2], k_scale is not None), k_scale, v_scale)
+
+
+def launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ptrs: torch.Tensor,
+           block_table_ptrs: torch.Tensor, block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor,
+           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table_row0: int,
+           max_query_len: int, num_kv_heads: int, block_size: int, sink_size: int, window: int,
+           scale: float, config: LaunchConfig, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> None:
+    """The kernel launch with explicit tiles (unchecked: the op checks its inputs first)."""
     num_slots, group, d = kv_ptrs.numel(), q.shape[1] // num_kv_heads, q.shape[2]
     if num_slots == 0 or seq_lens.numel() == 0 or max_query_len <= 0:
         return
     fp8 = k_scale is not None
-    block_m, block_n, num_warps = launch_config(d, fp8)
-    grid = (seq_lens.numel(), triton.cdiv(max_query_len, block_m), num_slots * group)
+    block_m, block_n, num_warps, num_stages, pack = config
+    heads = group if pack else 1
+    if block_m < heads:
+        raise ValueError(f"streaming_prefill: a packed tile of {block_m} rows cannot hold the {group} "
+                         f"query heads of a KV head; use BLOCK_M >= {group} or no packing")
+    grid = (seq_lens.numel(), triton.cdiv(max_query_len, block_m // heads), num_slots * (group // heads))
     _streaming_prefill_kernel[grid](
         q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
         seq_lens, k_scale if fp8 else seq_lens, v_scale if fp8 else seq_lens,  # not read unless fp8
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), block_table_row0,
         sink_size, window, scale * 1.4426950408889634,
-        G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=block_n, FP8=fp8,
-        num_warps=num_warps, num_stages=2)
+        G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=block_n, FP8=fp8, HEADS=heads,
+        num_warps=num_warps, num_stages=num_stages)
 
 
 @_streaming_prefill_op.register_fake
