@@ -70,7 +70,7 @@ class FakeOps:
 def _config_and_specs():
     """A builder's view of the engine config, and the retrieval / streaming slot specs."""
     config = SimpleNamespace(
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=MAXR),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=MAXR),
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=MAXR),
         model_config=SimpleNamespace(max_model_len=WIDTH * BS))
     return config, slot_kind_specs(block_size=BS, head_size=D, dtype=torch.float32, sink_size=SINK,
@@ -230,17 +230,22 @@ def _causal_varlen(q, k, v, cu, scale):
     ((RETRIEVAL, STREAMING, RETRIEVAL), [(0, 1), (2, 3)]),
     ((RETRIEVAL, RETRIEVAL, STREAMING), [(0, 2)]),
     ((RETRIEVAL, RETRIEVAL, RETRIEVAL), [(0, 3)]),
-], ids=["split", "adjacent", "every"])
-def test_fresh_prompts_take_one_fa3_call_per_run_of_retrieval_heads(monkeypatch, kinds, runs):
-    """A step whose prompt chunks all start at position 0: one FA3 varlen call per run of adjacent
-    retrieval KV heads, on views of the step's own Q/K/V and of the output (no copies); their
-    outputs land in those heads' rows and equal causal attention over each prompt; streaming
-    heads' rows are left to the window kernel."""
+    ((STREAMING, STREAMING, STREAMING), []),
+], ids=["split", "adjacent", "every", "none"])
+@pytest.mark.parametrize("longest", [SINK + WIN + 1, SINK + WIN], ids=["past-window", "within-window"])
+def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, runs, longest):
+    """A step whose prompt chunks all start at position 0 (one decode, prompts of 4 and
+    ``longest`` tokens): FA3 varlen calls on views of the step's own Q/K/V and of the output (no
+    copies), one per run of adjacent retrieval KV heads, whose rows equal causal attention over each
+    prompt, the streaming heads' rows left to the window kernel. When no prompt is longer than
+    sink + prefill window, streaming heads see every earlier key too: one call over every head,
+    and the window kernel is not launched."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
     from vllm_duo.backend.builder import fresh_prefill
 
-    Hk, n_tok = 3, 11
+    Hk, n_tok = 3, 5 + longest
+    whole = longest <= SINK + WIN
     config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0", "l0.duo_s1"]
     builders = [DuoMetadataBuilder(specs[0 if k == RETRIEVAL else 1], [name], config, torch.device("cpu"))
@@ -248,7 +253,7 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_retrieval_heads(monkeypatch,
     slots = [SimpleNamespace(name=nm, kind=k, head=h, layer=SimpleNamespace(kv_cache=torch.randn(POOL, 1, BS, 2 * D)))
              for h, (nm, k) in enumerate(zip(names, kinds))]
     impl = _impl(slots, Hk)
-    calls = []
+    calls, window = [], []
 
     def fa3(**kw):
         calls.append(kw)
@@ -257,22 +262,22 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_retrieval_heads(monkeypatch,
 
     monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
     monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
-    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: window.append(k))
     monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)
     monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    qsl = torch.tensor([0, 1, 5, 11], dtype=torch.int32)  # one decode, then prompts of 4 and 6 tokens
-    seq_lens = torch.tensor([40, 4, 6], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 5, n_tok], dtype=torch.int32)  # one decode, then prompts of 4 and `longest`
+    seq_lens = torch.tensor([40, 4, longest], dtype=torch.int32)
     table = torch.arange(3 * WIDTH, dtype=torch.int32).view(3, WIDTH) + 1
 
     def cm(bound):
         return CommonAttentionMetadata(
             query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=3, num_actual_tokens=n_tok,
-            max_query_len=6, max_seq_len=40, block_table_tensor=table, slot_mapping=torch.arange(n_tok),
+            max_query_len=longest, max_seq_len=40, block_table_tensor=table, slot_mapping=torch.arange(n_tok),
             seq_lens_cpu_upper_bound=bound)
 
     assert fresh_prefill(cm(seq_lens), 1) and not fresh_prefill(cm(None), 1)
-    assert not fresh_prefill(cm(torch.tensor([40, 4, 9], dtype=torch.int32)), 1)  # a chunk after a cached prefix
+    assert not fresh_prefill(cm(torch.tensor([40, 4, longest + 3], dtype=torch.int32)), 1)  # after a cached prefix
     assert not fresh_prefill(cm(seq_lens), 3)  # no prompt chunk at all
     metas = {name: b.build(0, cm(seq_lens)) for name, b in zip(names, builders)}
     assert all(m.fresh_prefill for m in metas.values())
@@ -280,18 +285,22 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_retrieval_heads(monkeypatch,
     q, out = torch.randn(n_tok, Hk * G, D), torch.full((n_tok, Hk * G, D), float("nan"))
     k, v = torch.randn(n_tok, Hk, D), torch.randn(n_tok, Hk, D)
     impl.forward(None, q, k, v, None, metas["l0"], output=out)
-    assert len(calls) == len(runs)
+    runs = [(0, Hk)] if whole else runs
+    assert len(calls) == len(runs) and len(window) == (0 if whole or STREAMING not in kinds else 1)
+    cu = [0, 4, 4 + longest]
     for call, (a, b) in zip(calls, runs):
-        assert call.get("block_table") is None and call["cu_seqlens_k"].tolist() == [0, 4, 10]  # the step's K/V
+        assert call.get("block_table") is None and call["cu_seqlens_k"].tolist() == cu  # the step's K/V
         for name, t, lo, hi in (("q", q, a * G, b * G), ("out", out, a * G, b * G), ("k", k, a, b), ("v", v, a, b)):
             assert call[name].data_ptr() == t[1:, lo:hi].data_ptr() and call[name].shape == t[1:, lo:hi].shape, name
-    retrieval = [h for h, kind in enumerate(kinds) if kind == RETRIEVAL]
-    want = _causal_varlen(q[1:].view(10, Hk, G, D)[:, retrieval].reshape(10, -1, D), k[1:, retrieval],
-                          v[1:, retrieval], torch.tensor([0, 4, 10]), D ** -0.5)
-    got = out[1:].view(10, Hk, G, D)[:, retrieval].reshape(10, -1, D)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    streaming = [h for h, kind in enumerate(kinds) if kind == STREAMING]
-    assert out[1:].view(10, Hk, G, D)[:, streaming].isnan().all(), "streaming heads' rows belong to the window kernel"
+    causal = [h for h in range(Hk) if whole or kinds[h] == RETRIEVAL]
+    n = n_tok - 1
+    if causal:
+        want = _causal_varlen(q[1:].view(n, Hk, G, D)[:, causal].reshape(n, -1, D), k[1:, causal],
+                              v[1:, causal], torch.tensor(cu), D ** -0.5)
+        got = out[1:].view(n, Hk, G, D)[:, causal].reshape(n, -1, D)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    streaming = [h for h in range(Hk) if h not in causal]
+    assert out[1:].view(n, Hk, G, D)[:, streaming].isnan().all(), "streaming heads' rows belong to the window kernel"
 
 
 def test_head_runs():

@@ -6,7 +6,9 @@ Per step and layer:
   slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
 - prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN) or, when every
   chunk of the step starts at position 0 (fresh prompts), one FA3 varlen call per run of adjacent
-  retrieval KV heads on views of the step's own Q/K/V/output (no copies); streaming slots
+  retrieval KV heads on views of the step's own Q/K/V/output (no copies); fresh prompts no longer
+  than sink + prefill window are causal attention in every head: one FA3 call for the layer;
+  streaming slots
   by the ``streaming_prefill`` option: ``"window"`` (default) one vllm-duo Triton launch for all
   streaming slots that visits only the sink and window tiles, O(sink + window); ``"rswa"``
   vLLM's Triton unified attention per slot with its exact sink + window mask, O(context).
@@ -110,13 +112,18 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             if isinstance(metas, list):
                 metas = metas[0]
             window_kernel = self.opts.streaming_prefill == "window"
-            fresh = attn_metadata.fresh_prefill and bool(self._retrieval_runs)
-            if fresh:
-                self._prefill_retrieval_fresh(query, key, value, output, attn_metadata, nd, ndt, n)
-            self._prefill_per_slot(layer, query, output, metas, attn_metadata, nd, ndt, n,
-                                   retrieval=not fresh, streaming=not window_kernel)
-            if window_kernel:
-                self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n, scales)
+            fresh = attn_metadata.fresh_prefill
+            # Fresh prompts no longer than sink + prefill window: a streaming query at t < sink + W
+            # sees every key p <= t, so the whole layer is plain causal attention.
+            whole = fresh and attn_metadata.max_query_len <= self.opts.sink_size + self.opts.prefill_window
+            runs = [(slice(0, self.num_kv_heads), slice(0, self.num_heads))] if whole else self._retrieval_runs
+            if fresh and runs:
+                self._prefill_fresh(query, key, value, output, attn_metadata, nd, ndt, n, runs)
+            if not whole:
+                self._prefill_per_slot(layer, query, output, metas, attn_metadata, nd, ndt, n,
+                                       retrieval=not fresh, streaming=not window_kernel)
+                if window_kernel:
+                    self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n, scales)
         return output
 
     def _slot_tensors(self, tables: StepTables) -> SlotTensors:
@@ -146,18 +153,19 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
         return k_cache, v_cache
 
-    def _prefill_retrieval_fresh(self, query, key, value, output, meta: DuoMetadata, nd: int,
-                                 ndt: int, n: int) -> None:
+    def _prefill_fresh(self, query, key, value, output, meta: DuoMetadata, nd: int, ndt: int, n: int,
+                       runs: list[tuple[slice, slice]]) -> None:
         """Prompt chunks that all start at position 0 see only their own keys: FA3 varlen calls on
-        this step's K/V, one per run of adjacent retrieval KV heads, instead of one paged call per
-        retrieval slot. Each call reads and writes head-slice views: gathering the heads into one
-        call instead copied the step's Q/K/V and output (22 of 133 ms of prompt attention for
-        64 x 1K-token prompts on the H200, torch profiler, 2026-11-30)."""
+        this step's K/V, one per run of adjacent KV heads (the retrieval heads, or every head when
+        causal attention is exact for all), instead of one paged call per retrieval slot. Each call
+        reads and writes head-slice views: gathering the heads into one call instead copied the
+        step's Q/K/V and output (22 of 133 ms of prompt attention for 64 x 1K-token prompts on the
+        H200, torch profiler, 2026-11-30)."""
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         qsl = meta.query_start_loc[nd:]
         cu = qsl - qsl[:1]
-        for kv, heads in self._retrieval_runs:
+        for kv, heads in runs:
             flash_attn_varlen_func(
                 q=query[ndt:n, heads], k=key[ndt:n, kv], v=value[ndt:n, kv], out=output[ndt:n, heads],
                 max_seqlen_q=meta.max_query_len, cu_seqlens_q=cu, max_seqlen_k=meta.max_query_len,
