@@ -52,7 +52,7 @@ for stage in "$@"; do
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py $PREFIX_ARGS ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
-    window-configs) run_for 200 python benchmarks/prefill.py --part window-configs --lengths 1024 32768 --batches 64 1 ;;
+    window-configs) run_for 300 python benchmarks/prefill.py --part window-configs --lengths 1024 32768 --batches 64 1 ;;
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
     capacity) run_for 580 python benchmarks/capacity.py $CAPACITY_ARGS ;;
