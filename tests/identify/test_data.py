@@ -6,7 +6,7 @@ import pytest
 
 from tests.identify.conftest import word_tokenizer
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.identify.data import PasskeyData, code_text, filler_text, parse_kinds
+from vllm_duo.identify.data import PASSKEY_ALPHABET, PasskeyData, code_text, filler_text, parse_kinds
 
 
 @pytest.fixture(scope="module")
@@ -49,29 +49,39 @@ def test_filler_is_seeded_prose():
     assert a == b and a.count(".") >= 30 and "\n\n" in a
 
 
-def test_passkey_kinds_and_fillers_vary_per_sample(tok):
-    """Mixed alphabets and haystacks: every sample keeps its exact length, and across samples each
-    alphabet (words from the NATO list, 3-digit groups, 4-digit hex groups) and haystack appears."""
-    import numpy as np
+class _Chars:
+    """One token per character: samples decode back to their exact text."""
 
-    data = PasskeyData(tok, min_length=400, max_length=700, num_lengths=3, num_passkeys=2, passkey_length=4,
-                       seed=5, passkey_kinds=("words", "digits", "hex"), fillers=("story", "code"))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    @staticmethod
+    def decode(ids) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_passkey_kinds_and_fillers_vary_per_sample():
+    """Mixed alphabets and haystacks, read back from the samples themselves: every sample keeps its
+    exact length; its passkeys are all NATO words, all 3-digit groups or all 4-digit hex groups;
+    across samples each alphabet and both haystacks (prose, code) appear."""
+    import re
+
+    data = PasskeyData(_Chars(), min_length=1500, max_length=2500, num_lengths=3, num_passkeys=2,
+                       passkey_length=4, seed=5, passkey_kinds=("words", "digits", "hex"),
+                       fillers=("story", "code"))
+    kinds = {"words": lambda u: u in PASSKEY_ALPHABET, "digits": lambda u: re.fullmatch(r"\d{3}", u),
+             "hex": lambda u: re.fullmatch(r"[0-9a-f]{4}", u)}
     alphabets, hays = set(), set()
     for step in range(40):
-        rng = np.random.default_rng([data.seed, step, 1])
-        kind = data.kinds[int(rng.integers(3))]
-        filler = data.fillers[int(rng.integers(2))]
-        alphabets.add(kind)
-        hays.add(filler)
-        ids, mask = data.batch(step).input_ids[0], data.batch(step).answer_mask[0]
-        assert len(ids) == data.length_at(step) and mask.any()
+        batch = data.batch(step)
+        ids, mask = batch.input_ids[0].tolist(), batch.answer_mask[0].tolist()
+        assert len(ids) == data.length_at(step) and mask[-1] and not mask[0]
+        context, answer = _Chars.decode(ids[:mask.index(True)]), _Chars.decode(ids[mask.index(True):])
+        units = [u for key in re.findall(r"Passkey: ([^\n]*)", answer) for u in key.split()]
+        assert len(units) == 2 * 4
+        alphabets |= {next(k for k, ok in kinds.items() if all(ok(u) for u in units))}  # widths differ
+        hays |= {"code" if "):\n" in context or " = " in context else "story"}
     assert alphabets == {"words", "digits", "hex"} and hays == {"story", "code"}
-    # the passkey units really come from the drawn alphabet (digits: 3 characters, all digits)
-    from vllm_duo.identify.data import passkey_unit
-
-    rng = np.random.default_rng(0)
-    assert all(len(u) == 3 and u.isdigit() for u in (passkey_unit("digits", rng) for _ in range(50)))
-    assert all(len(u) == 4 and set(u) <= set("0123456789abcdef") for u in (passkey_unit("hex", rng) for _ in range(50)))
 
 
 def test_reference_defaults_draw_the_same_samples(tok):
