@@ -7,7 +7,10 @@ and the maximum concurrency of 64K-token requests. Duo runs once per ``--modes``
 token); the summary figures are the first mode's, the others' go to ``extra``. Writes
 results/capacity_<date>.json (capacity_<modes>_<date>.json for other ``--modes``).
 
-    python benchmarks/capacity.py [--max-model-len 65536] [--modes window rswa] [--admit]
+    python benchmarks/capacity.py [--max-model-len 65536] [--modes window rswa] [--fp8] [--admit]
+
+``--fp8`` adds FLASH_ATTN and duo (window, Llama-3-8B at 50 % and 75 %) with an fp8 KV cache:
+``capacity_ratio_llama3_s050_fp8`` / ``_s075_fp8`` are duo fp8 over FLASH_ATTN in bf16.
 
 Patterns: the built-in Llama-3-8B-Instruct-Gradient-1048k and Llama-2-7B-32K-Instruct.
 
@@ -38,6 +41,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--modes", nargs="+", default=["window", "rswa"], choices=["window", "rswa"])
+    ap.add_argument("--fp8", action="store_true",
+                    help="also FLASH_ATTN and duo (window) with --kv-cache-dtype fp8 (Llama-3-8B, 50 %% and 75 %%)")
     ap.add_argument("--admit", action="store_true", help="admit the claimed requests and count them (Llama-3-8B, 50 %%)")
     args = ap.parse_args()
     if args.admit:
@@ -48,13 +53,17 @@ def main() -> None:
     cases = [("llama3_full", LLAMA3_8B, None, None, None), ("llama2_full", LLAMA2_7B, None, None, None)]
     for i, mode in enumerate(args.modes):
         cases += [(name + ("" if i == 0 else f"_{mode}"), cfg, p, sp, mode) for name, cfg, p, sp in duo]
+    if args.fp8:
+        cases += [("llama3_full_fp8", LLAMA3_8B, None, None, None)] + \
+                 [(name + "_fp8", cfg, p, sp, "window") for name, cfg, p, sp in duo if name.startswith("llama3")]
     rows = {}
     with tempfile.TemporaryDirectory() as d:
         for name, cfg, pattern, sparsity, mode in cases:
             model = write_model(os.path.join(d, name.split("_")[0]), cfg)
             # Prefix caching on for every engine (vLLM's default, and duo's).
             engine = dict(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                          max_num_seqs=64, enforce_eager=True, enable_prefix_caching=True)
+                          max_num_seqs=64, enforce_eager=True, enable_prefix_caching=True,
+                          kv_cache_dtype="fp8" if name.endswith("_fp8") else "auto")
             if pattern:
                 engine.update(attention_backend="duo", additional_config={"duo_attention": {
                     "pattern": pattern, "sparsity": sparsity,
@@ -79,9 +88,15 @@ def main() -> None:
         for model, sp in (("llama3", "s050"), ("llama3", "s075"), ("llama2", "s075")):
             extra[f"capacity_ratio_{model}_{sp}_{mode}"] = \
                 ratio(f"{model}_duo_{sp}_{mode}", f"{model}_full", "max_concurrency")
+    if args.fp8:  # duo fp8 over FLASH_ATTN in bf16 (the two savings together), and over FLASH_ATTN fp8
+        for sp in ("s050", "s075"):
+            figures[f"capacity_ratio_llama3_{sp}_fp8"] = ratio(f"llama3_duo_{sp}_fp8", "llama3_full", "max_concurrency")
+            extra[f"capacity_ratio_llama3_{sp}_fp8_vs_fa_fp8"] = \
+                ratio(f"llama3_duo_{sp}_fp8", "llama3_full_fp8", "max_concurrency")
     print("figures:", figures, extra)
     default_modes = ap.get_default("modes")
-    name = "capacity" if args.modes == default_modes else "capacity_" + "_".join(args.modes)
+    name = ("capacity" if args.modes == default_modes else "capacity_" + "_".join(args.modes)) + \
+        ("_fp8" if args.fp8 else "")
     save_result(name, {"rows": rows, "figures": figures, "extra": extra, "modes": args.modes,
                              "max_model_len": args.max_model_len}, figures)
 

@@ -61,6 +61,7 @@ for stage in "$@"; do
     decode-sweep) run_for 400 python benchmarks/decode_kernel.py --repeats 10 --contexts 1024 4096 65536 131072 \
       --batches 16 64 --partition-sizes 0 1024 2048 4096 ;;
     max-context) run_for 590 python benchmarks/max_context.py ;;
+    max-context-fp8) run_for 590 python benchmarks/max_context.py --kv-cache-dtype fp8 ;;
     soak) run_for 570 python benchmarks/soak_gpu.py $SOAK_ARGS ;;
     soak-fa) run_for 570 python benchmarks/soak_gpu.py --backend FLASH_ATTN $SOAK_ARGS ;;  # the re-run control
     load) run_for 570 python benchmarks/server_load.py ;;
@@ -69,6 +70,8 @@ for stage in "$@"; do
     niah-suite) run_for 580 python benchmarks/niah_suite.py --runner engine $SUITE_ARGS ;;
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
       --record niah_smollm2 --out "$OUT" --quiet ;;
+    niah-grid-fp8) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
+      --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT" --quiet ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
     *) echo "unknown stage $stage" ;;
   esac 2>&1 | grep -v "^INFO\|^(EngineCore.*INFO\|^DEBUG" | tee "$OUT/$stage.log" | tail -40

@@ -7,10 +7,10 @@ of that length (prompt + ``--output-tokens``) to completion: its prefill time (T
 tokens/s are recorded. FLASH_ATTN's figure is its admissible length (add --verify-fa to run
 that request too). About 8 minutes on one H200 (the 1M-token prefill dominates).
 
-    python benchmarks/max_context.py [--kv-cache-dtype auto] [--verify-fa]
+    python benchmarks/max_context.py [--kv-cache-dtype fp8] [--verify-fa]
 
-Writes results/max_context_<date>.json and the summary keys max_context_tokens_verified and
-max_context_tokens_fa_admissible.
+Writes results/max_context[_fp8]_<date>.json and the summary keys max_context_tokens_verified and
+max_context_tokens_fa_admissible (with _fp8 for --kv-cache-dtype fp8).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=POSITIONS, help="the model's max_position_embeddings")
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="both backends' KV cache (fp8: e4m3); the figures get a _fp8 suffix")
     ap.add_argument("--verify-fa", action="store_true", help="also run FLASH_ATTN's longest request")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per engine")
     args = ap.parse_args()
@@ -43,7 +45,8 @@ def main() -> None:
     if args.output_tokens < 2:
         sys.exit("max_context: --output-tokens must be >= 2 (decode speed needs a second token)")
     base = dict(load_format="dummy", skip_tokenizer_init=True, seed=0, max_model_len=-1, max_num_seqs=1,
-                disable_log_stats=False, gpu_memory_utilization=args.gpu_memory_utilization)
+                disable_log_stats=False, gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_dtype=args.kv_cache_dtype)
     rows: dict[str, dict] = {}
     engines = backends(args.pattern, args.sparsity)
     with tempfile.TemporaryDirectory() as d:
@@ -67,8 +70,10 @@ def main() -> None:
     done = rows["duo"].get("c", {}).get("verify", {})
     if done.get("generated") == args.output_tokens:  # the request completed
         figures["max_context_tokens_verified"] = done["prompt_tokens"] + done["generated"]
+    suffix = "" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}"
+    figures = {k + suffix: v for k, v in figures.items()}
     print("figures:", figures)
-    save_result("max_context", {"rows": rows, "figures": figures, "args": vars(args)}, figures)
+    save_result("max_context" + suffix, {"rows": rows, "figures": figures, "args": vars(args)}, figures)
 
 
 if __name__ == "__main__":

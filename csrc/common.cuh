@@ -1,16 +1,19 @@
-// Device helpers shared by the vllm-duo kernels: 16-byte vectors of 2-byte floats and
-// warp/block reductions. Every K/V/q access goes through `load16` so the compiler emits one
-// LDG.E.128 per 8 elements.
+// Device helpers shared by the vllm-duo kernels: vectors of 8 cache elements (16 bytes of 2-byte
+// floats, 8 bytes of fp8 e4m3), their conversions, and warp/block reductions. Every K/V/q access
+// goes through `load16`/`load_vec` so the compiler emits one LDG.E.128 (fp8: LDG.E.64) per 8
+// elements.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace vllm_duo {
 
-constexpr int kVec = 8;  // 2-byte elements per 16-byte access
+constexpr int kVec = 8;  // elements per vector access: 16 bytes of 2-byte floats, 8 of fp8
 constexpr int kWarp = 32;
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -20,8 +23,20 @@ __device__ __forceinline__ uint4 load16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// kVec elements of a cache of element type T, as one register vector.
 template <typename T>
-__device__ __forceinline__ void to_float8(const uint4& raw, float (&f)[kVec]);
+using CacheVec = std::conditional_t<sizeof(T) == 2, uint4, uint2>;
+
+template <typename T>
+__device__ __forceinline__ CacheVec<T> load_vec(const T* p) {
+  if constexpr (sizeof(T) == 2)
+    return load16(p);
+  else
+    return __ldg(reinterpret_cast<const uint2*>(p));
+}
+
+template <typename T>
+__device__ __forceinline__ void to_float8(const CacheVec<T>& raw, float (&f)[kVec]);
 
 template <>
 __device__ __forceinline__ void to_float8<__nv_bfloat16>(const uint4& raw, float (&f)[kVec]) {
@@ -43,6 +58,31 @@ __device__ __forceinline__ void to_float8<__half>(const uint4& raw, float (&f)[k
     f[2 * i] = t.x;
     f[2 * i + 1] = t.y;
   }
+}
+
+// Exact (e4m3 fits in fp16): one cvt.rn.f16x2.e4m3x2 per pair on sm_89+.
+template <>
+__device__ __forceinline__ void to_float8<__nv_fp8_e4m3>(const uint2& raw, float (&f)[kVec]) {
+  const __nv_fp8x2_storage_t* h = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) {
+    const float2 t = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(h[i], __NV_E4M3)));
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+// vLLM's fp8 KV-cache store (reshape_and_cache_flash): e4m3(x / scale), round to nearest even,
+// saturated to +-448. A true division, so the bytes equal torch's
+// (x / scale).clamp(-448, 448).to(float8_e4m3fn).
+__device__ __forceinline__ uint2 to_fp8x8(const float (&f)[kVec], float scale) {
+  uint2 out;
+  __nv_fp8x2_storage_t* h = reinterpret_cast<__nv_fp8x2_storage_t*>(&out);
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i)
+    h[i] = __nv_cvt_float2_to_fp8x2(make_float2(f[2 * i] / scale, f[2 * i + 1] / scale),
+                                    __NV_SATFINITE, __NV_E4M3);
+  return out;
 }
 
 template <typename T>

@@ -5,6 +5,8 @@
 // [0, n) (retrieval: all L keys; streaming: sink then window, never the gap between), split into
 // partitions flash-decoding style. Each CTA loads every K/V row of its partition once, with
 // 16-byte loads straight into registers, and uses it for all G query heads of the slot's group.
+// An fp8 e4m3 cache (8-byte loads) is dequantized by folding k_scale into the query's score scale
+// and v_scale into the output, so the inner loop only converts fp8 to float.
 // One-partition rows are written directly; longer rows go through tmp_out/tmp_lse and a
 // log-sum-exp combine kernel. The grid depends only on (partitions, slots, sequences), so the
 // launch is CUDA-graph safe; per-row lengths are read on the device.
@@ -42,6 +44,8 @@ struct DecodeParams {
   float* tmp_lse;  // [num_seqs, num_q_heads, num_partitions], log2 domain
   int num_q_heads, group, block_shift, block_mask, sink, window, partition_size, num_partitions;
   float scale_log2;  // softmax scale * log2(e): scores live in the exp2 domain
+  const float* k_scale;  // fp8 cache: one-element dequantization scales on the device, else null
+  const float* v_scale;
 };
 
 // Keys a (sequence, slot) attends, as virtual indices v in [0, n): v < sink_end is position v,
@@ -65,8 +69,10 @@ __device__ __forceinline__ int row_partitions(const DecodeParams& p, int n, int*
   return max(1, ceil_div(n, *psize));
 }
 
-template <typename T, int D, int GMAX, int NT>
+// T: q/out type; C: cache element type, T or fp8 e4m3.
+template <typename T, typename C, int D, int GMAX, int NT>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeParams p) {
+  constexpr bool kFp8 = std::is_same_v<C, __nv_fp8_e4m3>;
   constexpr int TPT = D / kVec;             // threads sharing one token's K/V row
   constexpr int NGROUPS = kThreads / TPT;   // tokens the CTA reads side by side
   constexpr int STEP = NGROUPS * NT;        // tokens per loop iteration
@@ -86,6 +92,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   }
 
   const int lane_t = threadIdx.x % TPT, grp = threadIdx.x / TPT;
+  float q_scale = p.scale_log2;
+  if constexpr (kFp8) q_scale *= __ldg(p.k_scale);  // score = (q . k_fp8) * k_scale * scale
   float q[GMAX][kVec];
   const T* qp = static_cast<const T*>(p.q) + seq * p.q_stride_seq + qh0 * p.q_stride_head +
                 lane_t * kVec;
@@ -94,14 +102,14 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
     if (g < G) {
       to_float8<T>(load16(qp + g * p.q_stride_head), q[g]);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) q[g][i] *= p.scale_log2;
+      for (int i = 0; i < kVec; ++i) q[g][i] *= q_scale;
     } else {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) q[g][i] = 0.f;  // padded head: computed, never stored
     }
   }
 
-  const T* kv = reinterpret_cast<const T*>(p.kv_ptrs[slot]);
+  const C* kv = reinterpret_cast<const C*>(p.kv_ptrs[slot]);
   const int* bt = reinterpret_cast<const int*>(p.block_table_ptrs[slot]) +
                   seq * p.block_table_strides[slot];
   const int v_begin = part * psize, v_end = min(r.n, v_begin + psize);
@@ -128,13 +136,13 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   for (int j = 0; j < NT; ++j) off[j] = locate(v_begin + grp + j * NGROUPS);
 
   for (int base = v_begin; base < v_end; base += STEP) {
-    uint4 kraw[NT], vraw[NT];
+    CacheVec<C> kraw[NT], vraw[NT];
     bool valid[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       valid[j] = off[j] >= 0;
-      kraw[j] = valid[j] ? load16(kv + off[j]) : make_uint4(0, 0, 0, 0);
-      vraw[j] = valid[j] ? load16(kv + off[j] + D) : make_uint4(0, 0, 0, 0);
+      kraw[j] = valid[j] ? load_vec(kv + off[j]) : CacheVec<C>{};
+      vraw[j] = valid[j] ? load_vec(kv + off[j] + D) : CacheVec<C>{};
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) off[j] = locate(base + STEP + grp + j * NGROUPS);
@@ -143,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       float kf[kVec];
-      to_float8<T>(kraw[j], kf);
+      to_float8<C>(kraw[j], kf);
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         float dot = 0.f;
@@ -167,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       float vf[kVec];
-      to_float8<T>(vraw[j], vf);
+      to_float8<C>(vraw[j], vf);
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         const float pj = exp2f(s[j][g] - m[g]);
@@ -222,6 +230,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
       sum = fmaf(s_l[w][g], a, sum);
       o = fmaf(s_acc[w][g][d], a, o);
     }
+    if constexpr (kFp8) o *= __ldg(p.v_scale);  // V was read unscaled; the combine is linear
     if (nparts == 1) {
       out[g * p.out_stride_head + d] = from_float<T>(o / sum);
     } else {
@@ -269,10 +278,10 @@ constexpr int tokens_in_flight() {
   return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
 }
 
-template <typename T, int D, int GMAX>
+template <typename T, typename C, int D, int GMAX>
 void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
-  paged_decode_kernel<T, D, GMAX, tokens_in_flight<GMAX>()><<<grid, kThreads, 0, stream>>>(p);
+  paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>()><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_partitions > 1) {
     const size_t smem = (p.num_partitions + D / kWarp) * sizeof(float);
@@ -281,21 +290,21 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   }
 }
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 void dispatch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
-  if (p.group <= 1) return launch<T, D, 1>(p, num_seqs, num_slots, stream);
-  if (p.group <= 2) return launch<T, D, 2>(p, num_seqs, num_slots, stream);
-  if (p.group <= 4) return launch<T, D, 4>(p, num_seqs, num_slots, stream);
-  launch<T, D, kMaxGroup>(p, num_seqs, num_slots, stream);
+  if (p.group <= 1) return launch<T, C, D, 1>(p, num_seqs, num_slots, stream);
+  if (p.group <= 2) return launch<T, C, D, 2>(p, num_seqs, num_slots, stream);
+  if (p.group <= 4) return launch<T, C, D, 4>(p, num_seqs, num_slots, stream);
+  launch<T, C, D, kMaxGroup>(p, num_seqs, num_slots, stream);
 }
 
-template <typename T>
+template <typename T, typename C>
 void dispatch_head_dim(const DecodeParams& p, int head_dim, int num_seqs, int num_slots,
                        cudaStream_t stream) {
   switch (head_dim) {
-    case 64: return dispatch_group<T, 64>(p, num_seqs, num_slots, stream);
-    case 128: return dispatch_group<T, 128>(p, num_seqs, num_slots, stream);
-    case 256: return dispatch_group<T, 256>(p, num_seqs, num_slots, stream);
+    case 64: return dispatch_group<T, C, 64>(p, num_seqs, num_slots, stream);
+    case 128: return dispatch_group<T, C, 128>(p, num_seqs, num_slots, stream);
+    case 256: return dispatch_group<T, C, 256>(p, num_seqs, num_slots, stream);
     default: TORCH_CHECK(false, "paged_decode: unsupported head_dim ", head_dim);
   }
 }
@@ -315,7 +324,9 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_ptr
                   const at::Tensor& slot_kv_head, const at::Tensor& slot_streaming,
                   const at::Tensor& seq_lens, int64_t num_kv_heads, int64_t block_size,
                   int64_t sink_size, int64_t window, double scale, int64_t partition_size,
-                  at::Tensor& tmp_out, at::Tensor& tmp_lse) {
+                  at::Tensor& tmp_out, at::Tensor& tmp_lse,
+                  const std::optional<at::Tensor>& k_scale,
+                  const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.is_cuda(), "paged_decode: q must be a CUDA tensor");
   const at::Device device = q.device();
   const auto dtype = q.scalar_type();
@@ -364,6 +375,7 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_ptr
               "head_dim] with P = tmp_lse.size(2)");
   TORCH_CHECK(num_seqs <= 65535 && num_slots <= 65535 && num_partitions <= 8192,
               "paged_decode: at most 65535 sequences, 65535 slots and 8192 partitions");
+  const bool fp8 = check_kv_scales("paged_decode", k_scale, v_scale, device);
   if (num_seqs == 0 || num_slots == 0) return;
 
   DecodeParams p;
@@ -381,6 +393,8 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_ptr
   p.seq_lens = seq_lens.data_ptr<int>();
   p.tmp_out = tmp_out.data_ptr<float>();
   p.tmp_lse = tmp_lse.data_ptr<float>();
+  p.k_scale = fp8 ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = fp8 ? v_scale->data_ptr<float>() : nullptr;
   p.num_q_heads = static_cast<int>(num_q_heads);
   p.group = static_cast<int>(group);
   p.block_shift = __builtin_ctzll(block_size);
@@ -394,10 +408,15 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_ptr
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int seqs = static_cast<int>(num_seqs), slots = static_cast<int>(num_slots);
-  if (dtype == at::kBFloat16)
-    dispatch_head_dim<__nv_bfloat16>(p, static_cast<int>(head_dim), seqs, slots, stream);
+  const int d = static_cast<int>(head_dim);
+  if (dtype == at::kBFloat16 && fp8)
+    dispatch_head_dim<__nv_bfloat16, __nv_fp8_e4m3>(p, d, seqs, slots, stream);
+  else if (dtype == at::kBFloat16)
+    dispatch_head_dim<__nv_bfloat16, __nv_bfloat16>(p, d, seqs, slots, stream);
+  else if (fp8)
+    dispatch_head_dim<__half, __nv_fp8_e4m3>(p, d, seqs, slots, stream);
   else
-    dispatch_head_dim<__half>(p, static_cast<int>(head_dim), seqs, slots, stream);
+    dispatch_head_dim<__half, __half>(p, d, seqs, slots, stream);
 }
 
 }  // namespace vllm_duo

@@ -1,7 +1,8 @@
 // KV-cache write for every slot of a layer in one launch: token t's K/V of the slot's KV head go
 // to row slot_mappings[slot_group[slot], t] of the slot cache [num_blocks, block_size, 2 * D].
 // The cache is contiguous, so that row starts at flat_row * 2D elements: block_size is not needed.
-// One thread copies 16 bytes; consecutive threads cover one row, so stores are coalesced.
+// One thread copies 16 bytes (8 elements); consecutive threads cover one row, so stores are
+// coalesced. An fp8 e4m3 cache takes the same 8 elements as e4m3(x / scale): 8 bytes per thread.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,8 +27,12 @@ struct WriteParams {
   int64_t mapping_stride;
   int64_t total;  // num_tokens * num_slots * chunks_per_row
   int num_slots, head_dim, chunks_per_row;  // chunks_per_row = 2 * head_dim / kVec
+  const float* k_scale;  // fp8 cache: one-element scales on the device, else null
+  const float* v_scale;
 };
 
+// Cache = uint16_t copies the 2-byte K/V bits of any dtype; Cache = fp8 e4m3 converts Src values.
+template <typename Cache, typename Src = Cache>
 __global__ void __launch_bounds__(kWriteThreads) write_kv_kernel(const WriteParams p) {
   const int64_t idx = int64_t(blockIdx.x) * kWriteThreads + threadIdx.x;
   if (idx >= p.total) return;
@@ -43,9 +48,16 @@ __global__ void __launch_bounds__(kWriteThreads) write_kv_kernel(const WritePara
   const bool is_v = col >= p.head_dim;
   const uint16_t* src = is_v ? p.value + t * p.value_stride_t + head * p.value_stride_h
                              : p.key + t * p.key_stride_t + head * p.key_stride_h;
-  uint16_t* dst = reinterpret_cast<uint16_t*>(p.kv_ptrs[slot]) + row * 2 * p.head_dim + col;
-  // st.global.cg: a global 16-byte store (the address came from an int, so plain stores are generic).
-  __stcg(reinterpret_cast<uint4*>(dst), load16(src + (is_v ? col - p.head_dim : col)));
+  Cache* dst = reinterpret_cast<Cache*>(p.kv_ptrs[slot]) + row * 2 * p.head_dim + col;
+  const uint4 raw = load16(src + (is_v ? col - p.head_dim : col));
+  // st.global.cg: a global store (the address came from an int, so plain stores are generic).
+  if constexpr (std::is_same_v<Cache, uint16_t>) {
+    __stcg(reinterpret_cast<uint4*>(dst), raw);
+  } else {
+    float f[kVec];
+    to_float8<Src>(raw, f);
+    __stcg(reinterpret_cast<uint2*>(dst), to_fp8x8(f, __ldg(is_v ? p.v_scale : p.k_scale)));
+  }
 }
 
 void check_aligned_rows(const at::Tensor& t, const char* name) {
@@ -58,7 +70,8 @@ void check_aligned_rows(const at::Tensor& t, const char* name) {
 
 void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_ptrs,
               const at::Tensor& slot_kv_head, const at::Tensor& slot_group,
-              const at::Tensor& slot_mappings) {
+              const at::Tensor& slot_mappings, const std::optional<at::Tensor>& k_scale,
+              const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(key.is_cuda(), "write_kv: key must be a CUDA tensor");
   const at::Device device = key.device();
   TORCH_CHECK(key.scalar_type() == at::kBFloat16 || key.scalar_type() == at::kHalf,
@@ -85,6 +98,7 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
                   slot_mappings.size(1) >= num_tokens,
               "write_kv: slot_mappings must be int64 [num_groups, >= num_tokens] with "
               "contiguous rows, on ", device);
+  const bool fp8 = check_kv_scales("write_kv", k_scale, v_scale, device);
   const int64_t total = num_tokens * num_slots * (2 * head_dim / kVec);
   if (total == 0) return;
 
@@ -104,10 +118,16 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
   p.num_slots = static_cast<int>(num_slots);
   p.head_dim = static_cast<int>(head_dim);
   p.chunks_per_row = static_cast<int>(2 * head_dim / kVec);
+  p.k_scale = fp8 ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = fp8 ? v_scale->data_ptr<float>() : nullptr;
 
   const c10::cuda::CUDAGuard guard(device);
   const int64_t blocks = (total + kWriteThreads - 1) / kWriteThreads;
-  write_kv_kernel<<<blocks, kWriteThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  const bool bf16 = key.scalar_type() == at::kBFloat16;
+  const auto kernel = !fp8  ? write_kv_kernel<uint16_t>
+                      : bf16 ? write_kv_kernel<__nv_fp8_e4m3, __nv_bfloat16>
+                             : write_kv_kernel<__nv_fp8_e4m3, __half>;
+  kernel<<<blocks, kWriteThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

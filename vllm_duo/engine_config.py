@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.model_check import check_features, check_model
+from vllm_duo.model_check import check_features, check_kv_cache_options, check_model
 from vllm_duo.options import CONFIG_KEY, DuoOptions, parse_options, resolve_options
 from vllm_duo.patterns import check_shape, check_tp
 
@@ -37,6 +37,7 @@ def resolve_duo_config(vllm_config: Any) -> DuoOptions:
         raise DuoConfigError("additional_config must be a JSON object holding a 'duo_attention' entry")
     raw = extra.get(CONFIG_KEY)
     opts = parse_options(raw)
+    check_kv_cache_options(vllm_config.cache_config, opts.streaming_prefill)
     num_layers, num_kv_heads = model_shape(model_config)
     check_tp(num_kv_heads, vllm_config.parallel_config.tensor_parallel_size)
     picking = opts.pattern is None and not opts.resolved

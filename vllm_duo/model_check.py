@@ -12,6 +12,8 @@ from vllm_duo.errors import DuoConfigError
 
 logger = logging.getLogger(__name__)
 
+# --kv-cache-dtype values duo serves: the model's dtype, or fp8 e4m3 with per-tensor scales.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "half", "fp8", "fp8_e4m3")
 # Architectures the duo path is tested with; others run with a warning.
 TESTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -42,8 +44,9 @@ def check_features(vllm_config: Any) -> None:
     cache = vllm_config.cache_config
     par = vllm_config.parallel_config
     problems = []
-    if str(getattr(cache, "cache_dtype", "auto")) not in ("auto", "bfloat16", "float16", "half"):
-        problems.append(f"quantized KV cache (--kv-cache-dtype {cache.cache_dtype}); drop the flag")
+    if str(getattr(cache, "cache_dtype", "auto")) not in KV_CACHE_DTYPES:
+        problems.append(f"KV cache dtype {cache.cache_dtype} (--kv-cache-dtype); use fp8 (e4m3 with "
+                        f"per-tensor scales, as FLASH_ATTN on Hopper) or drop the flag")
     if getattr(vllm_config, "speculative_config", None) is not None:
         problems.append("speculative decoding (--speculative-config); drop it")
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
@@ -59,6 +62,18 @@ def check_features(vllm_config: Any) -> None:
         problems.append("--disable-hybrid-kv-cache-manager (duo's memory saving needs it); drop the flag")
     if problems:
         raise DuoConfigError("the duo attention backend does not support: " + "; ".join(problems))
+
+
+def is_fp8(cache_dtype: object) -> bool:
+    return str(cache_dtype).startswith("fp8")
+
+
+def check_kv_cache_options(cache_config: Any, streaming_prefill: str) -> None:
+    """The fp8 cache is read by duo's own kernels and FA3; vLLM's Triton R-SWA path is not wired
+    to its scales."""
+    if is_fp8(getattr(cache_config, "cache_dtype", "auto")) and streaming_prefill == "rswa":
+        raise DuoConfigError("streaming_prefill='rswa' does not read an fp8 KV cache; use the default "
+                             "'window' or drop --kv-cache-dtype fp8")
 
 
 def retention_interval(cache_config: Any) -> int | None:

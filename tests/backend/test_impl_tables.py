@@ -77,10 +77,10 @@ def _config_and_specs():
                                    recent_size=WIN, prefill_window=WIN, tail_only_batches=0)
 
 
-def _impl(slots: list, kv_heads: int = H) -> impl_module.DuoAttentionImpl:
+def _impl(slots: list, kv_heads: int = H, kv_cache_dtype: str = "auto") -> impl_module.DuoAttentionImpl:
     impl = impl_module.DuoAttentionImpl(num_heads=kv_heads * G, head_size=D, scale=D ** -0.5,
                                         num_kv_heads=kv_heads, alibi_slopes=None, sliding_window=None,
-                                        kv_cache_dtype="auto")
+                                        kv_cache_dtype=kv_cache_dtype)
     impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
     return impl
 
@@ -159,17 +159,21 @@ def test_missing_build_fails_with_the_hint(monkeypatch):
         impl_module.ops.require_extension()
 
 
-def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkeypatch, fp8):
     """A mixed step (one decode, one prompt chunk): FA3 gets the retrieval slot's queries, cache
     views and vLLM's table rows of the chunk; the window kernel gets the streaming slots'
-    addresses and the null-gapped table (recorded, not computed)."""
+    addresses and the null-gapped table (recorded, not computed). With an fp8 cache every kernel
+    gets the layer's scales, and FA3 fp8 views of the cache and the query quantized by q_scale."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
-    caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
+    caches = [torch.randint(0, 255, (POOL, 1, BS, 2 * D), dtype=torch.uint8) if fp8 else
+              torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
     names, builders, slots = _two_slot_layer(caches)
-    impl = _impl(slots)
+    impl = _impl(slots, kv_cache_dtype="fp8" if fp8 else "auto")
+    layer = SimpleNamespace(_q_scale=torch.tensor(0.5), _k_scale=torch.tensor(0.1), _v_scale=torch.tensor(0.2))
     calls = {}
-    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: calls.setdefault("write", k))
     monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: calls.setdefault("decode", k))
     monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: calls.setdefault("window", (a, k)))
     monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", lambda **k: calls.setdefault("fa", k),
@@ -186,9 +190,20 @@ def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkey
     monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
     q, out = torch.randn(9, H * G, D), torch.zeros(9, H * G, D)
     k, v = torch.randn(9, H, D), torch.randn(9, H, D)
-    impl.forward(None, q, k, v, None, metas["l0"], output=out)
+    impl.forward(layer, q, k, v, None, metas["l0"], output=out)
     fa = calls["fa"]
-    assert fa["q"].data_ptr() == q[1:9, 0:G].data_ptr() and fa["q"].shape == (8, G, D)
+    if fp8:
+        assert fa["q"].dtype == fa["k"].dtype == fa["v"].dtype == torch.float8_e4m3fn
+        torch.testing.assert_close(fa["q"].float(), (q[1:9, 0:G] / 0.5).to(torch.float8_e4m3fn).float())
+        for x, want in zip("qkv", (0.5, 0.1, 0.2)):  # (sequences of the chunk, KV heads of the slot)
+            assert fa[f"{x}_descale"].shape == (1, 1) and fa[f"{x}_descale"].item() == pytest.approx(want)
+        scales = (layer._k_scale, layer._v_scale)
+        for call in (calls["write"], calls["decode"], calls["window"][1]):
+            assert (call["k_scale"], call["v_scale"]) == scales
+    else:
+        assert fa["q"].data_ptr() == q[1:9, 0:G].data_ptr() and not any("descale" in key for key in fa)
+        assert all("k_scale" not in call for call in (calls["write"], calls["decode"], calls["window"][1]))
+    assert fa["q"].shape == (8, G, D)
     assert fa["k"].data_ptr() == caches[0].data_ptr() and fa["k"].shape == (POOL, BS, 1, D)
     assert fa["block_table"].data_ptr() == tables[0][1:].data_ptr()
     assert fa["cu_seqlens_q"].tolist() == [0, 8] and fa["seqused_k"].tolist() == [60]

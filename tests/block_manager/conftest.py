@@ -78,15 +78,16 @@ def random_mask(seed: int = 0, retrieval_fraction: float = 0.5) -> np.ndarray:
     return np.random.default_rng(seed).permutation(flat).reshape(NUM_LAYERS, NUM_KV_HEADS)
 
 
-def duo_specs(mask: np.ndarray, prefill_window: int = RECENT, tail_only_batches: int = 0) -> dict[str, KVCacheSpec]:
-    return duo_kv_cache_specs(mask, block_size=BLOCK, head_size=HEAD_DIM, dtype=DTYPE, sink_size=SINK,
+def duo_specs(mask: np.ndarray, prefill_window: int = RECENT, tail_only_batches: int = 0,
+              dtype: torch.dtype = DTYPE) -> dict[str, KVCacheSpec]:
+    return duo_kv_cache_specs(mask, block_size=BLOCK, head_size=HEAD_DIM, dtype=dtype, sink_size=SINK,
                               recent_size=RECENT, prefill_window=prefill_window,
                               tail_only_batches=tail_only_batches)
 
 
-def full_specs() -> dict[str, KVCacheSpec]:
+def full_specs(dtype: torch.dtype = DTYPE) -> dict[str, KVCacheSpec]:
     """The stock model: one 8-head full-attention layer per decoder layer."""
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=DTYPE)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=dtype)
     return {f"model.layers.{i}.self_attn.attn": spec for i in range(NUM_LAYERS)}
 
 

@@ -75,3 +75,27 @@ def test_capacity(model_config, retrieval: float, max_len: int, batched: int, pr
     print(f"retrieval {retrieval} max_len {max_len} batched {batched} tail_only {tail_only}: "
           f"{duo_concurrency / full_concurrency:.3f}x")
     assert min_ratio <= duo_concurrency / full_concurrency <= ideal
+
+
+@pytest.mark.parametrize(("retrieval", "min_ratio"), [(0.5, 3.9), (0.25, 7.5)])
+def test_fp8_capacity_multiplies(model_config, retrieval: float, min_ratio: float) -> None:
+    """fp8 slots (vLLM stores fp8 KV as uint8: one byte) against FLASH_ATTN in bf16: the two savings
+    multiply. LLM's defaults on an H200 (64K requests, 16K batches, async scheduling)."""
+    import torch
+
+    config = make_vllm_config(model_config, max_model_len=65536, max_num_batched_tokens=16384,
+                              async_scheduling=True)
+    mask = random_mask(0, retrieval)
+    batches = config.max_concurrent_batches
+
+    def concurrency(specs) -> float:
+        (cfg,) = compat.get_kv_cache_configs(config, [specs], [MEMORY])
+        return get_kv_cache_capacity(config, cfg)[1]
+
+    duo_fp8 = concurrency(duo_specs(mask, RECENT, batches, dtype=torch.uint8))
+    duo_bf16 = concurrency(duo_specs(mask, RECENT, batches))
+    full_bf16, full_fp8 = concurrency(full_specs()), concurrency(full_specs(torch.uint8))
+    print(f"retrieval {retrieval}: duo fp8 / full bf16 {duo_fp8 / full_bf16:.3f}, "
+          f"duo fp8 / full fp8 {duo_fp8 / full_fp8:.3f}")
+    assert duo_fp8 / full_bf16 >= min_ratio
+    assert duo_fp8 / full_fp8 == pytest.approx(duo_bf16 / full_bf16, rel=0.01)

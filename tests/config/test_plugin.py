@@ -197,3 +197,19 @@ def test_a_prefix_cache_retention_interval_is_refused(plugins_loaded, tmp_path, 
             _create(_model_dir(tmp_path), {"pattern": "full"})
         monkeypatch.setenv("VLLM_PREFIX_CACHE_RETENTION_INTERVAL", "0")
         assert _create(_model_dir(tmp_path), {"pattern": "full"}).cache_config.enable_prefix_caching
+
+
+@pytest.mark.parametrize("dtype,kernel,msg", [
+    ("fp8", None, None), ("fp8_e4m3", "window", None),
+    ("fp8_e5m2", None, "KV cache dtype fp8_e5m2 .*use fp8"),
+    ("fp8", "rswa", "'rswa' does not read an fp8 KV cache"),
+])
+def test_fp8_kv_cache(plugins_loaded, tmp_path, dtype, kernel, msg):
+    """fp8 (e4m3, per-tensor scales) is served with the window kernel; other quantized caches and
+    the R-SWA kernel with fp8 are refused in one line."""
+    duo = {"pattern": "full"} if kernel is None else {"pattern": "full", "streaming_prefill": kernel}
+    if msg is None:
+        assert _create(_model_dir(tmp_path), duo, kv_cache_dtype=dtype).cache_config.cache_dtype == dtype
+    else:
+        with pytest.raises(DuoConfigError, match=msg):
+            _create(_model_dir(tmp_path), duo, kv_cache_dtype=dtype)

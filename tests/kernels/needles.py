@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from tests.kernels.reference import DecodeCase, attended, cdiv, make_case
+from tests.kernels.reference import DecodeCase, attended, cdiv, make_case, quantize_fp8
 from vllm_duo.ops import decode_slots
 
 SINK, WINDOW, BLOCK = 64, 256, 16
@@ -32,12 +32,15 @@ def needle_positions(L: int, streaming: bool) -> list[int]:
     return [L - 1]
 
 
-def needle_case(L: int, device: str, seed: int = 0) -> DecodeCase:
+def needle_case(L: int, device: str, seed: int = 0,
+                fp8_scales: tuple[float, float] | None = None) -> DecodeCase:
     """Row 0 (``L`` keys) carries the needles, row 1 is the companion; slot 0 streaming (KV head
-    0), slot 1 retrieval (KV head 1); GQA 4, head_dim 128, bf16."""
+    0), slot 1 retrieval (KV head 1); GQA 4, head_dim 128, bf16 (caches fp8 e4m3 with
+    ``fp8_scales``, the needles quantized like any key)."""
     case = make_case([L, COMPANION], num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16,
                      block_size=BLOCK, streaming_heads=[True, False], sink=SINK + 1,
-                     window=WINDOW + 1, slot_order=[0, 1], seed=seed, device=device)
+                     window=WINDOW + 1, slot_order=[0, 1], seed=seed, fp8_scales=fp8_scales,
+                     device=device)
     case = replace(case, sink=SINK, window=WINDOW)
     D, G = case.q.shape[2], case.group
     for slot, head in enumerate(case.kv_heads):
@@ -48,7 +51,11 @@ def needle_case(L: int, device: str, seed: int = 0) -> DecodeCase:
         key = (target / float((qg @ u).mean() * case.scale) * u).to(case.q.dtype)
         pos = torch.tensor(needle_positions(L, case.streaming[slot]), device=device)
         rows = case.tables[slot][0, pos // BLOCK].long() * BLOCK + pos % BLOCK
-        case.caches[slot].view(-1, 2 * D)[rows, :D] = key
+        if case.k_scale is None:
+            case.caches[slot].view(-1, 2 * D)[rows, :D] = key
+        else:
+            case.caches[slot].view(torch.uint8).view(-1, 2 * D)[rows, :D] = \
+                quantize_fp8(key, case.k_scale).view(torch.uint8)
     return case
 
 

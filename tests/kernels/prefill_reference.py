@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tests.kernels.reference import GARBAGE_IDS, cdiv
+from tests.kernels.reference import GARBAGE_IDS, cdiv, quantize_fp8
 
 
 NEEDLE_SCALE = 32.0  # a needle's value: even at softmax weight 1/(sink + window) it moves the output
@@ -36,6 +36,8 @@ class PrefillCase:
     sink: int
     window: int
     row0: int
+    k_scale: torch.Tensor | None = None  # fp8 caches (see to_fp8)
+    v_scale: torch.Tensor | None = None
 
     @property
     def group(self) -> int:
@@ -59,7 +61,28 @@ class PrefillCase:
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32, device=dev),
             max_query_len=max(self.q_lens), num_kv_heads=self.num_kv_heads, block_size=self.block_size,
-            sink_size=self.sink, window=self.window, block_table_row0=self.row0)
+            sink_size=self.sink, window=self.window, block_table_row0=self.row0,
+            k_scale=self.k_scale, v_scale=self.v_scale)
+
+
+def to_fp8(case: PrefillCase, k_scale: float, v_scale: float) -> PrefillCase:
+    """The case with fp8 e4m3 caches (K / k_scale, V / v_scale); the truth of cached positions
+    becomes what the kernel can read back (dequantized), the chunk's own keys stay as given."""
+    d = case.q.shape[2]
+    caches = [torch.cat([quantize_fp8(c[..., :d], k_scale), quantize_fp8(c[..., d:], v_scale)], -1)
+              for c in case.caches]
+    truth = []
+    for per_slot in case.truth:
+        truth.append([])
+        for x, n, s in zip(per_slot, case.q_lens, case.seq_lens, strict=True):
+            x = x.clone()
+            x[:s - n, :d] = quantize_fp8(x[:s - n, :d], k_scale).float() * k_scale
+            x[:s - n, d:] = quantize_fp8(x[:s - n, d:], v_scale).float() * v_scale
+            truth[-1].append(x)
+    dev = case.q.device
+    return replace(case, caches=caches, truth=truth,
+                   k_scale=torch.tensor([k_scale], dtype=torch.float32, device=dev),
+                   v_scale=torch.tensor([v_scale], dtype=torch.float32, device=dev))
 
 
 def make_prefill_case(q_lens: list[int], ctx_lens: list[int], *, num_kv_heads: int, group: int,

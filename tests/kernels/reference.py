@@ -3,22 +3,41 @@
 Inputs are built to catch reads the kernel must not do: block tables are random permutations of
 a shared pool, gap entries of streaming slots and entries past a row's end hold garbage ids
 (huge or negative, a read faults), and every cache cell no query may read is NaN.
+
+fp8 e4m3 caches (vLLM's FLASH_ATTN fp8 KV cache) hold ``e4m3(x / scale)``; the reference runs on
+the dequantized cache (``float(fp8) * scale``). They are built and poisoned through uint8 views,
+since float8 tensors have few torch kernels.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from vllm_duo.ops import DecodeSlots, decode_slots, plan_partitions
 
 GARBAGE_IDS = (1 << 30, -7, (1 << 31) - 1, -(1 << 31))
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_NAN = 0x7F  # a float8_e4m3fn NaN byte
+FP8_SCALES = (0.05, 0.03)  # k_scale, v_scale: K/V of magnitude ~1-10 span much of e4m3's range
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """vLLM's fp8 KV-cache store: e4m3(x / scale), round to nearest even, saturated to +-448."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_kv(kv: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn ``[..., 2D]`` cache rows from K/V rows ``[..., 2D]``, each half its own scale."""
+    D = kv.shape[-1] // 2
+    halves = [quantize_fp8(kv[..., :D], k_scale), quantize_fp8(kv[..., D:], v_scale)]
+    return torch.cat([h.view(torch.uint8) for h in halves], -1).view(torch.float8_e4m3fn)
 
 
 def attended(L: int, streaming: bool, sink: int, window: int, device: torch.device) -> torch.Tensor:
@@ -42,6 +61,8 @@ class DecodeCase:
     window: int
     scale: float
     slots: DecodeSlots
+    k_scale: torch.Tensor | None = None  # fp8 e4m3 caches: float32 one-element scales, else None
+    v_scale: torch.Tensor | None = None
 
     @property
     def group(self) -> int:
@@ -53,14 +74,23 @@ class DecodeCase:
         blocks = self.tables[slot][seq, pos // self.block_size].long()
         return blocks * self.block_size + pos % self.block_size
 
+    def cache_rows(self, slot: int, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[len(rows), 2D]`` rows of a slot cache, an fp8 one dequantized."""
+        D = self.q.shape[2]
+        if self.k_scale is None:
+            return self.caches[slot].view(-1, 2 * D)[rows].float()
+        kv = self.caches[slot].view(torch.uint8).view(-1, 2 * D)[rows].view(torch.float8_e4m3fn).float()
+        return torch.cat([kv[:, :D] * self.k_scale, kv[:, D:] * self.v_scale], -1)
+
 
 def make_case(lens: list[int], *, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
               block_size: int, streaming_heads: list[bool], pad_slots: int = 0, sink: int = 64,
               window: int = 256, pool_blocks: int | None = None, table_width: int | None = None,
-              slot_order: list[int] | None = None, seed: int = 0,
-              device: str = "cuda") -> DecodeCase:
-    """A random case. Slots (one per KV head plus ``pad_slots`` padding, -1) come in shuffled
-    order unless ``slot_order`` gives the KV head of each slot."""
+              slot_order: list[int] | None = None, seed: int = 0, kv_std: float = 1.0,
+              fp8_scales: tuple[float, float] | None = None, device: str = "cuda") -> DecodeCase:
+    """A random case, K/V ~ N(0, kv_std^2). Slots (one per KV head plus ``pad_slots`` padding,
+    -1) come in shuffled order unless ``slot_order`` gives the KV head of each slot. With
+    ``fp8_scales`` = (k_scale, v_scale) the caches are fp8 e4m3."""
     rng = random.Random(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     D, bs = head_dim, block_size
@@ -77,6 +107,8 @@ def make_case(lens: list[int], *, num_kv_heads: int, group: int, head_dim: int, 
                       seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
                       num_kv_heads=num_kv_heads, block_size=bs, sink=sink, window=window,
                       scale=D ** -0.5, slots=None)  # type: ignore[arg-type]
+    if fp8_scales is not None:
+        case.k_scale, case.v_scale = (torch.tensor(s, device=device) for s in fp8_scales)
     for slot, head in enumerate(kv_heads):
         if head < 0:
             case.caches.append(None)
@@ -92,17 +124,22 @@ def make_case(lens: list[int], *, num_kv_heads: int, group: int, head_dim: int, 
             table[i, blocks] = perm[used:used + len(blocks)]
             used += len(blocks)
         case.tables.append(table[:, :width])
-        case.caches.append(torch.randn(pool_blocks, bs, 2 * D, generator=gen, device=device).to(dtype))
+        kv = torch.randn(pool_blocks, bs, 2 * D, generator=gen, device=device) * kv_std
         readable = torch.zeros(pool_blocks * bs, dtype=torch.bool, device=device)
         for i in range(len(lens)):
             readable[case.rows(slot, i)] = True
-        case.caches[slot].view(-1, 2 * D)[~readable] = float("nan")
+        if fp8_scales is None:
+            case.caches.append(kv.to(dtype))
+            case.caches[slot].view(-1, 2 * D)[~readable] = float("nan")
+        else:
+            case.caches.append(quantize_kv(kv, case.k_scale, case.v_scale))
+            case.caches[slot].view(torch.uint8).view(-1, 2 * D)[~readable] = FP8_NAN
     case.slots = decode_slots(case.caches, case.tables, kv_heads, streaming, device)
     return case
 
 
 def reference_decode(case: DecodeCase) -> torch.Tensor:
-    """float32 [num_seqs, num_q_heads, D]: gather the attended keys, explicit softmax."""
+    """float32 [num_seqs, num_q_heads, D]: gather the attended keys (dequantized), explicit softmax."""
     D, G = case.q.shape[2], case.group
     out = torch.zeros(case.q.shape, dtype=torch.float32, device=case.q.device)
     for slot, head in enumerate(case.kv_heads):
@@ -111,7 +148,7 @@ def reference_decode(case: DecodeCase) -> torch.Tensor:
         for i, L in enumerate(case.lens):
             if L == 0:
                 continue
-            kv = case.caches[slot].view(-1, 2 * D)[case.rows(slot, i)].float()
+            kv = case.cache_rows(slot, case.rows(slot, i))
             qg = case.q[i, head * G:(head + 1) * G].float()
             p = torch.softmax(qg @ kv[:, :D].T * case.scale, dim=-1)
             out[i, head * G:(head + 1) * G] = p @ kv[:, D:]
@@ -150,8 +187,22 @@ def run_op(case: DecodeCase, max_seq_len: int, partition_size: int | None = None
     tmp_lse = torch.full((num_seqs, num_q_heads, parts), float("nan"), device=case.q.device)
     torch.ops.vllm_duo.paged_decode(out, case.q, *case.slots, case.seq_lens, case.num_kv_heads,
                                     case.block_size, case.sink, case.window, case.scale,
-                                    partition_size, tmp_out, tmp_lse)
+                                    partition_size, tmp_out, tmp_lse, case.k_scale, case.v_scale)
     return out
+
+
+def fp8_case(lens: list[int], *, kv_std: float, **kw) -> DecodeCase:
+    """:func:`make_case` with fp8 caches (scales ``FP8_SCALES``) of K/V ~ N(0, kv_std^2). The
+    softmax scale is divided by kv_std, so scores stay O(1) and a wrong k_scale reshapes the
+    softmax instead of leaving its argmax in place."""
+    case = make_case(lens, kv_std=kv_std, fp8_scales=FP8_SCALES, **kw)
+    return replace(case, scale=case.scale / kv_std)
+
+
+def wrong_scales(case: DecodeCase) -> dict[str, DecodeCase]:
+    """The fp8 case read with a wrong scale, as a kernel with that bug would (each must fail)."""
+    return {"2 x k_scale": replace(case, k_scale=case.k_scale * 2),
+            "v_scale ignored (1.0)": replace(case, v_scale=torch.ones_like(case.v_scale))}
 
 
 def check(case: DecodeCase, out: torch.Tensor, evidence=None, label: str = "") -> float:

@@ -1,5 +1,5 @@
 """CPU-only checks of ``vllm_duo.ops``: import without the build, the missing-build error, input
-validation, partition planning, and the fake impls (shapes under FakeTensorMode)."""
+validation (fp8 scales too), partition planning, and the fake impls (shapes under FakeTensorMode)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,42 @@ def test_write_validation(monkeypatch) -> None:
             write_kv(key, key, *slots[:2], slots[0], torch.zeros(2, 5, dtype=torch.int64, device="cuda"))
 
 
+# fp8 scales as (dtype, shape, device) per argument; each case is one mistake.
+F32 = torch.float32
+SCALE_CASES = [
+    (dict(k_scale=(F32, (), "cuda")), "given together"),
+    (dict(v_scale=(F32, (1,), "cuda")), "given together"),
+    (dict(k_scale=(torch.float64, (), "cuda"), v_scale=(F32, (), "cuda")), "float32 tensors of one"),
+    (dict(k_scale=(F32, (), "cuda"), v_scale=(torch.bfloat16, (), "cuda")), "float32 tensors of one"),
+    (dict(k_scale=(F32, (2,), "cuda"), v_scale=(F32, (), "cuda")), "float32 tensors of one"),
+    (dict(k_scale=(F32, (), "cuda"), v_scale=(F32, (1, 0), "cuda")), "float32 tensors of one"),
+    (dict(k_scale=(F32, (), "cpu"), v_scale=(F32, (), "cuda")), "of one element on cuda"),
+]
+
+
+def scale_args(spec: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.ones(shape, dtype=dtype, device=device)
+            for name, (dtype, shape, device) in spec.items()}
+
+
+@pytest.mark.parametrize("spec,match", SCALE_CASES)
+@pytest.mark.parametrize("op", ["paged_decode", "write_kv"])
+def test_kv_scale_validation(monkeypatch, op: str, spec: dict, match: str) -> None:
+    """Both wrappers: fp8 scales come both or neither, float32, one element, on q's/key's device."""
+    monkeypatch.setattr(_ext, "_ERROR", None)
+    with FakeTensorMode():
+        scales = scale_args(spec)
+        x = torch.zeros(3, 8, 128, dtype=torch.bfloat16, device="cuda")
+        s = fake_slots(2)
+        with pytest.raises(ValueError, match=f"{op}: k_scale and v_scale must be .*{match}"):
+            if op == "paged_decode":
+                paged_decode(x, *s, torch.zeros(3, dtype=torch.int32, device="cuda"), **decode_kwargs(),
+                             **scales)
+            else:
+                write_kv(x[:, :2], x[:, :2], s.kv_ptrs, s.slot_kv_head, s.slot_streaming,
+                         torch.zeros(1, 3, dtype=torch.int64, device="cuda"), **scales)
+
+
 @pytest.mark.parametrize("max_seq_len,num_seqs,num_slots", [
     (1, 1, 1), (4096, 1, 8), (4096, 16, 8), (65536, 16, 8), (131072, 1, 8), (1 << 20, 64, 8),
 ])
@@ -144,6 +180,32 @@ def test_fake_impls_give_shapes() -> None:
         s = fake_slots(8)
         assert write_kv(key, key, s.kv_ptrs, s.slot_kv_head, s.slot_streaming,
                         torch.empty(2, 7, dtype=torch.int64, device="cuda")) is None
+
+
+@needs_ext
+def test_fake_impls_take_fp8_scales() -> None:
+    """The ops' schemas take the scales (0-dim as vLLM's layer._k_scale, or [1]); the fake impls
+    check them like the wrappers."""
+    with FakeTensorMode():
+        q = torch.empty(2, 8, 128, dtype=torch.bfloat16, device="cuda")
+        k_scale = torch.empty((), device="cuda")
+        v_scale = torch.empty(1, device="cuda")
+        out = paged_decode(q, *fake_slots(2), torch.empty(2, dtype=torch.int32, device="cuda"),
+                           **decode_kwargs(), k_scale=k_scale, v_scale=v_scale)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16
+        s = fake_slots(2)
+        rows = torch.empty(1, 2, dtype=torch.int64, device="cuda")
+        write_kv(q[:, :2], q[:, :2], s.kv_ptrs, s.slot_kv_head, s.slot_streaming, rows,
+                 k_scale=k_scale, v_scale=v_scale)
+        with pytest.raises(ValueError, match="write_kv: k_scale and v_scale must be given together"):
+            torch.ops.vllm_duo.write_kv(q[:, :2], q[:, :2], s.kv_ptrs, s.slot_kv_head, s.slot_streaming,
+                                        rows, k_scale)
+        with pytest.raises(ValueError, match="paged_decode: k_scale and v_scale must be float32"):
+            seq_lens = torch.empty(2, dtype=torch.int32, device="cuda")
+            torch.ops.vllm_duo.paged_decode(q, q, *s, seq_lens, 2, 16, 64, 256, 0.1, 512,
+                                            torch.empty(2, 8, 3, 128, device="cuda"),
+                                            torch.empty(2, 8, 3, device="cuda"), k_scale,
+                                            torch.empty(2, device="cuda"))
 
 
 @needs_ext

@@ -1,22 +1,27 @@
 """``paged_decode`` against the float32 reference (GPU): patterns, dtypes, head dims, GQA,
-ragged and padded batches, garbage gap ids, 1..128K contexts, partition plans, CUDA graphs."""
+ragged and padded batches, garbage gap ids, 1..128K contexts, partition plans, CUDA graphs, and
+fp8 e4m3 caches (against the reference on the dequantized cache)."""
 
 from __future__ import annotations
 
 import random
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests.kernels.needles import NEEDLE_LENS, half_keys_skipped, mutations, needle_case
-from tests.kernels.reference import COMPARES, METRIC, check, make_case, reference_decode, run_op, scaled_error
+from tests.kernels.reference import (COMPARES, FP8_SCALES, METRIC, check, fp8_case, make_case,
+                                     reference_decode, run_op, scaled_error, wrong_scales)
 from vllm_duo.ops import paged_decode
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_COMPARES = "paged_decode on an fp8 e4m3 cache vs float32 reference on the dequantized cache"
+FP8_STD = {"in_range": 3.0, "saturated": 10.0}  # K/V std; 10 puts ~5% of cells past 448 * scale
 
 
 def ragged_lens(rng: random.Random, num_seqs: int, max_len: int) -> list[int]:
@@ -174,4 +179,97 @@ def test_opcheck() -> None:
     args = (torch.empty_like(case.q), case.q, *case.slots, case.seq_lens, case.num_kv_heads,
             case.block_size, case.sink, case.window, case.scale, 512,
             torch.empty(3, 8, parts, 128, device="cuda"), torch.empty(3, 8, parts, device="cuda"))
+    torch.library.opcheck(torch.ops.vllm_duo.paged_decode.default, args)
+
+
+@pytest.mark.parametrize("values", list(FP8_STD))
+@pytest.mark.parametrize("group", [1, 2, 3, 8])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_fp8_cache(dtype: str, head_dim: int, group: int, values: str, evidence) -> None:
+    """fp8 e4m3 caches (k_scale 0.05, v_scale 0.03), every fp8 kernel variant (q dtype x head_dim
+    x G tile), a streaming, a retrieval and a padding slot, a ragged batch, planned partitions and
+    128-key ones (combine path). A kernel reading with 2 x k_scale or ignoring v_scale (and an
+    all-zeros output) must fail the same check; "saturated" K/V have many values past
+    448 * scale, stored as +-448."""
+    seed = zlib.crc32(f"fp8-{dtype}-{head_dim}-{group}-{values}".encode())
+    rng = random.Random(seed)
+    max_len = rng.choice([300, 2048, 5000])
+    lens = ragged_lens(rng, rng.randint(1, 8), max_len)
+    lens[rng.randrange(len(lens))] = max_len  # at least one long row, so every control can bite
+    case = fp8_case(lens, kv_std=FP8_STD[values], num_kv_heads=2, group=group, head_dim=head_dim,
+                    dtype=DTYPES[dtype], block_size=rng.choice([16, 32, 64]),
+                    streaming_heads=[True, False], pad_slots=1, sink=rng.choice([0, 4, 64]),
+                    window=rng.choice([1, 16, 256]), seed=seed)
+    if values == "saturated":  # 0x7e: e4m3 448
+        assert any(((c.view(torch.uint8) & 0x7F) == 0x7E).any() for c in case.caches if c is not None)
+    ref = reference_decode(case)
+    for partition_size in (None, 128):
+        label = f"{dtype} D{head_dim} G{group} {values} partition {partition_size}"
+        gap = scaled_error(run_op(case, max_len, partition_size), ref)
+        evidence(FP8_COMPARES, METRIC, gap, "all-zeros output", scaled_error(torch.zeros_like(ref), ref),
+                 label=label)
+        for what, wrong in wrong_scales(case).items():
+            evidence(FP8_COMPARES, METRIC, gap, f"kernel run with {what}",
+                     scaled_error(run_op(wrong, max_len, partition_size), ref), label=label)
+
+
+@pytest.mark.parametrize("name", list(NEEDLE_LENS))
+def test_fp8_wrong_kernel_inputs_are_rejected(name: str, evidence) -> None:
+    """The planted-needle cases on fp8 caches: every mutation of test_wrong_kernel_inputs_are_rejected
+    and a wrong scale (2 x k_scale, v_scale ignored) must fail the check the kernel passes."""
+    case = needle_case(NEEDLE_LENS[name], "cuda", fp8_scales=FP8_SCALES)
+    ref = reference_decode(case)
+    gap = scaled_error(run_op(case, max(case.lens)), ref)
+    compares = FP8_COMPARES + ", planted needles"
+    evidence(compares, METRIC, gap, "all-zeros output", scaled_error(torch.zeros_like(ref), ref),
+             label=name)
+    for what, wrong in {**mutations(case), **wrong_scales(case)}.items():
+        evidence(compares, METRIC, gap, f"kernel run with {what}",
+                 scaled_error(run_op(wrong, max(case.lens)), ref), label=name)
+
+
+def test_fp8_cuda_graph_reads_scales_on_device(evidence) -> None:
+    """A captured fp8 launch replays with new scales written into the same scale tensors (and new
+    caches, lengths, q): the kernel reads the scales on the device. Control: the kernel run with
+    the scales of capture time, i.e. a launch that baked them in."""
+    shape = dict(num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16, block_size=16,
+                 streaming_heads=[True, False], pad_slots=1, pool_blocks=300, table_width=200)
+    first = make_case([3000, 10, 400], seed=1, fp8_scales=FP8_SCALES, **shape)
+    second = make_case([200, 3100, 0], seed=2, slot_order=first.kv_heads, fp8_scales=(0.08, 0.02),
+                       **shape)
+    kwargs = dict(max_seq_len=3200, num_kv_heads=2, block_size=16, sink_size=first.sink,
+                  window=first.window, k_scale=first.k_scale, v_scale=first.v_scale)
+    paged_decode(first.q, *first.slots, first.seq_lens, **kwargs)  # warm up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode(first.q, *first.slots, first.seq_lens, **kwargs)
+    graph.replay()
+    compares = FP8_COMPARES + ", CUDA graph replay"
+    ref = reference_decode(first)
+    evidence(compares, METRIC, scaled_error(out, ref), "all-zeros output",
+             scaled_error(torch.zeros_like(ref), ref), label="first capture")
+    captured = replace(second, k_scale=first.k_scale.clone(), v_scale=first.v_scale.clone())
+    for dst, src in [(first.q, second.q), (first.seq_lens, second.seq_lens),
+                     (first.k_scale, second.k_scale), (first.v_scale, second.v_scale)]:
+        dst.copy_(src)
+    for dst_c, src_c, dst_t, src_t in zip(first.caches, second.caches, first.tables, second.tables):
+        if dst_c is not None:
+            dst_c.view(torch.uint8).copy_(src_c.view(torch.uint8))
+            dst_t.copy_(src_t)
+    graph.replay()
+    ref = reference_decode(second)
+    evidence(compares, METRIC, scaled_error(out, ref), "kernel run with the scales of capture time",
+             scaled_error(run_op(captured, 3200), ref), label="replay, new scales and inputs")
+
+
+def test_fp8_opcheck() -> None:
+    case = make_case([300, 0, 5000], num_kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16,
+                     block_size=16, streaming_heads=[True, False], pad_slots=1, seed=3,
+                     fp8_scales=FP8_SCALES)
+    parts = 10
+    args = (torch.empty_like(case.q), case.q, *case.slots, case.seq_lens, case.num_kv_heads,
+            case.block_size, case.sink, case.window, case.scale, 512,
+            torch.empty(3, 8, parts, 128, device="cuda"), torch.empty(3, 8, parts, device="cuda"),
+            case.k_scale, case.v_scale)
     torch.library.opcheck(torch.ops.vllm_duo.paged_decode.default, args)

@@ -1,7 +1,8 @@
 """``streaming_prefill`` against the float32 reference: prompt chunks with sink + window.
 
 On the GPU (marked gpu): bf16 and fp16, GQA, several slots, ragged batches, chunks of 256..16K
-tokens behind up to 48K cached tokens, prompts up to 64K, random sink/window/block sizes. On
+tokens behind up to 48K cached tokens, prompts up to 64K, random sink/window/block sizes; and
+fp8 e4m3 caches with per-tensor scales, against the reference on the values the cache holds. On
 the CPU the same kernel runs under Triton's interpreter (fp16: its bf16 ``tl.dot`` is wrong), on
 small cases, so CI checks the masking logic without a GPU. Planted needles (prefill_reference)
 make a dropped sink, a window off by one or a skipped block fail the check; on the CPU their
@@ -15,10 +16,19 @@ import random
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from tests.kernels.prefill_reference import PrefillCase, make_prefill_case, mutations, needle_case, reference
+from tests.kernels.prefill_reference import (
+    PrefillCase,
+    make_prefill_case,
+    mutations,
+    needle_case,
+    reference,
+    to_fp8,
+)
 from tests.kernels.reference import METRIC, scaled_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +46,8 @@ def run_kernel(case: PrefillCase, config: tuple | None = None) -> torch.Tensor:
     a = case.args()
     launch(out, case.q, case.k, case.v, a["kv_ptrs"], a["block_table_ptrs"], a["block_table_strides"],
            a["slot_kv_head"], a["query_start_loc"], a["seq_lens"], a["block_table_row0"], a["max_query_len"],
-           a["num_kv_heads"], a["block_size"], a["sink_size"], a["window"], case.q.shape[2] ** -0.5, config)
+           a["num_kv_heads"], a["block_size"], a["sink_size"], a["window"], case.q.shape[2] ** -0.5, config,
+           a.get("k_scale"), a.get("v_scale"))
     return out
 
 
@@ -123,9 +134,11 @@ def test_gpu_random(seed: int, evidence) -> None:
     evidence(COMPARES, METRIC, gap, "all-zeros output", zeros, label=f"seed {seed}")
 
 
-def test_cpu_mutations_separate() -> None:
-    """By design: the reference of each mutated input differs beyond the tolerance."""
-    case = needle_case("cpu")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_cpu_mutations_separate(fp8: bool) -> None:
+    """By design: the reference of each mutated input differs beyond the tolerance (the needles
+    survive fp8 quantization, saturated or not)."""
+    case = to_fp8(needle_case("cpu"), K_SCALE, V_SCALE) if fp8 else needle_case("cpu")
     heads = case.heads
     ref = reference(case, case.q.shape[2] ** -0.5)[:, heads]
     gaps = {what: scaled_error(reference(wrong, case.q.shape[2] ** -0.5)[:, heads], ref)
@@ -149,3 +162,43 @@ def test_gpu_wrong_kernel_inputs_are_rejected(dtype, evidence) -> None:
     for what, wrong in mutations(case).items():
         evidence(compares, METRIC, gap, f"kernel run with {what}",
                  scaled_error(run_kernel(wrong)[:, heads], ref), label=label)
+
+
+K_SCALE, V_SCALE = 0.1, 0.2  # != 1, so a kernel that ignores a scale fails
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("q_lens,ctx_lens", [([4096], [0]), ([16384], [49152]),
+                                             ([1000, 37, 2048, 5], [0, 3000, 70, 9000])])
+def test_gpu_fp8_against_reference(q_lens, ctx_lens, evidence) -> None:
+    """fp8 caches (bf16 queries and chunk K/V): the reference runs on the dequantized cache; the
+    kernel run with either scale doubled must be rejected."""
+    case = to_fp8(make_prefill_case(q_lens, ctx_lens, num_kv_heads=8, group=4, head_dim=128,
+                                    kv_heads=[0, 2, 3, 7], seed=3), K_SCALE, V_SCALE)
+    heads = case.heads
+    ref = reference(case, 128 ** -0.5)[:, heads]
+    gap = scaled_error(run_kernel(case)[:, heads], ref)
+    compares = COMPARES + ", fp8 e4m3 cache"
+    label = f"q {q_lens} ctx {ctx_lens}"
+    assert gap <= 1, f"streaming_prefill fp8: scaled error {gap:.3g} > 1 ({METRIC})"
+    evidence(compares, METRIC, gap, "all-zeros output", scaled_error(torch.zeros_like(ref), ref), label=label)
+    if sum(ctx_lens):  # a scale only matters for keys read from the cache
+        for what, k, v in (("k_scale doubled", 2 * K_SCALE, V_SCALE), ("v_scale doubled", K_SCALE, 2 * V_SCALE)):
+            wrong = replace(case, k_scale=torch.full_like(case.k_scale, k), v_scale=torch.full_like(case.v_scale, v))
+            evidence(compares, METRIC, gap, f"kernel run with {what}",
+                     scaled_error(run_kernel(wrong)[:, heads], ref), label=label)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_fp8_wrong_kernel_inputs_are_rejected(evidence) -> None:
+    """The planted-needle mutations on fp8 caches."""
+    case = to_fp8(needle_case("cuda"), K_SCALE, V_SCALE)
+    heads = case.heads
+    ref = reference(case, case.q.shape[2] ** -0.5)[:, heads]
+    gap = scaled_error(run_kernel(case)[:, heads], ref)
+    compares = COMPARES + ", fp8 e4m3 cache, planted needles"
+    for what, wrong in mutations(case).items():
+        evidence(compares, METRIC, gap, f"kernel run with {what}",
+                 scaled_error(run_kernel(wrong)[:, heads], ref), label="fp8")

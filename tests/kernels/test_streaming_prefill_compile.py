@@ -21,22 +21,24 @@ SIGNATURE = {
     **{name: "*bf16" for name in ("Q", "K", "V", "O")},
     **{name: "*i64" for name in ("KV_PTRS", "BT_PTRS", "BT_STRIDES")},
     **{name: "*i32" for name in ("SLOT_HEAD", "QSL", "SEQ_LENS")},
+    **{name: "*fp32" for name in ("K_SCALE", "V_SCALE")},
     **{name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                 "stride_vh", "stride_ot", "stride_oh", "bt_row0", "sink", "window")},
     "scale_log2": "fp32",
-    **{name: "constexpr" for name in ("G", "BLOCK_SIZE", "D", "BLOCK_M", "BLOCK_N", "HEADS")},
+    **{name: "constexpr" for name in ("G", "BLOCK_SIZE", "D", "BLOCK_M", "BLOCK_N", "FP8", "HEADS")},
 }
 
 
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_compiles_for_sm90_without_spills(head_dim: int, tmp_path) -> None:
+def test_compiles_for_sm90_without_spills(head_dim: int, fp8: bool, tmp_path) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_m, block_n, num_warps, num_stages, pack = launch_config(head_dim)
+    block_m, block_n, num_warps, num_stages, pack = launch_config(head_dim, fp8)
     src = ASTSource(fn=_streaming_prefill_kernel, signature=SIGNATURE,
                     constexprs={"G": 4, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                "HEADS": 4 if pack else 1})
+                                "FP8": fp8, "HEADS": 4 if pack else 1})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = tmp_path / "kernel.ptx"
@@ -53,4 +55,4 @@ def test_per_step_arguments_do_not_specialize() -> None:
     specialization on them recompiles mid-serving (seconds per new value class)."""
     params = {p.name: p for p in _streaming_prefill_kernel.params}
     assert params["bt_row0"].do_not_specialize
-    assert params["QSL"].do_not_specialize_on_alignment and params["SEQ_LENS"].do_not_specialize_on_alignment
+    assert all(params[n].do_not_specialize_on_alignment for n in ("QSL", "SEQ_LENS", "K_SCALE", "V_SCALE"))

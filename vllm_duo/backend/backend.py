@@ -17,7 +17,8 @@ class DuoAttentionBackend(FlashAttentionBackend):
     # The impl writes K/V of every slot itself (one layer, many caches).
     forward_includes_kv_cache_update: ClassVar[bool] = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "bfloat16", "float16"]
+    # fp8 = e4m3 with per-tensor scales, as FLASH_ATTN's FA3 (vLLM offers no e5m2 there).
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "bfloat16", "float16", "fp8", "fp8_e4m3"]
 
     @staticmethod
     def get_name() -> str:

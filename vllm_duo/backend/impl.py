@@ -15,6 +15,12 @@ Per step and layer:
 
 Pure-decode steps run inside vLLM's full CUDA graphs: ``forward()`` reads no host values and
 allocates only inside the captured region; the builder fills every persistent input per step.
+
+An fp8 KV cache (``--kv-cache-dtype fp8``) holds e4m3 K / k_scale and V / v_scale with the layer's
+per-tensor scales, as FLASH_ATTN's: ``write_kv`` quantizes, ``paged_decode`` and the window kernel
+dequantize on load (the scales are read on the device), retrieval chunks with cached context go
+through FA3's fp8 path with the query quantized by q_scale as FLASH_ATTN does, and fresh prompts
+attend their own K/V before quantization.
 """
 
 from __future__ import annotations
@@ -29,8 +35,18 @@ from vllm_duo import ops
 from vllm_duo.backend.metadata import DuoMetadata
 from vllm_duo.backend.step_tables import SlotTensors, StepTables
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.model_check import is_fp8
 from vllm_duo.options import DuoOptions
 from vllm_duo.slot_plan import RETRIEVAL
+
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale saturated to e4m3, as vLLM's static query quantization for FA3 does."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
@@ -50,6 +66,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         self.num_kv_heads = num_kv_heads
         self.group = num_heads // num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
+        self.fp8 = is_fp8(kv_cache_dtype)  # e4m3 caches with the layer's per-tensor scales
         self.fa_version = get_flash_attn_version()
         self.slots: list = []
         self.opts: DuoOptions | None = None
@@ -72,8 +89,9 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             return output.fill_(0)
         t = self._slot_tensors(attn_metadata.tables)
         n = attn_metadata.num_actual_tokens
+        scales = dict(k_scale=layer._k_scale, v_scale=layer._v_scale) if self.fp8 else {}
         ops.write_kv(key[:n], value[:n], t.kv_ptrs, t.slot_kv_head, t.slot_group,
-                     attn_metadata.tables.slot_mappings, check=False)
+                     attn_metadata.tables.slot_mappings, check=False, **scales)
         nd, ndt = attn_metadata.num_decodes, attn_metadata.num_decode_tokens
         if nd:
             # A captured launch replays for any later length: plan it for the longest row
@@ -87,7 +105,8 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
                              num_kv_heads=self.num_kv_heads, block_size=self.block_size,
                              sink_size=self.opts.sink_size, window=self.opts.recent_size,
                              scale=self.scale, out=output[:ndt],
-                             graph_slots=max(1, t.num_long_slots) if graph else None, check=False)
+                             graph_slots=max(1, t.num_long_slots) if graph else None, check=False,
+                             **scales)
         if nd < attn_metadata.num_reqs:
             metas = get_forward_context().attn_metadata
             if isinstance(metas, list):
@@ -101,10 +120,10 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             if fresh and runs:
                 self._prefill_fresh(query, key, value, output, attn_metadata, nd, ndt, n, runs)
             if not whole:
-                self._prefill_per_slot(query, output, metas, attn_metadata, nd, ndt, n,
+                self._prefill_per_slot(layer, query, output, metas, attn_metadata, nd, ndt, n,
                                        retrieval=not fresh, streaming=not window_kernel)
                 if window_kernel:
-                    self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n)
+                    self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n, scales)
         return output
 
     def _slot_tensors(self, tables: StepTables) -> SlotTensors:
@@ -128,6 +147,8 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
     def _kv_views(self, slot) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views of a slot cache for the prefill kernels (FA3: TMA-friendly strides)."""
         k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if self.fp8:  # vLLM allocates fp8 caches as uint8
+            k_cache, v_cache = k_cache.view(FP8_DTYPE), v_cache.view(FP8_DTYPE)
         if slot.kind == RETRIEVAL:
             return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
         return k_cache, v_cache
@@ -150,7 +171,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
                 max_seqlen_q=meta.max_query_len, cu_seqlens_q=cu, max_seqlen_k=meta.max_query_len,
                 cu_seqlens_k=cu, softmax_scale=self.scale, causal=True, fa_version=self.fa_version)
 
-    def _prefill_per_slot(self, query, output, metas, meta: DuoMetadata, nd: int, ndt: int, n: int,
+    def _prefill_per_slot(self, layer, query, output, metas, meta: DuoMetadata, nd: int, ndt: int, n: int,
                           retrieval: bool, streaming: bool) -> None:
         """Prompt chunks (requests ``nd..``) one slot at a time: when ``retrieval``, retrieval
         slots through FA3, and, when ``streaming``, streaming slots through vLLM's Triton R-SWA.
@@ -160,16 +181,25 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             return
         qsl = meta.query_start_loc[nd:]
         cu_seqlens_q, seq_lens = qsl - qsl[:1], meta.seq_lens[nd:]
+        q = query[ndt:n]
+        descales = {}
+        if self.fp8 and retrieval:  # FA3 reads an fp8 cache with fp8 queries, as FLASH_ATTN does
+            q = quantize_fp8(q, layer._q_scale)
+            shape = (seq_lens.numel(), 1)  # (sequences, KV heads of one slot)
+            descales = {f"{x}_descale": getattr(layer, f"_{x}_scale").expand(shape) for x in "qkv"}
         for slot, heads, k_cache, v_cache in self._views:
             is_retrieval = slot.kind == RETRIEVAL
             if not (retrieval if is_retrieval else streaming):
                 continue
-            run = self._retrieval if is_retrieval else self._streaming
-            run(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd,
-                cu_seqlens_q, seq_lens)
+            if is_retrieval:
+                self._retrieval(q[:, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd,
+                                cu_seqlens_q, seq_lens, descales)
+            else:
+                self._streaming(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name],
+                                nd, cu_seqlens_q, seq_lens)
 
     def _prefill_streaming(self, query, key, value, output, t: SlotTensors, meta: DuoMetadata,
-                           nd: int, ndt: int, n: int) -> None:
+                           nd: int, ndt: int, n: int, scales: dict) -> None:
         """Prompt chunks of every streaming slot: one launch, sink + prefill window only; keys of
         the chunk itself come from this step's K/V (the cache may hold only the chunk's tail)."""
         if t.stream_kv_ptrs.numel() == 0:
@@ -180,17 +210,17 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             meta.query_start_loc[nd:], meta.seq_lens[nd:], max_query_len=meta.max_query_len,
             num_kv_heads=self.num_kv_heads, block_size=self.block_size,
             sink_size=self.opts.sink_size, window=self.opts.prefill_window, scale=self.scale,
-            block_table_row0=nd, out=output[ndt:n])
+            block_table_row0=nd, out=output[ndt:n], **scales)
 
     def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
-                   seq_lens) -> None:
+                   seq_lens, descales: dict) -> None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         flash_attn_varlen_func(
             q=q, k=k_cache, v=v_cache, out=out,
             cu_seqlens_q=cu_seqlens_q, max_seqlen_q=meta.max_query_len,
             seqused_k=seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
-            causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version)
+            causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version, **descales)
 
     def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
                    seq_lens) -> None:

@@ -54,6 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--chat-template", choices=["on", "off"], default="off")
     p.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
     p.add_argument("--seed", type=int, default=0, help="pass-key seed")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="KV cache of every method's engine (fp8: e4m3 with per-tensor scales)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     engine_base = dict(max_model_len=max(args.lengths) + args.max_tokens, seed=0,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                       enforce_eager=args.enforce_eager, enable_prefix_caching=False)
+                       enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+                       kv_cache_dtype=args.kv_cache_dtype)
     results = run_methods(args.model, methods, prompts, codec, args.lengths, args.depths, engine_base,
                           max_tokens=args.max_tokens, out_dir=out_dir, log_path=log_path, echo=not args.quiet,
                           timeout=args.timeout, caption=f"{os.path.basename(os.path.normpath(args.model))}, "

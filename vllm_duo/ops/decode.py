@@ -11,6 +11,7 @@ import functools
 import torch
 
 from vllm_duo.ops import _ext
+from vllm_duo.ops.slots import check_kv_scales
 
 HEAD_DIMS = (64, 128, 256)
 MAX_GROUP = 8  # query heads per KV head the kernel keeps in registers
@@ -71,7 +72,8 @@ def plan_graph_partitions(max_len: int, num_seqs: int, num_long_slots: int,
 
 
 def _check_inputs(q: torch.Tensor, slot_tensors: dict[str, torch.Tensor], seq_lens: torch.Tensor,
-                  num_kv_heads: int, block_size: int, sink_size: int, window: int) -> None:
+                  num_kv_heads: int, block_size: int, sink_size: int, window: int,
+                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
     """Shape/dtype/device errors worded for the caller; shared by the wrapper and the fake impl."""
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"paged_decode: q must be bfloat16 or float16, got {q.dtype}")
@@ -102,6 +104,7 @@ def _check_inputs(q: torch.Tensor, slot_tensors: dict[str, torch.Tensor], seq_le
     if seq_lens.dtype != torch.int32 or seq_lens.shape != (num_seqs,) or seq_lens.device != q.device:
         raise ValueError(f"paged_decode: seq_lens must be int32 [num_seqs={num_seqs}] on {q.device}, got "
                          f"{seq_lens.dtype} {tuple(seq_lens.shape)} on {seq_lens.device}")
+    check_kv_scales("paged_decode", k_scale, v_scale, q.device)
 
 
 def paged_decode(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch.Tensor,
@@ -110,7 +113,8 @@ def paged_decode(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch
                  num_kv_heads: int, block_size: int, sink_size: int, window: int,
                  scale: float | None = None, partition_size: int | None = None,
                  out: torch.Tensor | None = None, graph_slots: int | None = None,
-                 check: bool = True) -> torch.Tensor:
+                 check: bool = True, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention (one query token per sequence) for all slots; returns ``out``.
 
     Retrieval slots attend keys ``[0, L)``, streaming slots ``p < sink_size or p > L-1-window``
@@ -121,6 +125,9 @@ def paged_decode(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch
     context, e.g. real retrieval slots): the plan is then :func:`plan_graph_partitions`.
     Streaming slots never touch block-table entries between sink and window. ``check=False``
     skips this wrapper's input checks (the C++ op makes the same ones; per-layer hot path).
+    With ``k_scale`` and ``v_scale`` (float32, one element each, on the device, read there, so
+    a captured graph uses their values at replay) the caches are fp8 e4m3 and K/V read as
+    ``float(fp8) * scale``; q and ``out`` keep q's dtype.
 
     >>> import torch
     >>> from vllm_duo.ops import decode_slots, paged_decode
@@ -142,7 +149,8 @@ def paged_decode(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch
         slot_tensors = dict(kv_ptrs=kv_ptrs, block_table_ptrs=block_table_ptrs,
                             block_table_strides=block_table_strides, slot_kv_head=slot_kv_head,
                             slot_streaming=slot_streaming)
-        _check_inputs(q, slot_tensors, seq_lens, num_kv_heads, block_size, sink_size, window)
+        _check_inputs(q, slot_tensors, seq_lens, num_kv_heads, block_size, sink_size, window,
+                      k_scale, v_scale)
         if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                                 or out.stride(2) != 1):
             raise ValueError(f"paged_decode: out must be {q.dtype} {tuple(q.shape)} on {q.device} with "
@@ -167,7 +175,8 @@ def paged_decode(q: torch.Tensor, kv_ptrs: torch.Tensor, block_table_ptrs: torch
     torch.ops.vllm_duo.paged_decode(
         out, q, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, slot_streaming,
         seq_lens, num_kv_heads, block_size, sink_size, window,
-        head_dim ** -0.5 if scale is None else scale, partition_size, tmp_out, tmp_lse)
+        head_dim ** -0.5 if scale is None else scale, partition_size, tmp_out, tmp_lse, k_scale,
+        v_scale)
     return out
 
 
@@ -177,11 +186,13 @@ def _paged_decode_fake(out: torch.Tensor, q: torch.Tensor, kv_ptrs: torch.Tensor
                        slot_kv_head: torch.Tensor, slot_streaming: torch.Tensor,
                        seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, sink_size: int,
                        window: int, scale: float, partition_size: int, tmp_out: torch.Tensor,
-                       tmp_lse: torch.Tensor) -> None:
+                       tmp_lse: torch.Tensor, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
     slot_tensors = dict(kv_ptrs=kv_ptrs, block_table_ptrs=block_table_ptrs,
                         block_table_strides=block_table_strides, slot_kv_head=slot_kv_head,
                         slot_streaming=slot_streaming)
-    _check_inputs(q, slot_tensors, seq_lens, num_kv_heads, block_size, sink_size, window)
+    _check_inputs(q, slot_tensors, seq_lens, num_kv_heads, block_size, sink_size, window, k_scale,
+                  v_scale)
     num_seqs, num_q_heads, head_dim = q.shape
     if out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"paged_decode: out must be {q.dtype} {tuple(q.shape)}")

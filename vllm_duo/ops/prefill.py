@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_duo.ops.slots import check_kv_scales
+
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -26,23 +28,25 @@ HEAD_DIMS = (64, 128, 256)
 LaunchConfig = tuple[int, int, int, int, bool]
 
 
-def launch_config(head_dim: int) -> LaunchConfig:
-    """Per head_dim: the largest tiles that compile for sm_90 without register spills (ptxas -v,
-    Triton 3.6; tests/kernels/test_streaming_prefill_compile.py). ``benchmarks/prefill.py --part
-    window-configs`` times the alternatives on the GPU."""
+def launch_config(head_dim: int, fp8: bool = False) -> LaunchConfig:
+    """Per head_dim (and cache type): the largest tiles that compile for sm_90 without register
+    spills (ptxas -v, Triton 3.6; tests/kernels/test_streaming_prefill_compile.py).
+    ``benchmarks/prefill.py --part window-configs`` times the alternatives on the GPU."""
     if head_dim <= 64:
         return 64, 64, 4, 2, False
     if head_dim <= 128:
         return 64, 64, 8, 2, False
-    return 32, 32, 8, 2, False
+    # fp8 -> bf16 conversion needs registers
+    return (32, 16, 8, 2, False) if fp8 else (32, 32, 8, 2, False)
 
 
 @triton.jit
 def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, lo, hi, t,
-            sink, window, scale_log2, FRESH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            D: tl.constexpr, BLOCK_N: tl.constexpr):
+            sink, window, scale_log2, k_scale, v_scale, FRESH: tl.constexpr, FP8: tl.constexpr,
+            BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over keys [lo, hi): from the slot cache, or
-    (``FRESH``, keys of this chunk: p >= ctx) from the step's K/V rows tok0 + p - ctx."""
+    (``FRESH``, keys of this chunk: p >= ctx) from the step's K/V rows tok0 + p - ctx. An ``FP8``
+    cache holds K/V divided by their per-tensor scales: K's goes into the scores, V's into V."""
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         p = start + tl.arange(0, BLOCK_N)
@@ -56,7 +60,12 @@ def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, 
             row = (blk * BLOCK_SIZE + p % BLOCK_SIZE) * (2 * D)
             k = tl.load(kv + row[None, :] + offs_d[:, None], mask=p_ok[None, :], other=0.0)
             v = tl.load(kv + row[:, None] + D + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+            if FP8:
+                k = k.to(q.dtype)  # e4m3 values are exact in bf16/fp16
+                v = (v.to(tl.float32) * v_scale).to(q.dtype)
         s = tl.dot(q, k) * scale_log2
+        if FP8 and not FRESH:
+            s = s * k_scale
         seen = p_ok[None, :] & (p[None, :] <= t[:, None]) & \
             ((p[None, :] < sink) | (p[None, :] > t[:, None] - window))
         s = tl.where(seen, s, float("-inf"))
@@ -72,14 +81,16 @@ def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, 
 
 # Per-step values must not pick a new Triton specialization (each a compile of seconds, in the
 # middle of serving): the block-table row (the step's number of decodes; 1 and multiples of 16
-# specialize) and the alignment of query_start_loc / seq_lens (sliced past the decodes).
-@triton.jit(do_not_specialize=["bt_row0"], do_not_specialize_on_alignment=["QSL", "SEQ_LENS"])
+# specialize) and the alignment of query_start_loc / seq_lens (sliced past the decodes; without an
+# fp8 cache they also stand in for the scale pointers).
+@triton.jit(do_not_specialize=["bt_row0"],
+            do_not_specialize_on_alignment=["QSL", "SEQ_LENS", "K_SCALE", "V_SCALE"])
 def _streaming_prefill_kernel(
-        Q, K, V, O, KV_PTRS, BT_PTRS, BT_STRIDES, SLOT_HEAD, QSL, SEQ_LENS,
+        Q, K, V, O, KV_PTRS, BT_PTRS, BT_STRIDES, SLOT_HEAD, QSL, SEQ_LENS, K_SCALE, V_SCALE,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         bt_row0, sink, window, scale_log2,
         G: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, HEADS: tl.constexpr):
     # HEADS query heads per program (1, or G when packed): rows r are query r // HEADS of the
     # tile's QPT queries, head r % HEADS of the program's heads.
     QPT: tl.constexpr = BLOCK_M // HEADS
@@ -95,7 +106,14 @@ def _streaming_prefill_kernel(
     seq_len = tl.load(SEQ_LENS + req)
     ctx = seq_len - q_len  # position of the request's first query
     dtype = Q.dtype.element_ty
-    kv = tl.load(KV_PTRS + slot).to(tl.pointer_type(dtype))
+    k_scale = 1.0
+    v_scale = 1.0
+    if FP8:
+        kv = tl.load(KV_PTRS + slot).to(tl.pointer_type(tl.float8e4nv))
+        k_scale = tl.load(K_SCALE)  # device values, as vLLM may update them
+        v_scale = tl.load(V_SCALE)
+    else:
+        kv = tl.load(KV_PTRS + slot).to(tl.pointer_type(dtype))
     bt = tl.load(BT_PTRS + slot).to(tl.pointer_type(tl.int32)) + \
         (bt_row0 + req).to(tl.int64) * tl.load(BT_STRIDES + slot)
     kv_head = tl.load(SLOT_HEAD + slot)
@@ -122,15 +140,19 @@ def _streaming_prefill_kernel(
     win_lo = tl.maximum(sink_end, t_lo - window + 1)
     cache_end = tl.minimum(sink_end, ctx)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
-                            0, cache_end, t, sink, window, scale_log2, False, BLOCK_SIZE, D, BLOCK_N)
+                            0, cache_end, t, sink, window, scale_log2, k_scale, v_scale, False, FP8,
+                            BLOCK_SIZE, D, BLOCK_N)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
-                            ctx, sink_end, t, sink, window, scale_log2, True, BLOCK_SIZE, D, BLOCK_N)
+                            ctx, sink_end, t, sink, window, scale_log2, k_scale, v_scale, True, FP8,
+                            BLOCK_SIZE, D, BLOCK_N)
     cache_end = tl.minimum(t_hi, ctx)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
-                            win_lo, cache_end, t, sink, window, scale_log2, False, BLOCK_SIZE, D, BLOCK_N)
+                            win_lo, cache_end, t, sink, window, scale_log2, k_scale, v_scale, False, FP8,
+                            BLOCK_SIZE, D, BLOCK_N)
     fresh_lo = tl.maximum(win_lo, ctx)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
-                            fresh_lo, t_hi, t, sink, window, scale_log2, True, BLOCK_SIZE, D, BLOCK_N)
+                            fresh_lo, t_hi, t, sink, window, scale_log2, k_scale, v_scale, True, FP8,
+                            BLOCK_SIZE, D, BLOCK_N)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(dtype), mask=m_ok[:, None])
@@ -140,8 +162,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
            block_table_ptrs: torch.Tensor,
            block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor, query_start_loc: torch.Tensor,
            seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, sink_size: int,
-           window: int) -> None:
+           window: int, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Errors worded for the caller; shared by the wrapper and the fake impl."""
+    check_kv_scales("streaming_prefill", k_scale, v_scale, q.device)
     if q.dtype not in (torch.bfloat16, torch.float16) or q.dim() != 3:
         raise ValueError(f"streaming_prefill: q must be bfloat16/float16 [num_tokens, num_q_heads, "
                          f"head_dim], got {q.dtype} {tuple(q.shape)}")
@@ -185,21 +208,24 @@ def _streaming_prefill_op(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                           slot_kv_head: torch.Tensor, query_start_loc: torch.Tensor,
                           seq_lens: torch.Tensor, block_table_row0: int, max_query_len: int,
                           num_kv_heads: int, block_size: int, sink_size: int, window: int,
-                          scale: float) -> None:
+                          scale: float, k_scale: torch.Tensor | None = None,
+                          v_scale: torch.Tensor | None = None) -> None:
     launch(out, q, k, v, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
            seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window, scale,
-           launch_config(q.shape[2]))
+           launch_config(q.shape[2], k_scale is not None), k_scale, v_scale)
 
 
 def launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ptrs: torch.Tensor,
            block_table_ptrs: torch.Tensor, block_table_strides: torch.Tensor, slot_kv_head: torch.Tensor,
            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table_row0: int,
            max_query_len: int, num_kv_heads: int, block_size: int, sink_size: int, window: int,
-           scale: float, config: LaunchConfig) -> None:
+           scale: float, config: LaunchConfig, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> None:
     """The kernel launch with explicit tiles (unchecked: the op checks its inputs first)."""
     num_slots, group, d = kv_ptrs.numel(), q.shape[1] // num_kv_heads, q.shape[2]
     if num_slots == 0 or seq_lens.numel() == 0 or max_query_len <= 0:
         return
+    fp8 = k_scale is not None
     block_m, block_n, num_warps, num_stages, pack = config
     heads = group if pack else 1
     if block_m < heads:
@@ -208,19 +234,20 @@ def launch(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grid = (seq_lens.numel(), triton.cdiv(max_query_len, block_m // heads), num_slots * (group // heads))
     _streaming_prefill_kernel[grid](
         q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
-        seq_lens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        seq_lens, k_scale if fp8 else seq_lens, v_scale if fp8 else seq_lens,  # not read unless fp8
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), block_table_row0,
         sink_size, window, scale * 1.4426950408889634,
-        G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=block_n, HEADS=heads,
+        G=group, BLOCK_SIZE=block_size, D=d, BLOCK_M=block_m, BLOCK_N=block_n, FP8=fp8, HEADS=heads,
         num_warps=num_warps, num_stages=num_stages)
 
 
 @_streaming_prefill_op.register_fake
 def _(out, q, k, v, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
       seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window,
-      scale) -> None:
+      scale, k_scale=None, v_scale=None) -> None:
     _check(q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
-           seq_lens, num_kv_heads, block_size, sink_size, window)
+           seq_lens, num_kv_heads, block_size, sink_size, window, k_scale, v_scale)
 
 
 def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ptrs: torch.Tensor,
@@ -229,7 +256,8 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ptrs
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, *, max_query_len: int,
                       num_kv_heads: int, block_size: int, sink_size: int, window: int,
                       scale: float | None = None, block_table_row0: int = 0,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Sink + window attention of prompt chunks for the streaming slots listed; returns ``out``.
 
     ``q``/``out``: ``[num_tokens, num_q_heads, head_dim]``, request i's queries at rows
@@ -239,14 +267,16 @@ def streaming_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ptrs
     ``kv_ptrs[s]``, K then V) serves KV head ``slot_kv_head[s]``, i.e. query heads
     ``h*G .. h*G+G-1``, and reads request i's block ids from row ``block_table_row0 + i`` of its
     int32 table. Query heads of other slots are left untouched. Block-table entries between the
-    sink and each query tile's window are never read.
+    sink and each query tile's window are never read. With ``k_scale`` and ``v_scale`` (one-element
+    float32 tensors, vLLM's per-tensor scales) the caches are fp8 e4m3 holding K / k_scale and
+    V / v_scale; the chunk's own ``k``/``v`` stay in q's dtype.
     """
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     _check(q, k, v, out, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
-           seq_lens, num_kv_heads, block_size, sink_size, window)
+           seq_lens, num_kv_heads, block_size, sink_size, window, k_scale, v_scale)
     torch.ops.vllm_duo.streaming_prefill(
         out, q, k, v, kv_ptrs, block_table_ptrs, block_table_strides, slot_kv_head, query_start_loc,
         seq_lens, block_table_row0, max_query_len, num_kv_heads, block_size, sink_size, window,
-        q.shape[2] ** -0.5 if scale is None else scale)
+        q.shape[2] ** -0.5 if scale is None else scale, k_scale, v_scale)
     return out

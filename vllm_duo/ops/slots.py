@@ -5,6 +5,10 @@ A slot is one KV head's own cache, a separate allocation ``[num_blocks, block_si
 ``[rows, row_stride]``. The kernels take raw addresses, so the launch does not depend on how many
 caches there are or where they live, and stays valid inside a CUDA graph as long as the
 addressed tensors stay alive and in place.
+
+The caches hold the query's dtype, or fp8 e4m3 when the ops get ``k_scale`` and ``v_scale``
+(vLLM's per-tensor ``layer._k_scale``/``_v_scale``): stored ``e4m3(x / scale)``, read
+``float(fp8) * scale``, as vLLM's FLASH_ATTN fp8 KV cache.
 """
 
 from __future__ import annotations
@@ -53,3 +57,16 @@ def decode_slots(caches: Sequence[torch.Tensor | None], block_tables: Sequence[t
                                          dtype=torch.int64, device=device),
         slot_kv_head=torch.tensor(list(kv_heads), dtype=torch.int32, device=device),
         slot_streaming=torch.tensor([int(s) for s in streaming], dtype=torch.int32, device=device))
+
+
+def check_kv_scales(op: str, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                    device: torch.device) -> None:
+    """fp8 cache scales: both (float32, one element, on ``device``, read there by the kernel, so a
+    captured graph sees later values) or neither (the cache dtype is the query's)."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{op}: k_scale and v_scale must be given together (fp8 e4m3 cache) or not "
+                         "at all")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is not None and (s.dtype != torch.float32 or s.numel() != 1 or s.device != device):
+            raise ValueError(f"{op}: k_scale and v_scale must be float32 tensors of one element on "
+                             f"{device}, got {name} {s.dtype} {tuple(s.shape)} on {s.device}")

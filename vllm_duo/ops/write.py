@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 
 from vllm_duo.ops import _ext
+from vllm_duo.ops.slots import check_kv_scales
 
 
 def _check_inputs(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
-                  slot_kv_head: torch.Tensor, slot_group: torch.Tensor,
-                  slot_mappings: torch.Tensor) -> None:
+                  slot_kv_head: torch.Tensor, slot_group: torch.Tensor, slot_mappings: torch.Tensor,
+                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
     """Shape/dtype/device errors worded for the caller; shared by the wrapper and the fake impl."""
     if key.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"write_kv: key must be bfloat16 or float16, got {key.dtype}")
@@ -39,16 +40,21 @@ def _check_inputs(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
                          f"{slot_mappings.device}")
     if slot_mappings.stride(1) != 1:
         raise ValueError("write_kv: slot_mappings needs contiguous rows")
+    check_kv_scales("write_kv", k_scale, v_scale, key.device)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
              slot_kv_head: torch.Tensor, slot_group: torch.Tensor,
-             slot_mappings: torch.Tensor, check: bool = True) -> None:
+             slot_mappings: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None, check: bool = True) -> None:
     """Write K/V of each slot's KV head to its cache rows ``slot_mappings[slot_group[slot], t]``.
 
     A row is ``block_id * block_size + offset`` in the slot cache ``[num_blocks, block_size, 2D]``
     (K goes to ``[..., :D]``, V to ``[..., D:]``); -1 rows and -1 slots are skipped. Slots of one
     kind usually share a row of ``slot_mappings`` (group), as they share vLLM's slot mapping.
+    With ``k_scale`` and ``v_scale`` (float32, one element each, on the device) the caches are
+    fp8 e4m3 and take ``e4m3(x / scale)``, rounded to nearest even and saturated to +-448, as
+    vLLM's ``reshape_and_cache_flash``.
 
     >>> import torch
     >>> from vllm_duo.ops import write_kv
@@ -67,15 +73,17 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
         _ext.require()
         if key.device.type != "cuda":
             raise ValueError(f"write_kv: key must be a CUDA tensor, got {key.device}")
-        _check_inputs(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings)
-    torch.ops.vllm_duo.write_kv(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings)
+        _check_inputs(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings, k_scale, v_scale)
+    torch.ops.vllm_duo.write_kv(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings,
+                                k_scale, v_scale)
 
 
 @_ext.register_fake("vllm_duo::write_kv")
 def _write_kv_fake(key: torch.Tensor, value: torch.Tensor, kv_ptrs: torch.Tensor,
                    slot_kv_head: torch.Tensor, slot_group: torch.Tensor,
-                   slot_mappings: torch.Tensor) -> None:
-    _check_inputs(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings)
+                   slot_mappings: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    _check_inputs(key, value, kv_ptrs, slot_kv_head, slot_group, slot_mappings, k_scale, v_scale)
 
 
 if _ext.available():
