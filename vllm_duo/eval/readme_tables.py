@@ -18,9 +18,9 @@ from typing import Any
 # Figure key -> what it measures (the README's wording). Unknown keys are shown by key.
 LABELS = {
     "short_prompt_ratio_1k_b64": "output throughput vs FLASH_ATTN, 1K-token prompts, 128 out, batch 64",
-    "capacity_ratio_llama3_s050": "64K requests held vs FLASH_ATTN, Llama-3-8B, 50% (vLLM's computed max concurrency)",
+    "capacity_ratio_llama3_s050": "64K requests decoding at once vs FLASH_ATTN (all admitted, none preempted), Llama-3-8B, 50%",
     "capacity_ratio_llama2_s075": "64K requests held vs FLASH_ATTN, Llama-2-7B, 75% (vLLM's computed max concurrency)",
-    "capacity_ratio_llama3_s050_prefix": "same, Llama-3-8B, 50%, prefix caching on",
+    "capacity_ratio_llama3_s050_prefix": "same, with prefix caching on (vLLM's default) in both",
     "capacity_ratio_llama3_s050_rswa": "KV capacity, Llama-3-8B, 50%, `streaming_prefill=\"rswa\"`",
     "capacity_ratio_llama2_s075_rswa": "KV capacity, Llama-2-7B, 75%, `streaming_prefill=\"rswa\"`",
     "decode_kernel_ratio_64k_b16_s050": "decode kernel time / FA3, 64K, batch 16, 50% (lower: better)",
@@ -31,6 +31,8 @@ LABELS = {
     "prefill_ratio_256k_s050": "prefill speed-up, Llama-3-8B shape, 256K, 50%",
     "max_context_tokens_verified": "longest request completed, tokens, Llama-3-8B shape, duo 50%",
     "max_context_tokens_fa_admissible": "FLASH_ATTN's longest admissible request, same GPU and settings",
+    "max_context_tokens_verified_fp8": "longest request completed with an fp8 KV cache, tokens, duo 50%",
+    "max_context_tokens_fa_admissible_fp8": "FLASH_ATTN's longest admissible request with an fp8 KV cache",
     "max_context_tokens_duo_s050": "KV tokens for one request, Llama-3-8B, 50% (vLLM's computed max_model_len; not run)",
     "e2e_decode_ratio_64k_s050": "decode throughput vs FLASH_ATTN, 64K requests, largest batch each fits",
     "niah_suite_smollm2": "retrieval suite, SmolLM2-135M-Instruct, 10 formats x 40 prompts (mean over formats)",
