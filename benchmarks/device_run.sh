@@ -73,6 +73,7 @@ for stage in "$@"; do
     niah-grid-fp8) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
       --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT" --quiet ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
+    bench-fp8) run_for 580 python -m vllm_duo.cli.main bench --only a --kv-cache-dtype fp8 --quiet ;;
     *) echo "unknown stage $stage" ;;
   esac 2>&1 | grep -v "^INFO\|^(EngineCore.*INFO\|^DEBUG" | tee "$OUT/$stage.log" | tail -40
   copy_results

@@ -107,6 +107,20 @@ def test_figure_names():
     assert extra["max_context_tokens_full"] == 400000 and extra["max_context_ratio"] == 2.0
 
 
+def test_fp8_reaches_every_engine_and_names_the_figures():
+    from vllm_duo.eval.methods import expand_methods
+
+    args = _args("--kv-cache-dtype", "fp8")
+    for method in expand_methods(["full", "duo"], pattern="/p", sparsities=[0.5], sink=64, recent=256):
+        for _, spec in bench_run.job_specs(args, "abc", "/m", "/m_long", method):
+            assert spec["engine"]["kv_cache_dtype"] == "fp8"
+    figures, _ = bench_run.figures_for(_fake_rows(100.0, 150.0), args, "duo_s050")
+    assert figures == {"e2e_decode_ratio_64k_s050_fp8": 1.5, "short_prompt_ratio_1k_b64_fp8": 0.9,
+                       "max_context_tokens_duo_s050_fp8": 800000}
+    (_, spec), = bench_run.job_specs(_args(), "a", "/m", "/m_long", method)
+    assert spec["engine"]["kv_cache_dtype"] == "auto"
+
+
 def test_cli_with_fake_runner(tmp_path, monkeypatch, pattern_llama3):
     from vllm_duo.eval import results as summary
     from vllm_duo.eval import engine_proc
@@ -149,6 +163,8 @@ def test_cli_refuses_bad_input(capsys, tmp_path, monkeypatch):
     assert "--only" in capsys.readouterr().err
     assert main(["bench", "--pattern", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", "--kv-cache-dtype", "fp8", "--streaming-prefill", "rswa", "--out", str(tmp_path)]) == 2
+    assert "does not read an fp8 KV cache" in capsys.readouterr().err
 
 
 class _FakeEngine:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from types import SimpleNamespace
 from typing import Any
 
 from vllm_duo.cli.needs import require_cuda
 from vllm_duo.errors import DuoConfigError
+from vllm_duo.model_check import check_kv_cache_options
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, PREFILL_KERNELS
 
 PATTERN_NAME = "Llama-3-8B-Instruct-Gradient-1048k"  # built-in
@@ -43,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
                    help="duo's streaming-head prefill kernel (default: the option's default, 'window')")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="KV cache of every engine (full and duo alike); fp8 adds _fp8 to the figure names")
     p.add_argument("--enforce-eager", action="store_true",
                    help="a/b without torch.compile/CUDA graphs (faster start, slower decode)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="a/b engine's max_num_seqs (caps a's batch)")
@@ -73,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     require_cuda()
     parts = parse_parts(args.only)
+    if args.kv_cache_dtype != "auto" and "duo" in args.methods:
+        check_kv_cache_options(SimpleNamespace(cache_dtype=args.kv_cache_dtype), args.streaming_prefill or "window")
     pattern = args.pattern
     methods = expand_methods(args.methods, pattern=pattern, sparsities=[args.sparsity], sink=args.sink,
                              recent=args.recent, streaming_prefill=args.streaming_prefill)

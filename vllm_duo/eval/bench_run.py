@@ -24,7 +24,7 @@ def job_specs(args: argparse.Namespace, parts: str, model_ab: str, model_c: str,
     """The (label, spec) of each engine this method needs: one for a/b, one for c."""
     base = dict(load_format="dummy", skip_tokenizer_init=True, seed=0, enable_prefix_caching=False,
                 disable_log_stats=False, gpu_memory_utilization=args.gpu_memory_utilization,
-                **method.engine_kwargs())
+                kv_cache_dtype=args.kv_cache_dtype, **method.engine_kwargs())
     specs = []
     ab = parts.replace("c", "")
     if ab:
@@ -56,13 +56,14 @@ def figures_for(rows: dict[str, Any], args: argparse.Namespace, duo: str) -> tup
 
     figures: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    dtype = "" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}"  # both sides share it
     if (r := ratio(get(duo, "a", "decode", "decode_tokens_per_s"), get("full", "a", "decode", "decode_tokens_per_s"))):
-        figures[f"e2e_decode_ratio_{_k(args.a_prompt)}_{duo[4:]}"] = r
+        figures[f"e2e_decode_ratio_{_k(args.a_prompt)}_{duo[4:]}{dtype}"] = r
         extra["a_batch"] = {"full": get("full", "a", "batch"), duo: get(duo, "a", "batch")}
     if (r := ratio(get(duo, "b", "output_tokens_per_s"), get("full", "b", "output_tokens_per_s"))):
-        figures[f"short_prompt_ratio_{_k(args.b_prompt)}_b{args.b_batch}"] = r
+        figures[f"short_prompt_ratio_{_k(args.b_prompt)}_b{args.b_batch}{dtype}"] = r
     if (n := get(duo, "c", "max_context_tokens")):
-        figures[f"max_context_tokens_{duo}"] = n
+        figures[f"max_context_tokens_{duo}{dtype}"] = n
         extra["max_context_tokens_full"] = get("full", "c", "max_context_tokens")
         extra["max_context_ratio"] = ratio(n, extra["max_context_tokens_full"])
     return figures, extra
