@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -70,7 +71,7 @@ def main() -> None:
             sys.exit(f"mixed_traffic: the parts must name one device (their 'device' field), got {sorted(map(str, devices))}")
         figures = figures_of(rows)
         print("figures:", figures)
-        commands = [p["command"] for p in parts]
+        commands = [re.sub(r"\s--part-out\s+\S+", "", p["command"]) for p in parts]  # paths of the GPU machine
         save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": parts[0]["requests"],
                                       "parts": commands}, figures, device=devices.pop(),
                     command=" and ".join(commands) + ", one GPU each at once; then --combine")

@@ -66,12 +66,25 @@ def test_evidence_tables_from_rows():
                    _row("k::w", "write vs given", 0.0, 0.0, 1.0)],
           "command": "pytest -m gpu", "device": "NVIDIA H200", "date": "2026-11-30"}
     text = evidence_table(ev)  # README: one row per kind of check, worst gap and weakest control
-    assert "H200, 2026-11-30: `pytest -m gpu`" in text
+    assert text.startswith("H200, 2026-11-30 (commands and every row: `docs/results.md`)")
     assert "| duo full vs FA | 2 | 0.015 (0.02) | 0.9 (0.05) | yes, no |" in text
     assert "| write vs given | 1 | 0 (0) | 1 (0) | yes, yes |" in text
-    rows = evidence_rows_table(ev)  # docs/results.md: every row
+    rows = evidence_rows_table(ev)  # docs/results.md: every row, under the command
+    assert rows.startswith("H200, 2026-11-30: `pytest -m gpu`")
     assert "| t::a[x] | duo full vs FA (x) | max \\|dlogprob\\| | 0.01 (0.05) | wrong mask: 0.9 | yes, yes |" in rows
     assert "No evidence file yet" in evidence_table(None)
+
+
+def test_kernel_tests_are_one_row_per_kernel():
+    ev = {"rows": [_row("tests/kernels/test_pd.py::test_a", "paged_decode vs reference (worst: D64)", 1, 0.3, 90),
+                   _row("tests/kernels/test_pd.py::test_fp8", "paged_decode on an fp8 e4m3 cache vs reference", 1, 0.5, 40),
+                   _row("tests/kernels/test_wk.py::test_cells", "write_kv cells vs given", 0, 0, 1),
+                   _row("t::a[x]", "duo full vs FA (x)", 0.05, 0.01, 0.9)],
+          "command": "pytest -m gpu", "device": "NVIDIA H200", "date": "2026-11-30"}
+    lines = [line for line in evidence_table(ev).splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert lines == ["| paged_decode kernel tests, bf16 and fp8 caches | 2 | 0.5 (1) | 40 (1) | yes, yes |",
+                     "| write_kv kernel tests | 1 | 0 (0) | 1 (0) | yes, yes |",
+                     "| duo full vs FA | 1 | 0.01 (0.05) | 0.9 (0.05) | yes, yes |"]
 
 
 def test_render_needs_markers():

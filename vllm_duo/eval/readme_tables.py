@@ -18,9 +18,9 @@ from typing import Any
 # Figure key -> what it measures (the README's wording). Unknown keys are shown by key.
 LABELS = {
     "short_prompt_ratio_1k_b64": "output throughput vs FLASH_ATTN, 1K-token prompts, 128 out, batch 64",
-    "capacity_ratio_llama3_s050": "64K requests decoding at once vs FLASH_ATTN (all admitted, none preempted), Llama-3-8B, 50%",
+    "capacity_ratio_llama3_s050": "64K requests decoding at once vs FLASH_ATTN, Llama-3-8B, 50%",
     "capacity_ratio_llama2_s075": "64K requests held vs FLASH_ATTN, Llama-2-7B, 75% (vLLM's computed max concurrency)",
-    "capacity_ratio_llama3_s050_prefix": "same, with prefix caching on (vLLM's default) in both",
+    "capacity_ratio_llama3_s050_prefix": "same run: prefix caching on in both",
     "capacity_ratio_llama3_s050_rswa": "KV capacity, Llama-3-8B, 50%, `streaming_prefill=\"rswa\"`",
     "capacity_ratio_llama2_s075_rswa": "KV capacity, Llama-2-7B, 75%, `streaming_prefill=\"rswa\"`",
     "decode_kernel_ratio_64k_b16_s050": "decode kernel time / FA3, 64K, batch 16, 50% (lower: better)",
@@ -31,8 +31,8 @@ LABELS = {
     "prefill_ratio_256k_s050": "prefill speed-up, Llama-3-8B shape, 256K, 50%",
     "max_context_tokens_verified": "longest request completed, tokens, Llama-3-8B shape, duo 50%",
     "max_context_tokens_fa_admissible": "FLASH_ATTN's longest admissible request, same GPU and settings",
-    "max_context_tokens_verified_fp8": "longest request completed with an fp8 KV cache, tokens, duo 50%",
-    "max_context_tokens_fa_admissible_fp8": "FLASH_ATTN's longest admissible request with an fp8 KV cache",
+    "max_context_tokens_verified_fp8": "same, fp8 KV cache",
+    "max_context_tokens_fa_admissible_fp8": "FLASH_ATTN's longest admissible, fp8 KV cache",
     "max_context_tokens_duo_s050": "KV tokens for one request, Llama-3-8B, 50% (vLLM's computed max_model_len; not run)",
     "e2e_decode_ratio_64k_s050": "decode throughput vs FLASH_ATTN, 64K requests, largest batch each fits",
     "niah_suite_smollm2": "retrieval suite, SmolLM2-135M-Instruct, 10 formats x 40 prompts (mean over formats)",
@@ -134,23 +134,40 @@ def _over_tolerance(gap: float, tolerance: float) -> float:
     return gap / tolerance if tolerance > 0 else (0.0 if gap <= 0 else float("inf"))
 
 
-def _caption(evidence: dict[str, Any]) -> str:
-    return (f"{_device(str(evidence.get('device')))}, {evidence.get('date')}: "
-            f"`{_command(str(evidence.get('command', '')))}`")
+def _caption(evidence: dict[str, Any], command: bool = True) -> str:
+    where = f"{_device(str(evidence.get('device')))}, {evidence.get('date')}"
+    return f"{where}: `{_command(str(evidence.get('command', '')))}`" if command else \
+        f"{where} (commands and every row: `docs/results.md`)"
+
+
+KERNEL_TESTS = "tests/kernels/"
+
+
+def _kind(rows: list[dict[str, Any]]) -> str:
+    """The README's name for a group: a kernel's tests under one name (the op, the first word
+    of what they compare; "bf16 and fp8" when some ran on fp8 caches), else the shared check."""
+    if str(rows[0]["test"]).startswith(KERNEL_TESTS):
+        op = str(rows[0]["compares"]).split()[0]
+        fp8 = any("fp8" in str(r["compares"]) for r in rows)
+        return f"{op} kernel tests" + (", bf16 and fp8 caches" if fp8 else "")
+    return _label([str(r["compares"]) for r in rows])
 
 
 def evidence_table(evidence: dict[str, Any] | None) -> str:
-    """README: one row per kind of check, its worst gap and weakest control (rows: docs/results.md)."""
+    """README: one row per kind of check (per kernel for the kernel tests), its worst gap and
+    weakest control (every row: docs/results.md)."""
     if not evidence:
         return ("No evidence file yet: the GPU tests write rows with `VLLM_DUO_EVIDENCE=FILE pytest -m gpu`, "
                 "then `python benchmarks/evidence.py FILE` (docs/gpu-runs.md).")
     by_test: dict[str, list[dict[str, Any]]] = {}
     for r in evidence.get("rows", []):
-        by_test.setdefault(str(r["test"]).split("[")[0], []).append(r)
+        test = str(r["test"])
+        by_test.setdefault(test.split("::")[0] if test.startswith(KERNEL_TESTS) else test.split("[")[0],
+                           []).append(r)
     families: dict[str, list[dict[str, Any]]] = {}
     for rows in by_test.values():
-        families.setdefault(_label([str(r["compares"]) for r in rows]), []).extend(rows)
-    lines = [_caption(evidence), "",
+        families.setdefault(_kind(rows), []).extend(rows)
+    lines = [_caption(evidence, command=False), "",
              "| check | rows | worst gap (its tolerance) | weakest control's gap | all passed, separated |",
              "|---|---|---|---|---|"]
     for name, rows in families.items():
