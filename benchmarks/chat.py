@@ -11,7 +11,11 @@ Figures (summary.json): ``prefix_hit_ratio_vs_fa`` = duo's cached prompt tokens 
 (``num_cached_tokens`` of every request), ``chat_throughput_ratio`` = duo's generated tokens/s
 over the whole run / FLASH_ATTN's, ``chat_ttft_p50_ratio`` = FLASH_ATTN's median TTFT / duo's.
 
-    python benchmarks/chat.py [--conversations 64] [--turns 8] [--max-tokens 128]
+    python benchmarks/chat.py [--conversations 64] [--turns 8] [--max-tokens 128] [--profile]
+
+``--profile`` then serves the same conversations once more per backend in an in-process engine
+and profiles the last turn up to every conversation's first token (``vllm_duo.eval.chat.profile_turn``:
+wall, GPU-busy and host time, top kernels), to show where duo's TTFT goes. About 2 more minutes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start, slower decode)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="also profile the last turn's prefill per backend")
     return ap.parse_args(argv)
 
 
@@ -68,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
             runs[backend] = dict(summary(result), engine={k: v for k, v in engine(args, backend).items()
                                                           if k != "additional_config"})
             print(backend, {k: v for k, v in runs[backend].items() if k not in ("engine", "turn_s")}, flush=True)
+        for backend in ("FLASH_ATTN", "duo") if args.profile else ():
+            runs[backend]["profile"] = run_job("vllm_duo.eval.chat:profile_turn", dict(
+                model=model, engine=engine(args, backend), conversations=convs, max_tokens=args.max_tokens),
+                timeout=600)
+            print(backend, "last turn:", runs[backend]["profile"], flush=True)
     fa, duo = runs["FLASH_ATTN"], runs["duo"]
     if not (fa["ttft_s"] and duo["ttft_s"]):
         raise SystemExit("vLLM returned no request stats (TTFT): the engines need disable_log_stats=False")

@@ -6,7 +6,7 @@
 # at once, each with its own CUDA_VISIBLE_DEVICES and OUT.
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
-# back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS,
+# back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS, CHAT_ARGS,
 # CAPACITY_ARGS, SUITE_ARGS, IDENTIFY_ARGS: extra flags of those stages (PATTERN_OUT: identify's folder).
 source benchmarks/device_setup.sh
 export PYTHONUNBUFFERED=1
@@ -48,7 +48,7 @@ for stage in "$@"; do
     mixed-traffic) run_for 580 python benchmarks/mixed_traffic.py ;;
     mixed-traffic-duo) mixed_part duo ;;  # the 1,000-request run, one backend per GPU: --combine after
     mixed-traffic-fa) mixed_part FLASH_ATTN ;;
-    chat) run_for 580 python benchmarks/chat.py ;;
+    chat) run_for 580 python benchmarks/chat.py $CHAT_ARGS ;;
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py $PREFIX_ARGS ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;

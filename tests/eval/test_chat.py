@@ -37,3 +37,34 @@ def test_chat_benchmark_compares_with_prefix_caching_on() -> None:
         e = engine(args, backend)
         assert e["enable_prefix_caching"] is True and e["attention_backend"] == backend
     assert "duo_attention" in engine(args, "duo")["additional_config"]
+
+
+def test_profile_flag_adds_a_profiled_last_turn_per_backend(monkeypatch, tmp_path) -> None:
+    """``--profile``: after both timed runs, one profile_turn job per backend on the same
+    conversations and engine; its figures land in the result beside the timed run's."""
+    import json
+
+    import benchmarks.chat as chat_bench
+    from vllm_duo.eval import results
+
+    jobs = []
+
+    def fake_run_job(job, spec, **kw):
+        jobs.append((job, spec))
+        if job.endswith("profile_turn"):
+            return {"turn": 2, "wall_ms": 10.0, "top_kernels_ms": {"k": 1.0}}
+        n = len(spec["conversations"])
+        return {"prompt_lens": [[5, 9]] * n, "tokens": [[[1], [2]]] * n, "cached": [[0, 4]] * n,
+                "logprobs": [[]] * n, "ttft_s": [0.1] * n, "turn_s": [1.0, 1.0]}
+
+    monkeypatch.setattr(chat_bench, "run_job", fake_run_job)
+    monkeypatch.setattr(results, "RESULTS", str(tmp_path))
+    chat_bench.main(["--conversations", "2", "--turns", "2", "--profile"])
+    assert [j for j, _ in jobs] == ["vllm_duo.eval.chat:chat"] * 2 + ["vllm_duo.eval.chat:profile_turn"] * 2
+    assert jobs[2][1]["conversations"] == jobs[0][1]["conversations"]
+    assert jobs[3][1]["engine"]["attention_backend"] == "duo"
+    payload = json.loads(next(tmp_path.glob("chat_*.json")).read_text())
+    assert all(payload["runs"][b]["profile"]["turn"] == 2 for b in ("FLASH_ATTN", "duo"))
+    jobs.clear()
+    chat_bench.main(["--conversations", "2", "--turns", "2"])
+    assert not any(j.endswith("profile_turn") for j, _ in jobs)

@@ -8,6 +8,7 @@ caching each turn can resume where the last one ended. All conversations take tu
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -75,6 +76,49 @@ def chat(spec: dict[str, Any]) -> dict[str, Any]:
                           for t, step in zip(seq, r.prompt_logprobs, strict=True)]
                          for seq, r in zip(spec["score"], scored, strict=True)]
     return out
+
+
+def profile_turn(spec: dict[str, Any]) -> dict[str, Any]:
+    """Job: where the last turn's time to first token goes. Serves every turn but the last
+    unprofiled (so the prefix cache holds the history), then submits the last turn and profiles
+    the engine steps until every conversation has its first token (torch profiler, in-process
+    engine). spec: model, engine, conversations, max_tokens."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker runs here: the profiler sees it
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_duo.eval.traffic import kernel_times
+
+    llm = LLM(model=spec["model"], **spec.get("engine", {}))
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
+    convs = spec["conversations"]
+    history: list[list[int]] = [[] for _ in convs]
+    for k in range(len(convs[0]) - 1):
+        prompts = [h + c[k] for h, c in zip(history, convs, strict=True)]
+        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        history = [p + list(r.outputs[0].token_ids) for p, r in zip(prompts, results, strict=True)]
+    engine = llm.llm_engine
+    prompts = [h + c[-1] for h, c in zip(history, convs, strict=True)]
+    for i, p in enumerate(prompts):
+        engine.add_request(f"last-{i}", TokensPrompt(prompt_token_ids=p), params)
+    started: set[str] = set()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for steps in range(1, 100_001):
+            started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
+            if len(started) == len(prompts):
+                break
+        torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - t0)
+    while engine.has_unfinished_requests():
+        engine.step()
+    times = kernel_times(prof)
+    busy_ms = times["busy_us"] / 1000
+    return {"turn": len(convs[0]), "prompt_tokens": sum(map(len, prompts)), "steps": steps,
+            "wall_ms": round(wall_ms, 1), "gpu_busy_ms": round(busy_ms, 1),
+            "host_ms": round(wall_ms - busy_ms, 1), "kernels": times["kernels"], "top_kernels_ms": times["top_ms"]}
 
 
 def output_positions(result: dict[str, Any]) -> list[list[int]]:

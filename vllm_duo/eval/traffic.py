@@ -136,7 +136,7 @@ def profile_decode(spec: dict[str, Any]) -> dict[str, Any]:
                 break
         torch.cuda.synchronize()
         prefill_wall = time.perf_counter() - t
-    prefill = _kernel_times(prof)
+    prefill = kernel_times(prof)
     for _ in range(8):  # then a few plain decode steps before the profiled ones
         engine.step()
     torch.cuda.synchronize()
@@ -146,7 +146,7 @@ def profile_decode(spec: dict[str, Any]) -> dict[str, Any]:
             engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    decode = _kernel_times(prof)
+    decode = kernel_times(prof)
     step_ms, busy_ms = 1000 * wall / steps, decode["busy_us"] / 1000 / steps
     return {"batch": batch, "prompt_tokens": spec["prompt_tokens"], "steps": steps,
             "step_ms": round(step_ms, 3), "gpu_busy_ms": round(busy_ms, 3),
@@ -157,7 +157,7 @@ def profile_decode(spec: dict[str, Any]) -> dict[str, Any]:
                         "gpu_busy_ms": round(prefill["busy_us"] / 1000, 1), "top_kernels_ms": prefill["top_ms"]}}
 
 
-def _kernel_times(prof) -> dict[str, Any]:
+def kernel_times(prof) -> dict[str, Any]:
     import torch
 
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
