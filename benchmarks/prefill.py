@@ -214,7 +214,7 @@ def window_configs_part(args) -> tuple[list[dict], dict[str, float]]:
 
     from vllm_duo.ops.prefill import launch, launch_config
 
-    default = launch_config(D)
+    default = launch_config(D, HQ // HKV)
     n_str = round(0.5 * HKV)
     heads = torch.arange(HKV - n_str, HKV, dtype=torch.int32, device="cuda")
     rows = []

@@ -30,15 +30,16 @@ SIGNATURE = {
 
 
 @pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("group", [1, 4, 7])  # MHA, Llama-3's 32/8, Qwen2's 28/4
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_compiles_for_sm90_without_spills(head_dim: int, fp8: bool, tmp_path) -> None:
+def test_compiles_for_sm90_without_spills(head_dim: int, group: int, fp8: bool, tmp_path) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_m, block_n, num_warps, num_stages, pack = launch_config(head_dim, fp8)
+    block_m, block_n, num_warps, num_stages, pack = launch_config(head_dim, group, fp8)
     src = ASTSource(fn=_streaming_prefill_kernel, signature=SIGNATURE,
-                    constexprs={"G": 4, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                "FP8": fp8, "HEADS": 4 if pack else 1})
+                    constexprs={"G": group, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m,
+                                "BLOCK_N": block_n, "FP8": fp8, "HEADS": group if pack else 1})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = tmp_path / "kernel.ptx"
