@@ -66,6 +66,9 @@ def _jobs(models: dict[str, str]) -> tuple[dict, dict]:
     llama3 = models["llama3"]
     gen["llama3/duo_streaming"] = dict(model=llama3, prompts=BOTH, max_tokens=STEPS,
                                        engine=_duo(pattern="streaming"))
+    # Whole prompts in one step (every chunk starts at position 0): the fresh-prompt path.
+    gen["llama3/duo_mixed_fresh"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS, engine=dict(
+        _duo(retrieval_mask=mixed_mask("llama3")), max_num_batched_tokens=16384))
     gen["llama3/duo_full_v1"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS,
                                      engine=_duo(pattern="full"), env={"VLLM_USE_V2_MODEL_RUNNER": "0"})
     score["llama3/rswa"] = dict(model=llama3, engine=_duo(retrieval_mask=mixed_mask("llama3"),
@@ -150,6 +153,22 @@ def test_mixed_mask_equals_float32_reference(runs, layout) -> None:
           "duo pattern='full' scored by the mixed-mask reference",
           agreement.gap(PROMPTS, runs[f"{layout}/duo_full"],
                         _reference_scores(runs, layout, "duo_full", mixed)))
+
+
+def test_fresh_prompts_equal_float32_reference(runs) -> None:
+    """Duo with a mixed mask, the four prompts (100..6000 tokens) in one step: the fresh-prompt
+    path (FA3 on the step's own K/V per run of retrieval heads, the streaming heads' fresh path),
+    against the float32 reference."""
+    mixed = mixed_mask("llama3")
+    full = [[1] * len(row) for row in mixed]
+    noise = agreement.gap(BOTH, runs["llama3/fa"], _reference_scores(runs, "llama3", "fa", full))
+    check("agreement::fresh_prompts_equal_float32_reference[llama3]",
+          "duo mixed mask, whole prompts in one step vs float32 reference (llama3)", METRIC,
+          agreement.tolerance(noise),
+          agreement.gap(PROMPTS, runs["llama3/duo_mixed_fresh"],
+                        _reference_scores(runs, "llama3", "duo_mixed_fresh", mixed)),
+          "duo pattern='full' scored by the mixed-mask reference",
+          agreement.gap(PROMPTS, runs["llama3/duo_full"], _reference_scores(runs, "llama3", "duo_full", mixed)))
 
 
 def test_window_kernel_chunked_equals_rswa(runs) -> None:

@@ -1,20 +1,13 @@
-"""``streaming_prefill`` compiles for Hopper (sm_90) without register spills, on any machine.
-
-Triton compiles ahead of time for an explicit target, and its bundled ptxas reports registers and
-spills, so CI catches a kernel change that no longer compiles or starts spilling (a large, silent
-slowdown) without a GPU.
-"""
+"""``streaming_prefill`` compiles for Hopper (sm_90) without register spills, on any machine
+(tests/kernels/sm90.py)."""
 
 from __future__ import annotations
-
-import os
-import re
-import subprocess
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
+from tests.kernels.sm90 import spills  # noqa: E402
 from vllm_duo.ops.prefill import HEAD_DIMS, _streaming_prefill_kernel, launch_config  # noqa: E402
 
 SIGNATURE = {
@@ -33,22 +26,12 @@ SIGNATURE = {
 @pytest.mark.parametrize("group", [1, 4, 7])  # MHA, Llama-3's 32/8, Qwen2's 28/4
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_compiles_for_sm90_without_spills(head_dim: int, group: int, fp8: bool, tmp_path) -> None:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     block_m, block_n, num_warps, num_stages, pack = launch_config(head_dim, group, fp8)
-    src = ASTSource(fn=_streaming_prefill_kernel, signature=SIGNATURE,
-                    constexprs={"G": group, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m,
-                                "BLOCK_N": block_n, "FP8": fp8, "HEADS": group if pack else 1})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    ptx = tmp_path / "kernel.ptx"
-    ptx.write_text(kernel.asm["ptx"])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
-                            capture_output=True, text=True, check=True)
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report.stdout + report.stderr)]
-    assert spills and not any(spills), report.stdout + report.stderr
+    found, report = spills(_streaming_prefill_kernel, SIGNATURE,
+                           {"G": group, "BLOCK_SIZE": 16, "D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                            "FP8": fp8, "HEADS": group if pack else 1},
+                           tmp_path, num_warps=num_warps, num_stages=num_stages)
+    assert found and not any(found), report
 
 
 def test_per_step_arguments_do_not_specialize() -> None:

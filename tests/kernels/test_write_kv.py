@@ -18,6 +18,36 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+HEADS, GROUPS = [2, -1, 0, 3, 1], [0, 1, 1, 0, 1]  # per slot: its KV head (-1: a padding slot) and group
+
+
+def _write_slots(key: torch.Tensor, value: torch.Tensor, caches: list[torch.Tensor], gen: torch.Generator,
+                 rows: int, **scales) -> torch.Tensor:
+    """write_kv into ``caches`` (one per HEADS entry, ptr 0 for the padding slot) with two groups'
+    random slot mappings over ``rows`` cache rows, every 7th token unmapped (-1); returns them."""
+    mappings = torch.stack([torch.randperm(rows, generator=gen, device="cuda")[:key.shape[0] + 5]
+                            for _ in range(2)])
+    mappings[:, ::7] = -1
+    write_kv(key, value, torch.tensor([0 if h < 0 else c.data_ptr() for h, c in zip(HEADS, caches)],
+                                      device="cuda"),
+             torch.tensor(HEADS, dtype=torch.int32, device="cuda"),
+             torch.tensor(GROUPS, dtype=torch.int32, device="cuda"), mappings, **scales)
+    return mappings
+
+
+def _moved_and_skipped(written: list[torch.Tensor], mappings: torch.Tensor, tokens: int, rows: int, d: int,
+                       blank: float | int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two wrong kernel results for the controls: slot 0's first written row moved to a free row,
+    and that row skipped (left ``blank``)."""
+    m = mappings[GROUPS[0], :tokens]
+    row, free = int(m[m >= 0][0]), sorted(set(range(rows)) - set(m[m >= 0].tolist()))[0]
+    moved, skipped = [c.clone() for c in written], [c.clone() for c in written]
+    moved[0].view(-1, 2 * d)[free] = moved[0].view(-1, 2 * d)[row]
+    moved[0].view(-1, 2 * d)[row] = blank
+    skipped[0].view(-1, 2 * d)[row] = blank
+    return moved, skipped
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cells(dtype: torch.dtype, head_dim: int, evidence) -> None:
@@ -26,30 +56,16 @@ def test_cells(dtype: torch.dtype, head_dim: int, evidence) -> None:
     gen = torch.Generator(device="cuda").manual_seed(head_dim)
     qkv = torch.randn(T, HQ + 2 * H, D, generator=gen, device="cuda").to(dtype)
     key, value = qkv[:, HQ:HQ + H], qkv[:, HQ + H:]
-    heads = [2, -1, 0, 3, 1]
-    groups = [0, 1, 1, 0, 1]
-    caches = [torch.full((pool, bs, 2 * D), float("nan"), dtype=dtype, device="cuda") for _ in heads]
-    mappings = torch.stack([torch.randperm(pool * bs, generator=gen, device="cuda")[:T + 5]
-                            for _ in range(2)])
-    mappings[:, ::7] = -1
-    write_kv(key, value, torch.tensor([0 if h < 0 else c.data_ptr() for h, c in zip(heads, caches)],
-                                      device="cuda"),
-             torch.tensor(heads, dtype=torch.int32, device="cuda"),
-             torch.tensor(groups, dtype=torch.int32, device="cuda"), mappings)
+    caches = [torch.full((pool, bs, 2 * D), float("nan"), dtype=dtype, device="cuda") for _ in HEADS]
+    mappings = _write_slots(key, value, caches, gen, pool * bs)
     written = [c.clone() for c in caches]
     expect = [torch.full_like(c, float("nan")) for c in caches]
-    for slot, (head, group) in enumerate(zip(heads, groups)):
+    for slot, (head, group) in enumerate(zip(HEADS, GROUPS)):
         if head >= 0:
             m = mappings[group, :T]
             keep = m >= 0
             expect[slot].view(-1, 2 * D)[m[keep]] = torch.cat([key[keep, head], value[keep, head]], -1)
-    # The same check on a wrong kernel result: a token's row written to another (free) row, a row skipped.
-    slot, m = 0, mappings[groups[0], :T]
-    row, free = int(m[m >= 0][0]), sorted(set(range(pool * bs)) - set(m[m >= 0].tolist()))[0]
-    moved, skipped = [c.clone() for c in written], [c.clone() for c in written]
-    moved[slot].view(-1, 2 * D)[free] = moved[slot].view(-1, 2 * D)[row]
-    moved[slot].view(-1, 2 * D)[row] = float("nan")
-    skipped[slot].view(-1, 2 * D)[row] = float("nan")
+    moved, skipped = _moved_and_skipped(written, mappings, T, pool * bs, D, float("nan"))
     metric = "cache rows not bit-equal to the expected cache (NaN = never written), all slots"
     compares = "write_kv cells vs the K/V it was given"
     gap = wrong_rows(written, expect)
@@ -70,28 +86,39 @@ def wrong_rows(caches: list[torch.Tensor], expect: list[torch.Tensor]) -> int:
     return bad
 
 
+def _attended_writes(case, kv_of: Callable[[int, torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """K/V rows for every key the needle case's decode attends, taken from its cache rows
+    (``kv_of(slot, rows)``: [rows, 2 * head_dim]), with the slot mappings that write them back to
+    those rows (-1 elsewhere); returns key, value, mappings and the sequences' first token rows."""
+    D, num_slots = case.q.shape[2], len(case.kv_heads)
+    starts = torch.tensor([0] + case.lens).cumsum(0).tolist()
+    key = torch.randn(starts[-1], case.num_kv_heads, D, device="cuda").to(torch.bfloat16)
+    value = torch.randn_like(key)
+    mappings = torch.full((num_slots, starts[-1]), -1, dtype=torch.int64, device="cuda")
+    readable = replace(case, sink=case.sink + 1, window=case.window + 1)  # as needle_case built it
+    for slot, head in enumerate(case.kv_heads):
+        for i, L in enumerate(case.lens):
+            tokens = starts[i] + attended(L, case.streaming[slot], readable.sink, readable.window, "cuda")
+            rows = readable.rows(slot, i)
+            kv = kv_of(slot, rows)
+            key[tokens, head] = kv[:, :D].to(key.dtype)
+            value[tokens, head] = kv[:, D:].to(key.dtype)
+            mappings[slot, tokens] = rows
+    return key, value, mappings, starts
+
+
 def test_round_trip_through_decode(evidence) -> None:
     """Write every attended key of a planted-needle case (tests/kernels/needles.py, 4K keys) into
     NaN caches, then decode against the reference; a write to a wrong row (the other sequence's)
     or a skipped row (stale contents) on a needle must fail the same decode check."""
     case = needle_case(4096, "cuda")
     D, num_slots = case.q.shape[2], len(case.kv_heads)
-    starts = torch.tensor([0] + case.lens).cumsum(0).tolist()
-    T = starts[-1]
-    key = torch.randn(T, case.num_kv_heads, D, device="cuda").to(torch.bfloat16)
-    value = torch.randn_like(key)
-    mappings = torch.full((num_slots, T), -1, dtype=torch.int64, device="cuda")
     original = [c.clone() for c in case.caches]
     ref = reference_decode(case)
-    readable = replace(case, sink=case.sink + 1, window=case.window + 1)  # as needle_case built it
-    for slot, head in enumerate(case.kv_heads):
-        for i, L in enumerate(case.lens):
-            tokens = starts[i] + attended(L, case.streaming[slot], readable.sink, readable.window, "cuda")
-            rows = readable.rows(slot, i)
-            key[tokens, head] = original[slot].view(-1, 2 * D)[rows, :D]
-            value[tokens, head] = original[slot].view(-1, 2 * D)[rows, D:]
-            mappings[slot, tokens] = rows
-        case.caches[slot].fill_(float("nan"))
+    key, value, mappings, starts = _attended_writes(case, lambda slot, rows: original[slot].view(-1, 2 * D)[rows])
+    for cache in case.caches:
+        cache.fill_(float("nan"))
 
     def write(maps: torch.Tensor) -> torch.Tensor:
         write_kv(key, value, case.slots.kv_ptrs, case.slots.slot_kv_head,
@@ -154,25 +181,16 @@ def test_fp8_cells(dtype: torch.dtype, head_dim: int, values: str, evidence) -> 
     qkv = (torch.randn(T, HQ + 2 * H, D, generator=gen, device="cuda") * FP8_STD[values]).to(dtype)
     key, value = qkv[:, HQ:HQ + H], qkv[:, HQ + H:]
     k_scale, v_scale = (torch.tensor([s], device="cuda") for s in FP8_SCALES)
-    heads = [2, -1, 0, 3, 1]
-    groups = [0, 1, 1, 0, 1]
     caches = [torch.full((pool, bs, 2 * D), FP8_NAN, dtype=torch.uint8, device="cuda")
-              .view(torch.float8_e4m3fn) for _ in heads]
-    mappings = torch.stack([torch.randperm(pool * bs, generator=gen, device="cuda")[:T + 5]
-                            for _ in range(2)])
-    mappings[:, ::7] = -1
-    write_kv(key, value, torch.tensor([0 if h < 0 else c.data_ptr() for h, c in zip(heads, caches)],
-                                      device="cuda"),
-             torch.tensor(heads, dtype=torch.int32, device="cuda"),
-             torch.tensor(groups, dtype=torch.int32, device="cuda"), mappings,
-             k_scale=k_scale, v_scale=v_scale)
+              .view(torch.float8_e4m3fn) for _ in HEADS]
+    mappings = _write_slots(key, value, caches, gen, pool * bs, k_scale=k_scale, v_scale=v_scale)
     written = [c.view(torch.uint8).clone() for c in caches]
 
     def expected(ks: torch.Tensor, vs: torch.Tensor,
                  quantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = quantize_fp8
                  ) -> list[torch.Tensor]:
         out = [torch.full_like(c, FP8_NAN) for c in written]
-        for slot, (head, group) in enumerate(zip(heads, groups)):
+        for slot, (head, group) in enumerate(zip(HEADS, GROUPS)):
             if head >= 0:
                 m = mappings[group, :T]
                 keep = m >= 0
@@ -182,12 +200,7 @@ def test_fp8_cells(dtype: torch.dtype, head_dim: int, values: str, evidence) -> 
         return out
 
     expect = expected(k_scale, v_scale)
-    slot, m = 0, mappings[groups[0], :T]
-    row, free = int(m[m >= 0][0]), sorted(set(range(pool * bs)) - set(m[m >= 0].tolist()))[0]
-    moved, skipped = [c.clone() for c in written], [c.clone() for c in written]
-    moved[slot].view(-1, 2 * D)[free] = moved[slot].view(-1, 2 * D)[row]
-    moved[slot].view(-1, 2 * D)[row] = FP8_NAN
-    skipped[slot].view(-1, 2 * D)[row] = FP8_NAN
+    moved, skipped = _moved_and_skipped(written, mappings, T, pool * bs, D, FP8_NAN)
     controls = {"a token written to a wrong row": moved, "a row skipped": skipped,
                 "K quantized with 2 x k_scale": expected(2 * k_scale, v_scale),
                 "V quantized with v_scale ignored (1.0)": expected(k_scale, torch.ones_like(v_scale))}
@@ -208,23 +221,12 @@ def test_fp8_round_trip_through_decode(evidence) -> None:
     newest needle's row swapped or skipped, and K written with 2 x k_scale."""
     case = needle_case(4096, "cuda", fp8_scales=FP8_SCALES)
     D, num_slots = case.q.shape[2], len(case.kv_heads)
-    starts = torch.tensor([0] + case.lens).cumsum(0).tolist()
-    T = starts[-1]
-    key = torch.randn(T, case.num_kv_heads, D, device="cuda").to(torch.bfloat16)
-    value = torch.randn_like(key)
-    mappings = torch.full((num_slots, T), -1, dtype=torch.int64, device="cuda")
     original = [c.view(torch.uint8).clone() for c in case.caches]
     ref = reference_decode(case)
-    readable = replace(case, sink=case.sink + 1, window=case.window + 1)  # as needle_case built it
-    for slot, head in enumerate(case.kv_heads):
-        for i, L in enumerate(case.lens):
-            tokens = starts[i] + attended(L, case.streaming[slot], readable.sink, readable.window, "cuda")
-            rows = readable.rows(slot, i)
-            kv = case.cache_rows(slot, rows)  # dequantized: write_kv gives back the same bytes
-            key[tokens, head] = kv[:, :D].to(key.dtype)
-            value[tokens, head] = kv[:, D:].to(key.dtype)
-            mappings[slot, tokens] = rows
-        case.caches[slot].view(torch.uint8).fill_(FP8_NAN)
+    # dequantized cache rows: write_kv gives back the same bytes
+    key, value, mappings, starts = _attended_writes(case, case.cache_rows)
+    for cache in case.caches:
+        cache.view(torch.uint8).fill_(FP8_NAN)
     groups = torch.arange(num_slots, dtype=torch.int32, device="cuda")
 
     def write(maps: torch.Tensor, k_scale: torch.Tensor = case.k_scale) -> torch.Tensor:
