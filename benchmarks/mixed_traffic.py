@@ -100,7 +100,7 @@ def main() -> None:
                 model=model, engine=dict(base, **kw), requests=requests, warmup=8), echo=True)
             print(name, {k: v for k, v in rows[name].items() if k != "requests"}, flush=True)
     if args.part_out:
-        from benchmarks.summary import command_line, device_name
+        from benchmarks.summary import command_line
 
         with open(args.part_out, "w") as f:
             json.dump({"rows": rows, "requests": described, "command": command_line(), "device": device_name()},
