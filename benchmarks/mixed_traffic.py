@@ -32,7 +32,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.short_prompt import DEFAULT_PATTERN, backends, check_pattern  # noqa: E402
-from benchmarks.summary import save_result  # noqa: E402
+from benchmarks.summary import device_name, save_result  # noqa: E402
 from vllm_duo.eval.bench import ratio  # noqa: E402
 from vllm_duo.eval.engine_proc import LLAMA3_8B, run_job, write_model  # noqa: E402
 from vllm_duo.eval.traffic import mixed_requests  # noqa: E402
@@ -72,9 +72,11 @@ def main() -> None:
         figures = figures_of(rows)
         print("figures:", figures)
         commands = [re.sub(r"\s--part-out\s+\S+", "", p["command"]) for p in parts]  # paths of the GPU machine
-        save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": parts[0]["requests"],
-                                      "parts": commands}, figures, device=devices.pop(),
-                    command=" and ".join(commands) + ", one GPU each at once; then --combine")
+        device = devices.pop()
+        fname = save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": parts[0]["requests"],
+                                              "parts": commands}, figures, device=device,
+                            command=" and ".join(commands) + ", one GPU each at once; then --combine")
+        plot(rows, parts[0]["requests"], device, fname)
         return
     if "duo" in args.backends:
         check_pattern(args.pattern, "mixed_traffic")
@@ -98,7 +100,7 @@ def main() -> None:
                 model=model, engine=dict(base, **kw), requests=requests, warmup=8), echo=True)
             print(name, {k: v for k, v in rows[name].items() if k != "requests"}, flush=True)
     if args.part_out:
-        from benchmarks.summary import command_line, device_name
+        from benchmarks.summary import command_line
 
         with open(args.part_out, "w") as f:
             json.dump({"rows": rows, "requests": described, "command": command_line(), "device": device_name()},
@@ -109,7 +111,18 @@ def main() -> None:
         sys.exit("mixed_traffic: a figure needs both backends; use --part-out and --combine for one at a time")
     figures = figures_of(rows)
     print("figures:", figures)
-    save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": described}, figures)
+    fname = save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": described}, figures)
+    plot(rows, described, device_name(), fname)
+
+
+def plot(rows: dict[str, dict], requests: dict, device: str, fname: str) -> None:
+    """The result's PNG beside its JSON: throughput, TTFT and TPOT per backend."""
+    from vllm_duo.eval import results
+    from vllm_duo.eval.latency_plot import plot_latencies
+
+    lo, hi = requests.get("prompt_range", ("?", "?"))
+    title = f"mixed traffic: {requests.get('count')} requests, prompts {lo}..{hi} tokens, {device}"
+    print("plot:", plot_latencies(rows, title, os.path.join(results.RESULTS, fname.removesuffix(".json") + ".png")))
 
 
 if __name__ == "__main__":

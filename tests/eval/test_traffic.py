@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from vllm_duo.eval.traffic import gpu_busy_us, mixed_requests, request_latencies, top_kernels
 
@@ -85,3 +86,16 @@ def test_top_kernels_sums_by_name_largest_first() -> None:
     got = top_kernels([("gemm", 1000), ("attn", 300), ("gemm", 500), ("x" * 100, 2000), ("tiny", 1)],
                       n=3, width=10)
     assert list(got) == ["x" * 10, "gemm", "attn"] and got["gemm"] == 1.5
+
+
+def test_latency_plot_draws_the_measured_panels(tmp_path) -> None:
+    from vllm_duo.eval.latency_plot import panels_of, plot_latencies, rows_of
+
+    rows = {"duo": {"output_tokens_per_s": 880.0, "ttft_s": {"p50": 80.0, "p99": 160.0}},
+            "FLASH_ATTN": {"output_tokens_per_s": 790.0, "ttft_s": {"p50": 90.0, "p99": 180.0}}}
+    assert [key for key, _, _ in panels_of(rows)] == ["output_tokens_per_s", "ttft_s"]  # no TPOT measured
+    out = plot_latencies(rows, "t", str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.endswith("p.png")
+    assert rows_of({"runs": rows}) is rows
+    with pytest.raises(ValueError, match="no output_tokens_per_s"):
+        plot_latencies({"duo": {}}, "t", str(tmp_path / "q.png"))
