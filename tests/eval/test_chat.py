@@ -22,6 +22,8 @@ def test_positions_gap_and_summary() -> None:
     s = summary(result)
     assert (s["cached_tokens"], s["prompt_tokens"], s["generated_tokens"]) == (4, 10, 4)
     assert s["output_tokens_per_s"] == 2.0 and s["ttft_s"]["p50"] == pytest.approx(0.2)
+    assert s["ttft_p50_by_turn_s"] == [0.1, 0.3]  # one conversation: its TTFT per turn
+    assert summary(dict(result, ttft_s=[0.1]))["ttft_p50_by_turn_s"] is None  # a request without stats
 
 
 def test_conversations_are_seeded_and_sized() -> None:

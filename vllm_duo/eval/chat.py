@@ -157,7 +157,10 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     prompts = [n for conv in result["prompt_lens"] for n in conv]
     generated = sum(len(t) for conv in result["tokens"] for t in conv)
     wall = sum(result["turn_s"])
+    ttft, n = result["ttft_s"], len(result["cached"])
+    by_turn = [statistics.median(ttft[k:k + n]) for k in range(0, len(ttft), n)] \
+        if n and len(ttft) == n * len(result["turn_s"]) else None  # every request reported one
     return {"cached_tokens": sum(cached), "prompt_tokens": sum(prompts),
             "hit_rate": sum(cached) / max(sum(prompts), 1), "generated_tokens": generated,
             "wall_s": wall, "output_tokens_per_s": generated / wall if wall else 0.0,
-            "ttft_s": percentiles(result["ttft_s"]), "turn_s": result["turn_s"]}
+            "ttft_s": percentiles(ttft), "ttft_p50_by_turn_s": by_turn, "turn_s": result["turn_s"]}
