@@ -22,6 +22,8 @@ def test_positions_gap_and_summary() -> None:
     s = summary(result)
     assert (s["cached_tokens"], s["prompt_tokens"], s["generated_tokens"]) == (4, 10, 4)
     assert s["output_tokens_per_s"] == 2.0 and s["ttft_s"]["p50"] == pytest.approx(0.2)
+    assert s["ttft_p50_by_turn_s"] == [0.1, 0.3]  # one conversation: its TTFT per turn
+    assert summary(dict(result, ttft_s=[0.1]))["ttft_p50_by_turn_s"] is None  # a request without stats
 
 
 def test_conversations_are_seeded_and_sized() -> None:
@@ -62,9 +64,31 @@ def test_profile_flag_adds_a_profiled_last_turn_per_backend(monkeypatch, tmp_pat
     chat_bench.main(["--conversations", "2", "--turns", "2", "--profile"])
     assert [j for j, _ in jobs] == ["vllm_duo.eval.chat:chat"] * 2 + ["vllm_duo.eval.chat:profile_turn"] * 2
     assert jobs[2][1]["conversations"] == jobs[0][1]["conversations"]
+    # every job first serves the same unmeasured chats, long enough for the streaming prefill kernel
+    warmup = jobs[0][1]["warmup"]
+    assert all(job[1]["warmup"] == warmup for job in jobs) and warmup != jobs[0][1]["conversations"]
+    assert len(warmup[0]) == 2 and all(len(turn) >= 600 for conv in warmup for turn in conv)
     assert jobs[3][1]["engine"]["attention_backend"] == "duo"
     payload = json.loads(next(tmp_path.glob("chat_*.json")).read_text())
     assert all(payload["runs"][b]["profile"]["turn"] == 2 for b in ("FLASH_ATTN", "duo"))
     jobs.clear()
     chat_bench.main(["--conversations", "2", "--turns", "2"])
     assert not any(j.endswith("profile_turn") for j, _ in jobs)
+
+
+def test_serve_takes_turns_together_and_keeps_each_history() -> None:
+    from types import SimpleNamespace
+
+    from vllm_duo.eval.chat import _serve
+
+    calls = []
+
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm):
+            calls.append([p["prompt_token_ids"] for p in prompts])
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7])]) for _ in prompts]
+
+    history = _serve(FakeLLM(), [[[1, 2], [3]], [[4], [5, 6]]], None)
+    assert calls == [[[1, 2], [4]], [[1, 2, 7, 3], [4, 7, 5, 6]]]
+    assert history == [[1, 2, 7, 3, 7], [4, 7, 5, 6, 7]]
+    assert _serve(FakeLLM(), [], None) == []

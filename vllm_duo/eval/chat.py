@@ -36,7 +36,8 @@ def chat(spec: dict[str, Any]) -> dict[str, Any]:
 
     spec: model, engine (``LLM`` kwargs), conversations (new token ids per conversation and turn),
     max_tokens (per turn), logprobs (bool: the sampled tokens' logprobs), score (token-id
-    sequences whose every token is scored by ``prompt_logprobs``, teacher-forced).
+    sequences whose every token is scored by ``prompt_logprobs``, teacher-forced), warmup
+    (conversations served first and not recorded: Triton compiles its kernels on first use).
     Returns per conversation the tokens and hits (``num_cached_tokens``) of each turn, TTFTs,
     wall time per turn, and the scores.
     """
@@ -46,6 +47,7 @@ def chat(spec: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(model=spec["model"], **spec.get("engine", {}))
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False,
                             logprobs=0 if spec.get("logprobs") else None)
+    _serve(llm, spec.get("warmup") or [], params)  # lazy kernel compiles, not timed
     convs = spec["conversations"]
     history: list[list[int]] = [[] for _ in convs]
     out: dict[str, Any] = {"tokens": [[] for _ in convs], "cached": [[] for _ in convs],
@@ -78,6 +80,19 @@ def chat(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _serve(llm, convs: list[list[list[int]]], params) -> list[list[int]]:
+    """Serve ``convs`` turn by turn (all conversations take turn k together); returns each
+    conversation's history (prompts and outputs)."""
+    from vllm.inputs import TokensPrompt
+
+    history: list[list[int]] = [[] for _ in convs]
+    for k in range(min(map(len, convs), default=0)):
+        prompts = [h + c[k] for h, c in zip(history, convs, strict=True)]
+        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        history = [p + list(r.outputs[0].token_ids) for p, r in zip(prompts, results, strict=True)]
+    return history
+
+
 def profile_turn(spec: dict[str, Any]) -> dict[str, Any]:
     """Job: where the last turn's time to first token goes. Serves every turn but the last
     unprofiled (so the prefix cache holds the history), then submits the last turn and profiles
@@ -93,12 +108,9 @@ def profile_turn(spec: dict[str, Any]) -> dict[str, Any]:
 
     llm = LLM(model=spec["model"], **spec.get("engine", {}))
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
+    _serve(llm, spec.get("warmup") or [], params)
     convs = spec["conversations"]
-    history: list[list[int]] = [[] for _ in convs]
-    for k in range(len(convs[0]) - 1):
-        prompts = [h + c[k] for h, c in zip(history, convs, strict=True)]
-        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        history = [p + list(r.outputs[0].token_ids) for p, r in zip(prompts, results, strict=True)]
+    history = _serve(llm, [c[:-1] for c in convs], params)
     engine = llm.llm_engine
     prompts = [h + c[-1] for h, c in zip(history, convs, strict=True)]
     for i, p in enumerate(prompts):
@@ -145,7 +157,10 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     prompts = [n for conv in result["prompt_lens"] for n in conv]
     generated = sum(len(t) for conv in result["tokens"] for t in conv)
     wall = sum(result["turn_s"])
+    ttft, n = result["ttft_s"], len(result["cached"])
+    by_turn = [statistics.median(ttft[k:k + n]) for k in range(0, len(ttft), n)] \
+        if n and len(ttft) == n * len(result["turn_s"]) else None  # every request reported one
     return {"cached_tokens": sum(cached), "prompt_tokens": sum(prompts),
             "hit_rate": sum(cached) / max(sum(prompts), 1), "generated_tokens": generated,
             "wall_s": wall, "output_tokens_per_s": generated / wall if wall else 0.0,
-            "ttft_s": percentiles(result["ttft_s"]), "turn_s": result["turn_s"]}
+            "ttft_s": percentiles(ttft), "ttft_p50_by_turn_s": by_turn, "turn_s": result["turn_s"]}
