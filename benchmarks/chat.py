@@ -27,9 +27,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.summary import device_name, save_result  # noqa: E402
+from benchmarks.summary import beside, device_name, save_result  # noqa: E402
 from tests.e2e.models import LLAMA3_PATTERN, find_pattern, random_mask  # noqa: E402
-from vllm_duo.eval import results  # noqa: E402
 from vllm_duo.eval.chat import conversations, summary  # noqa: E402
 from vllm_duo.eval.latency_plot import plot_latencies  # noqa: E402
 from vllm_duo.eval.engine_proc import LLAMA3_8B, run_job, write_model  # noqa: E402
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote benchmarks/results/{fname}: {figures}")
     title = (f"multi-turn chat: {args.conversations} conversations x {args.turns} turns, "
              f"prefix caching on, {device_name()}")
-    print("plot:", plot_latencies(runs, title, os.path.join(results.RESULTS, fname.removesuffix(".json") + ".png")))
+    print("plot:", plot_latencies(runs, title, beside(fname)))
 
 
 if __name__ == "__main__":

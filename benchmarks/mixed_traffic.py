@@ -32,7 +32,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.short_prompt import DEFAULT_PATTERN, backends, check_pattern  # noqa: E402
-from benchmarks.summary import device_name, save_result  # noqa: E402
+from benchmarks.summary import beside, device_name, save_result  # noqa: E402
 from vllm_duo.eval.bench import ratio  # noqa: E402
 from vllm_duo.eval.engine_proc import LLAMA3_8B, run_job, write_model  # noqa: E402
 from vllm_duo.eval.traffic import mixed_requests  # noqa: E402
@@ -117,12 +117,11 @@ def main() -> None:
 
 def plot(rows: dict[str, dict], requests: dict, device: str, fname: str) -> None:
     """The result's PNG beside its JSON: throughput, TTFT and TPOT per backend."""
-    from vllm_duo.eval import results
     from vllm_duo.eval.latency_plot import plot_latencies
 
     lo, hi = requests.get("prompt_range", ("?", "?"))
     title = f"mixed traffic: {requests.get('count')} requests, prompts {lo}..{hi} tokens, {device}"
-    print("plot:", plot_latencies(rows, title, os.path.join(results.RESULTS, fname.removesuffix(".json") + ".png")))
+    print("plot:", plot_latencies(rows, title, beside(fname)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.summary import RESULTS, save_result  # noqa: E402
+from benchmarks.summary import RESULTS, beside, save_result  # noqa: E402
 from vllm_duo.errors import DuoConfigError  # noqa: E402
 from vllm_duo.eval import suite  # noqa: E402
 from vllm_duo.eval.methods import expand_methods  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     key = args.record or ("niah_suite_smollm2" if args.runner == "engine" else "niah_suite_smollm2_hf")
     failed = [m for m, r in results.items() if "error" in r]
     fname = save_result(name, payload, {} if failed else {key: table})
-    png = os.path.join(RESULTS, fname.replace(".json", ".png"))
+    png = beside(fname)
     suite.plot_table(table, counts, png, f"{os.path.basename(os.path.normpath(args.model))}, {args.runner} runner, "
                                          f"sink {args.sink}, recent {args.recent}, {ran} prompts")
     print(f"niah_suite: wrote benchmarks/results/{fname} and {os.path.basename(png)}"

@@ -45,7 +45,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.summary import RESULTS, device_name, save_result  # noqa: E402
+from benchmarks.summary import beside, device_name, save_result  # noqa: E402
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
 G = HQ // HKV
@@ -426,7 +426,7 @@ def main() -> None:
     if args.part == "window-configs":  # a table to pick tiles from: no figure, no plot
         print(f"wrote benchmarks/results/{fname}")
         return
-    png = os.path.join(RESULTS, fname.replace(".json", ".png"))
+    png = beside(fname)
     plot(rows, args.part, png)
     print(f"wrote benchmarks/results/{fname}, {os.path.basename(png)}"
           + (f"; summary keys {sorted(figures)}" if figures else ""))

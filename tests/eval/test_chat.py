@@ -88,7 +88,10 @@ def test_serve_takes_turns_together_and_keeps_each_history() -> None:
             calls.append([p["prompt_token_ids"] for p in prompts])
             return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7])]) for _ in prompts]
 
-    history = _serve(FakeLLM(), [[[1, 2], [3]], [[4], [5, 6]]], None)
+    turns = []
+    history = _serve(FakeLLM(), [[[1, 2], [3]], [[4], [5, 6]]], None,
+                     on_turn=lambda prompts, outputs, seconds: turns.append((prompts, len(outputs), seconds >= 0)))
     assert calls == [[[1, 2], [4]], [[1, 2, 7, 3], [4, 7, 5, 6]]]
+    assert turns == [(calls[0], 2, True), (calls[1], 2, True)]  # every turn seen with its prompts
     assert history == [[1, 2, 7, 3, 7], [4, 7, 5, 6, 7]]
     assert _serve(FakeLLM(), [], None) == []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,15 +49,12 @@ def chat(spec: dict[str, Any]) -> dict[str, Any]:
                             logprobs=0 if spec.get("logprobs") else None)
     _serve(llm, spec.get("warmup") or [], params)  # lazy kernel compiles, not timed
     convs = spec["conversations"]
-    history: list[list[int]] = [[] for _ in convs]
     out: dict[str, Any] = {"tokens": [[] for _ in convs], "cached": [[] for _ in convs],
                            "prompt_lens": [[] for _ in convs], "logprobs": [[] for _ in convs],
                            "ttft_s": [], "turn_s": []}
-    for k in range(len(convs[0])):
-        prompts = [h + c[k] for h, c in zip(history, convs, strict=True)]
-        t0 = time.perf_counter()
-        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        out["turn_s"].append(time.perf_counter() - t0)
+
+    def record(prompts: list[list[int]], results: list, seconds: float) -> None:
+        out["turn_s"].append(seconds)
         for i, (prompt, r) in enumerate(zip(prompts, results, strict=True)):
             tokens = list(r.outputs[0].token_ids)
             out["tokens"][i].append(tokens)
@@ -68,8 +65,8 @@ def chat(spec: dict[str, Any]) -> dict[str, Any]:
                                                                                 strict=True)])
             if r.metrics is not None and getattr(r.metrics, "first_token_latency", 0):
                 out["ttft_s"].append(r.metrics.first_token_latency)
-            history[i] = prompt + tokens
-    out["final"] = history
+
+    out["final"] = _serve(llm, convs, params, on_turn=record)
     if spec.get("score"):
         scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
         scored = llm.generate([TokensPrompt(prompt_token_ids=s) for s in spec["score"]], scoring, use_tqdm=False)
@@ -80,15 +77,20 @@ def chat(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _serve(llm, convs: list[list[list[int]]], params) -> list[list[int]]:
-    """Serve ``convs`` turn by turn (all conversations take turn k together); returns each
-    conversation's history (prompts and outputs)."""
+def _serve(llm, convs: list[list[list[int]]], params,
+           on_turn: Callable[[list[list[int]], list, float], None] | None = None) -> list[list[int]]:
+    """Serve ``convs`` turn by turn (all conversations take turn k together; turn k's prompt is
+    the history plus the turn's new ids); ``on_turn(prompts, outputs, generate seconds)`` sees
+    each turn. Returns each conversation's history (prompts and outputs)."""
     from vllm.inputs import TokensPrompt
 
     history: list[list[int]] = [[] for _ in convs]
     for k in range(min(map(len, convs), default=0)):
         prompts = [h + c[k] for h, c in zip(history, convs, strict=True)]
+        t0 = time.perf_counter()
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        if on_turn:
+            on_turn(prompts, results, time.perf_counter() - t0)
         history = [p + list(r.outputs[0].token_ids) for p, r in zip(prompts, results, strict=True)]
     return history
 
@@ -99,12 +101,10 @@ def profile_turn(spec: dict[str, Any]) -> dict[str, Any]:
     the engine steps until every conversation has its first token (torch profiler, in-process
     engine). spec: model, engine, conversations, max_tokens."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker runs here: the profiler sees it
-    import torch
-    from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_duo.eval.traffic import kernel_times
+    from vllm_duo.eval.traffic import profile_first_tokens
 
     llm = LLM(model=spec["model"], **spec.get("engine", {}))
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
@@ -115,19 +115,10 @@ def profile_turn(spec: dict[str, Any]) -> dict[str, Any]:
     prompts = [h + c[-1] for h, c in zip(history, convs, strict=True)]
     for i, p in enumerate(prompts):
         engine.add_request(f"last-{i}", TokensPrompt(prompt_token_ids=p), params)
-    started: set[str] = set()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for steps in range(1, 100_001):
-            started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
-            if len(started) == len(prompts):
-                break
-        torch.cuda.synchronize()
-        wall_ms = 1000 * (time.perf_counter() - t0)
+    steps, wall, times = profile_first_tokens(engine, len(prompts), max_steps=100_000)
     while engine.has_unfinished_requests():
         engine.step()
-    times = kernel_times(prof)
-    busy_ms = times["busy_us"] / 1000
+    wall_ms, busy_ms = 1000 * wall, times["busy_us"] / 1000
     return {"turn": len(convs[0]), "prompt_tokens": sum(map(len, prompts)), "steps": steps,
             "wall_ms": round(wall_ms, 1), "gpu_busy_ms": round(busy_ms, 1),
             "host_ms": round(wall_ms - busy_ms, 1), "kernels": times["kernels"], "top_kernels_ms": times["top_ms"]}

@@ -74,6 +74,11 @@ def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any], dev
     return fname
 
 
+def beside(fname: str, suffix: str = ".png") -> str:
+    """The path of a file that goes with result ``fname`` (its chart), in the results folder."""
+    return os.path.join(RESULTS, fname.removesuffix(".json") + suffix)
+
+
 def read_summary(path: str | None = None) -> dict[str, Any]:
     path = path or os.path.join(RESULTS, "summary.json")
     if not os.path.exists(path):

@@ -129,16 +129,7 @@ def profile_decode(spec: dict[str, Any]) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True, detokenize=False)
     for i, p in enumerate(random_prompts(batch, spec["prompt_tokens"], seed=7)):
         engine.add_request(f"p-{i}", tokens_input(p), params)
-    started: set[str] = set()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # prefill every request
-        t = time.perf_counter()
-        for prefill_steps in range(1, 10_001):
-            started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
-            if len(started) == batch:
-                break
-        torch.cuda.synchronize()
-        prefill_wall = time.perf_counter() - t
-    prefill = kernel_times(prof)
+    prefill_steps, prefill_wall, prefill = profile_first_tokens(engine, batch, max_steps=10_000)
     for _ in range(8):  # then a few plain decode steps before the profiled ones
         engine.step()
     torch.cuda.synchronize()
@@ -157,6 +148,24 @@ def profile_decode(spec: dict[str, Any]) -> dict[str, Any]:
             "decode_top_kernels_ms_per_step": {k: round(v / steps, 4) for k, v in decode["top_ms"].items()},
             "prefill": {"steps": prefill_steps, "wall_ms": round(1000 * prefill_wall, 1),
                         "gpu_busy_ms": round(prefill["busy_us"] / 1000, 1), "top_kernels_ms": prefill["top_ms"]}}
+
+
+def profile_first_tokens(engine, count: int, max_steps: int) -> tuple[int, float, dict[str, Any]]:
+    """Step ``engine`` under the torch profiler until ``count`` requests have their first token
+    (at most ``max_steps`` steps): (steps, wall seconds, :func:`kernel_times` of those steps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    started: set[str] = set()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for steps in range(1, max_steps + 1):
+            started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
+            if len(started) == count:
+                break
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    return steps, wall, kernel_times(prof)
 
 
 def kernel_times(prof) -> dict[str, Any]:
