@@ -81,7 +81,7 @@ def _impl(slots: list, kv_heads: int = H, kv_cache_dtype: str = "auto") -> impl_
     impl = impl_module.DuoAttentionImpl(num_heads=kv_heads * G, head_size=D, scale=D ** -0.5,
                                         num_kv_heads=kv_heads, alibi_slopes=None, sliding_window=None,
                                         kv_cache_dtype=kv_cache_dtype)
-    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN))
+    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN), BS)
     return impl
 
 
@@ -311,13 +311,12 @@ def test_head_runs():
 def test_profile_run_compiles_the_window_kernel_once(monkeypatch):
     """vLLM's profile run (no metadata) launches the window kernel once on a fresh prompt of
     sink + window + 1 tokens of its own Q/K/V (the serving specialization), over a stand-in slot
-    of the configured block size, then returns zeros; later profile runs and layers without
+    of the configured block size (handed over with the slots: vLLM's config is not current in a
+    forward), then returns zeros; later profile runs and layers without
     streaming heads launch nothing."""
     calls = []
     monkeypatch.setattr(impl_module, "_COMPILED", set())
     monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setattr(impl_module, "get_current_vllm_config",
-                        lambda: SimpleNamespace(cache_config=SimpleNamespace(block_size=BS)))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     kinds = (RETRIEVAL, STREAMING)
     slots = [SimpleNamespace(name=f"s{h}", kind=k, head=h, layer=None) for h, k in enumerate(kinds)]
@@ -351,12 +350,11 @@ from types import SimpleNamespace
 from vllm_duo.backend import impl as m
 from vllm_duo.options import DuoOptions
 from vllm_duo.slot_plan import RETRIEVAL, STREAMING
-m.get_current_vllm_config = lambda: SimpleNamespace(cache_config=SimpleNamespace(block_size=16))
 torch.cuda.is_current_stream_capturing = lambda: False
 impl = m.DuoAttentionImpl(num_heads=4, head_size=64, scale=0.125, num_kv_heads=2, alibi_slopes=None,
                           sliding_window=None, kv_cache_dtype="auto")
 impl.set_slots([SimpleNamespace(name="a", kind=RETRIEVAL, head=0, layer=None),
-                SimpleNamespace(name="b", kind=STREAMING, head=1, layer=None)], DuoOptions(sink_size=4, recent_size=16))
+                SimpleNamespace(name="b", kind=STREAMING, head=1, layer=None)], DuoOptions(sink_size=4, recent_size=16), 16)
 qkv = torch.randn(64, 8, 64, dtype=torch.float16)
 out = torch.ones(64, 4, 64, dtype=torch.float16)
 impl.forward(None, qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], None, None, output=out)

@@ -26,7 +26,6 @@ attend their own K/V before quantization.
 from __future__ import annotations
 
 import torch
-from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
@@ -77,8 +76,10 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         # (KV heads, query heads) of each run of adjacent retrieval KV heads
         self._retrieval_runs: list[tuple[slice, slice]] = []
 
-    def set_slots(self, slots: list, opts: DuoOptions) -> None:
-        self.slots, self.opts = slots, opts
+    def set_slots(self, slots: list, opts: DuoOptions, cache_block_size: int) -> None:
+        """``cache_block_size`` is the configured one, for the profile run's warm-up: vLLM's config
+        is not current while the model runs."""
+        self.slots, self.opts, self.cache_block_size = slots, opts, cache_block_size
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: DuoMetadata, output: torch.Tensor | None = None,
@@ -140,7 +141,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
                 or torch.cuda.is_current_stream_capturing():
             return
         n = opts.sink_size + opts.prefill_window + 1
-        block_size = get_current_vllm_config().cache_config.block_size
+        block_size = self.cache_block_size
         variant = (self.head_size, self.group, self.fp8, block_size, opts.sink_size, opts.prefill_window)
         if variant in _COMPILED or query.shape[0] < n:
             return
