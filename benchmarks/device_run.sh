@@ -44,6 +44,7 @@ for stage in "$@"; do
     agreement) gpu_test 580 tests/e2e/test_agreement_gpu.py ;;
     ray) gpu_test 580 tests/e2e/test_ray_gpu.py ;;
     cudagraph) gpu_test 400 tests/e2e/test_cudagraph_gpu.py ;;
+    warmup) gpu_test 300 tests/e2e/test_warmup_gpu.py ;;
     short-prompt) run_for 500 python benchmarks/short_prompt.py $SHORT_ARGS ;;
     mixed-traffic) run_for 580 python benchmarks/mixed_traffic.py ;;
     mixed-traffic-duo) mixed_part duo ;;  # the 1,000-request run, one backend per GPU: --combine after

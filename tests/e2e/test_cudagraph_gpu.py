@@ -211,7 +211,7 @@ def test_backend_decode_replays_with_new_steps(monkeypatch) -> None:
              SimpleNamespace(name=names[1], kind=STREAMING, head=1, layer=SimpleNamespace(kv_cache=caches[1]))]
     impl = impl_module.DuoAttentionImpl(num_heads=H * G, head_size=D, scale=D ** -0.5, num_kv_heads=H,
                                         alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
-    impl.set_slots(slots, DuoOptions(sink_size=SINK_, recent_size=WIN))
+    impl.set_slots(slots, DuoOptions(sink_size=SINK_, recent_size=WIN), BS)
     context = SimpleNamespace(attn_metadata=None)
     monkeypatch.setattr(impl_module, "get_forward_context", lambda: context)
 

@@ -94,4 +94,4 @@ def attach_slots(layer) -> None:
             obj = DuoKVSlot(layer, name, kind, opts)
             add_forward_context_layer(vllm_config, name, obj)
         slots.append(SlotInfo(name=name, kind=kind, head=head, layer=obj))
-    layer.impl.set_slots(slots, opts)
+    layer.impl.set_slots(slots, opts, vllm_config.cache_config.block_size)
