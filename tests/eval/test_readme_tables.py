@@ -50,8 +50,12 @@ def test_h200_rows_then_cpu_and_other_gpus_as_history():
     suite = dict(entry, value={"full": {"a": 1.0, "b": 0.5}, "duo_s050": {"a": 0.5, "b": 0.5}},
                  device="NVIDIA H200", command="benchmarks/niah_suite.py")
     assert "full 75%, duo_s050 50%" in results_table({"niah_suite_smollm2": suite})  # per method, format mean
-    history = [ln for ln in results_table(summary, history=True).splitlines() if ln.startswith("| ")][1:]
+    history = [ln for ln in results_table(summary, "history").splitlines() if ln.startswith("| ")][1:]
     assert len(history) == 1 and "| H100 |" in history[0] and "**1.98**" in history[0]
+    control = dict(entry, value=6, device="NVIDIA H200", command="benchmarks/soak_gpu.py --backend FLASH_ATTN")
+    summary["soak_gpu_flash_attn_prefix_preemptions"] = control  # FLASH_ATTN's own: docs/results.md only
+    assert "FLASH_ATTN" not in results_table(summary)
+    assert "**6**" in results_table(summary, "controls") and "H100" not in results_table(summary, "controls")
 
 
 def _row(test, compares, tol, gap, control_gap, passed=True, separated=True):

@@ -1,6 +1,7 @@
 """The README's results and evidence tables, generated from the recorded results so they cannot drift.
 
-``summary.json`` gives the figures table (H200 first, then older GPUs as history, then CPU);
+``summary.json`` gives the figures table (H200 first, then CPU; older GPUs' figures and FLASH_ATTN's
+control figures go to docs/results.md);
 the newest ``evidence_<date>.json`` (:mod:`vllm_duo.eval.evidence`) gives the README's evidence
 summary (one row per kind of check) and docs/results.md's table of every row. Each table sits
 between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
@@ -21,6 +22,8 @@ LABELS = {
     "capacity_ratio_llama3_s050": "64K requests decoding at once vs FLASH_ATTN, Llama-3-8B, 50%",
     "capacity_ratio_llama2_s075": "64K requests held vs FLASH_ATTN, Llama-2-7B, 75% (vLLM's computed max concurrency)",
     "capacity_ratio_llama3_s050_prefix": "same run: prefix caching on in both",
+    "capacity_ratio_llama3_s050_fp8": "KV tokens, duo fp8 vs FLASH_ATTN bf16, Llama-3-8B, 50%",
+    "capacity_ratio_llama3_s075_fp8": "same, 75%",
     "capacity_ratio_llama3_s050_rswa": "KV capacity, Llama-3-8B, 50%, `streaming_prefill=\"rswa\"`",
     "capacity_ratio_llama2_s075_rswa": "KV capacity, Llama-2-7B, 75%, `streaming_prefill=\"rswa\"`",
     "decode_kernel_ratio_64k_b16_s050": "decode kernel time / FA3, 64K, batch 16, 50% (lower: better)",
@@ -35,6 +38,7 @@ LABELS = {
     "max_context_tokens_fa_admissible_fp8": "FLASH_ATTN's longest admissible, fp8 KV cache",
     "max_context_tokens_duo_s050": "KV tokens for one request, Llama-3-8B, 50% (vLLM's computed max_model_len; not run)",
     "e2e_decode_ratio_64k_s050": "decode throughput vs FLASH_ATTN, 64K requests, largest batch each fits",
+    "e2e_decode_ratio_64k_s050_fp8": "same, fp8 KV in both",
     "niah_suite_smollm2": "retrieval suite, SmolLM2-135M-Instruct, 10 formats x 40 prompts (mean over formats)",
     "niah_smollm2": "NIAH accuracy, SmolLM2-135M-Instruct, 1K-8K x 5 depths x 2",
     "server_load_errors": "`vllm serve` under load (64 clients, 120 s): errors",
@@ -57,6 +61,8 @@ LABELS = {
     "prefix_hit_ratio_vs_fa": "prefix-cache hits vs FLASH_ATTN, multi-turn chat",
 }
 _ORDER = {k: i for i, k in enumerate(LABELS)}
+CONTROL_FIGURES = {"soak_gpu_flash_attn_prefix_leaked_blocks", "soak_gpu_flash_attn_prefix_alone_match_rate",
+                   "soak_gpu_flash_attn_prefix_preemptions"}
 EVIDENCE_PREFIX = "evidence_"  # summarised by the evidence table, not the figures table
 
 
@@ -90,11 +96,19 @@ def _command(cmd: str) -> str:
     return re.sub(r"^(python )?vllm_duo/cli/main\.py\b", "vllm-duo", cmd.strip()).replace("|", "\\|")
 
 
-def results_table(summary: dict[str, Any], history: bool = False) -> str:
-    """Markdown: one row per figure (its key in summary.json: docs/results.md), the H200's and the
-    CPU's (or, ``history``, older GPUs'); commands listed once below, numbered."""
-    keys = sorted((k for k in summary if not k.startswith(EVIDENCE_PREFIX)
-                   and (_device_rank(summary[k]["device"]) == 1) == history),
+def _part(key: str, device: str) -> str:
+    """Where a figure is shown: the README ("readme": the H200's and the CPU's), or in
+    docs/results.md the "history" (older GPUs) or the "controls" (FLASH_ATTN's own figures that
+    only say how to read duo's, e.g. its soak re-run match rate)."""
+    if key in CONTROL_FIGURES:
+        return "controls"
+    return "history" if _device_rank(device) == 1 else "readme"
+
+
+def results_table(summary: dict[str, Any], part: str = "readme") -> str:
+    """Markdown: one row per figure of ``part`` (see :func:`_part`; its key in summary.json:
+    docs/results.md); commands listed once below, numbered."""
+    keys = sorted((k for k in summary if not k.startswith(EVIDENCE_PREFIX) and _part(k, summary[k]["device"]) == part),
                   key=lambda k: (_device_rank(summary[k]["device"]), summary[k]["device"],
                                  _ORDER.get(k, len(_ORDER)), k))
     commands: list[str] = []
@@ -207,7 +221,8 @@ def tables(results_dir: str) -> dict[str, dict[str, str]]:
             evidence = json.load(f)
     return {"README.md": {"results": results_table(summary), "evidence": evidence_table(evidence)},
             os.path.join("docs", "results.md"): {"evidence-rows": evidence_rows_table(evidence),
-                                                 "results-history": results_table(summary, history=True)}}
+                                                 "results-history": results_table(summary, "history"),
+                                                 "results-controls": results_table(summary, "controls")}}
 
 
 def render(readme: str, generated: dict[str, str]) -> str:
