@@ -8,11 +8,13 @@ Bandwidth = bytes each kernel must read (KV + q + out) / time, next to the copy 
 large device-to-device copy measured in the same run.
 
     python benchmarks/decode_kernel.py [--contexts 4096 16384 65536 131072] [--batches 1 4 16 64]
-                                       [--streaming 0.5 0.75 0] [--repeats 30]
+                                       [--streaming 0.5 0.75 0] [--repeats 30] [--kv-cache-dtype fp8]
 
 Writes results/decode_kernel_<device>_<date>.json and the summary entries
 decode_kernel_ratio_64k_b16_s050 / _s075 / _s000 (duo time / FA3 time, the wrapper's own plan).
-``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only).
+``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only). ``--kv-cache-dtype
+fp8``: both read e4m3 caches (FA3 with fp8 queries and descales, as vLLM's FLASH_ATTN; duo with
+per-tensor scales), the file is decode_kernel_fp8_<device>_<date>.json and the keys end in _fp8.
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.summary import device_name, save_result  # noqa: E402
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
-TOKEN_BYTES = 2 * D * 2  # K + V of one token of one KV head, bf16
+FP8 = torch.float8_e4m3fn
+
+
+def token_bytes(fp8: bool) -> int:
+    """K + V of one token of one KV head."""
+    return 2 * D * (1 if fp8 else 2)
+
+
+def random_cache(shape: tuple, fp8: bool) -> torch.Tensor:
+    """Values in [-1, 1] (fp8: cast to e4m3, so no byte is a NaN pattern)."""
+    x = torch.empty(shape, dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    return x.to(FP8) if fp8 else x
 
 
 def time_us(fn: Callable[[], object], repeats: int, warmup: int, flush: torch.Tensor | None) -> float:
@@ -60,7 +73,8 @@ def copy_bandwidth_gbps(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / t / 1e3
 
 
-def fa3_decode(ctx: int, batch: int, q: torch.Tensor, seq_lens: torch.Tensor) -> Callable[[], object] | None:
+def fa3_decode(ctx: int, batch: int, q: torch.Tensor, seq_lens: torch.Tensor,
+               fp8: bool = False) -> Callable[[], object] | None:
     """A timed FA3 decode call over a full [num_blocks, 16, 8, 128] K/V cache; None without vLLM."""
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -69,21 +83,25 @@ def fa3_decode(ctx: int, batch: int, q: torch.Tensor, seq_lens: torch.Tensor) ->
         warnings.warn(f"decode_kernel: FA3 not timed, vLLM's flash-attention did not import: {e}", stacklevel=1)
         return None
     num_blocks = batch * ctx // BS
-    kv = torch.empty(2, num_blocks, BS, HKV, D, dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    kv = random_cache((2, num_blocks, BS, HKV, D), fp8)
     table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, -1)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     sched = get_scheduler_metadata(batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=HQ,
-                                   num_heads_kv=HKV, headdim=D, cache_seqlens=seq_lens, qkv_dtype=DTYPE,
-                                   cu_seqlens_q=cu_q, page_size=BS, causal=True)
+                                   num_heads_kv=HKV, headdim=D, cache_seqlens=seq_lens,
+                                   qkv_dtype=FP8 if fp8 else DTYPE, cu_seqlens_q=cu_q, page_size=BS, causal=True)
     out = torch.empty_like(q)
+    one = torch.ones(batch, HKV, dtype=torch.float32, device="cuda")
+    descales = dict(q_descale=one, k_descale=one, v_descale=one) if fp8 else {}
+    qq = q.to(FP8) if fp8 else q
     return lambda: flash_attn_varlen_func(
-        q=q, k=kv[0], v=kv[1], max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
+        q=qq, k=kv[0], v=kv[1], max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
         seqused_k=seq_lens, softmax_scale=D ** -0.5, causal=True, block_table=table,
-        scheduler_metadata=sched, out=out, fa_version=3)
+        scheduler_metadata=sched, out=out, fa_version=3, **descales)
 
 
 def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens: torch.Tensor,
-               sink: int, window: int, partition_size: int | None = None) -> tuple[Callable[[], object], int]:
+               sink: int, window: int, partition_size: int | None = None,
+               fp8: bool = False) -> tuple[Callable[[], object], int]:
     """A timed duo call (one slot cache per KV head) and the KV bytes it must read."""
     from vllm_duo.ops import decode_slots, paged_decode
 
@@ -94,21 +112,23 @@ def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens
     keep = sorted(set(range(-(-sink // BS))) | set(range(max(0, ctx - window) // BS, width)))
     part = torch.zeros(batch, width, dtype=torch.int32, device="cuda")  # gap -> null block 0
     part[:, keep] = 1 + torch.randperm(batch * len(keep), device="cuda", dtype=torch.int32).view(batch, -1)
-    caches = [torch.empty((1 + batch * len(keep)) if s else batch * width, BS, 2 * D, dtype=DTYPE,
-                          device="cuda").uniform_(-1, 1) for s in is_str]
+    caches = [random_cache(((1 + batch * len(keep)) if s else batch * width, BS, 2 * D), fp8) for s in is_str]
+    one = torch.ones(1, dtype=torch.float32, device="cuda")
+    scales = dict(k_scale=one, v_scale=one) if fp8 else {}
     slots = decode_slots(caches, [part if s else full for s in is_str], list(range(HKV)), is_str, "cuda")
     kv_tokens = sum(min(ctx, sink + window) if s else ctx for s in is_str)
 
     # The slot tables hold raw addresses: the closure keeps the caches and block tables alive.
     def call(_keep: tuple = (caches, full, part)) -> torch.Tensor:
         return paged_decode(q, *slots, seq_lens, max_seq_len=ctx, num_kv_heads=HKV, block_size=BS,
-                            sink_size=sink, window=window, partition_size=partition_size)
-    return call, batch * kv_tokens * TOKEN_BYTES
+                            sink_size=sink, window=window, partition_size=partition_size, **scales)
+    return call, batch * kv_tokens * token_bytes(fp8)
 
 
 def fits(ctx: int, batch: int) -> bool:
-    """FA3's full cache is the larger one; it is freed before duo's caches are made."""
-    return batch * ctx * TOKEN_BYTES * HKV < 0.85 * torch.cuda.mem_get_info()[0]
+    """FA3's full cache is the larger one; it is freed before duo's caches are made. Counted in
+    bf16 for fp8 too: an fp8 cache is cast from bf16 values."""
+    return batch * ctx * token_bytes(False) * HKV < 0.85 * torch.cuda.mem_get_info()[0]
 
 
 def main() -> None:
@@ -124,7 +144,10 @@ def main() -> None:
     ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between calls")
     ap.add_argument("--partition-sizes", type=int, nargs="+", default=[0],
                     help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="fp8: e4m3 caches for both (default: bf16)")
     args = ap.parse_args()
+    fp8 = args.kv_cache_dtype == "fp8"
     if not torch.cuda.is_available():
         sys.exit("decode_kernel: needs a CUDA GPU")
 
@@ -142,12 +165,12 @@ def main() -> None:
             q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
             seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
             qo_bytes = 2 * q.numel() * q.element_size()
-            fa3 = fa3_decode(ctx, batch, q, seq_lens)
+            fa3 = fa3_decode(ctx, batch, q, seq_lens, fp8)
             fa3_us = time_us(fa3, args.repeats, args.warmup, flush) if fa3 else None
-            fa3_gbps = (batch * ctx * HKV * TOKEN_BYTES + qo_bytes) / fa3_us / 1e3 if fa3_us else None
+            fa3_gbps = (batch * ctx * HKV * token_bytes(fp8) + qo_bytes) / fa3_us / 1e3 if fa3_us else None
             del fa3  # free its cache before duo's
             for s, part in [(s, p) for s in args.streaming for p in args.partition_sizes]:
-                duo, kv_bytes = duo_decode(ctx, batch, s, q, seq_lens, args.sink, args.window, part or None)
+                duo, kv_bytes = duo_decode(ctx, batch, s, q, seq_lens, args.sink, args.window, part or None, fp8)
                 duo_us = time_us(duo, args.repeats, args.warmup, flush)
                 del duo
                 duo_gbps = (kv_bytes + qo_bytes) / duo_us / 1e3
@@ -161,13 +184,14 @@ def main() -> None:
                       f"{_fmt(ratio, '8.3f')} {duo_gbps:>9.0f} {duo_gbps / copy_gbps:>6.0%} "
                       f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')} {part or '-':>5}")
                 if ctx == 65536 and batch == 16 and not part and ratio is not None:
-                    figures[f"decode_kernel_ratio_64k_b16_s{round(s * 100):03d}"] = ratio
+                    figures[f"decode_kernel_ratio_64k_b16_s{round(s * 100):03d}{'_fp8' if fp8 else ''}"] = ratio
             torch.cuda.empty_cache()
     slug = re.sub(r"[^a-z0-9]+", "_", device_name().lower()).strip("_")
-    payload = dict(layer=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BS, dtype="bf16"),
+    payload = dict(layer=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BS, dtype="bf16",
+                              kv_cache_dtype="fp8_e4m3" if fp8 else "bf16"),
                    sink=args.sink, window=args.window, repeats=args.repeats, l2_flush=not args.no_flush,
                    copy_bandwidth_gbps=copy_gbps, rows=rows)
-    fname = save_result(f"decode_kernel_{slug}", payload, figures)
+    fname = save_result(f"decode_kernel_{'fp8_' if fp8 else ''}{slug}", payload, figures)
     print(f"wrote benchmarks/results/{fname}" + (f" and summary keys {sorted(figures)}" if figures else ""))
 
 
