@@ -12,7 +12,8 @@ large device-to-device copy measured in the same run.
 
 Writes results/decode_kernel_<device>_<date>.json and the summary entries
 decode_kernel_ratio_64k_b16_s050 / _s075 / _s000 (duo time / FA3 time, the wrapper's own plan).
-``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only). ``--kv-cache-dtype
+``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only); ``--hybrid`` also
+times FA3 per retrieval slot with duo's kernel for the streaming slots (rows only). ``--kv-cache-dtype
 fp8``: both read e4m3 caches (FA3 with fp8 queries and descales, as vLLM's FLASH_ATTN; duo with
 per-tensor scales), the file is decode_kernel_fp8_<device>_<date>.json and the keys end in _fp8.
 """
@@ -125,6 +126,57 @@ def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens
     return call, batch * kv_tokens * token_bytes(fp8)
 
 
+def hybrid_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens: torch.Tensor,
+                  sink: int, window: int, fp8: bool = False) -> Callable[[], object] | None:
+    """The same layer with FA3 per retrieval slot (one paged call per slot cache, its own block
+    table, G query heads; one scheduler plan shared by all) and duo's kernel over the streaming
+    slots only: whether FA3's bandwidth beats one launch for every slot. None without vLLM."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        from vllm.vllm_flash_attn.flash_attn_interface import get_scheduler_metadata
+        from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
+    except ImportError:
+        return None
+    from vllm_duo.ops import decode_slots, paged_decode
+
+    n_str = round(streaming * HKV)
+    group = HQ // HKV
+    width = ctx // BS
+    keep = sorted(set(range(-(-sink // BS))) | set(range(max(0, ctx - window) // BS, width)))
+    part = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+    part[:, keep] = 1 + torch.randperm(batch * len(keep), device="cuda", dtype=torch.int32).view(batch, -1)
+    str_caches = [random_cache((1 + batch * len(keep), BS, 2 * D), fp8) for _ in range(n_str)]
+    ret = [(random_cache((batch * width, BS, 2 * D), fp8),
+            torch.randperm(batch * width, device="cuda", dtype=torch.int32).view(batch, width))
+           for _ in range(HKV - n_str)]
+    one = torch.ones(1, dtype=torch.float32, device="cuda")
+    scales = dict(k_scale=one, v_scale=one) if fp8 else {}
+    slots = decode_slots(str_caches, [part] * n_str, list(range(n_str)), [True] * n_str, "cuda") if n_str else None
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    sched = get_scheduler_metadata(batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=group,
+                                   num_heads_kv=1, headdim=D, cache_seqlens=seq_lens,
+                                   qkv_dtype=FP8 if fp8 else DTYPE, cu_seqlens_q=cu_q, page_size=BS, causal=True)
+    ones = torch.ones(batch, 1, dtype=torch.float32, device="cuda")
+    descales = dict(q_descale=ones, k_descale=ones, v_descale=ones) if fp8 else {}
+    qq = q.to(FP8) if fp8 else q
+    out = torch.empty_like(q)
+    views = [(canonicalize_singleton_dim_strides(cache[..., :D].unsqueeze(2)),
+              canonicalize_singleton_dim_strides(cache[..., D:].unsqueeze(2)), table) for cache, table in ret]
+
+    def call(_keep: tuple = (str_caches, ret, part)) -> torch.Tensor:
+        if slots is not None:
+            paged_decode(q, *slots, seq_lens, max_seq_len=ctx, num_kv_heads=HKV, block_size=BS,
+                         sink_size=sink, window=window, out=out, **scales)
+        for i, (k, v, table) in enumerate(views):
+            heads = slice((n_str + i) * group, (n_str + i + 1) * group)
+            flash_attn_varlen_func(
+                q=qq[:, heads], k=k, v=v, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
+                seqused_k=seq_lens, softmax_scale=D ** -0.5, causal=True, block_table=table,
+                scheduler_metadata=sched, out=out[:, heads], fa_version=3, **descales)
+        return out
+    return call
+
+
 def fits(ctx: int, batch: int) -> bool:
     """FA3's full cache is the larger one; it is freed before duo's caches are made. Counted in
     bf16 for fp8 too: an fp8 cache is cast from bf16 values."""
@@ -146,6 +198,8 @@ def main() -> None:
                     help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="fp8: e4m3 caches for both (default: bf16)")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="also time FA3 per retrieval slot + duo's kernel over streaming slots (rows only)")
     args = ap.parse_args()
     fp8 = args.kv_cache_dtype == "fp8"
     if not torch.cuda.is_available():
@@ -175,14 +229,20 @@ def main() -> None:
                 del duo
                 duo_gbps = (kv_bytes + qo_bytes) / duo_us / 1e3
                 ratio = duo_us / fa3_us if fa3_us else None
+                hybrid = hybrid_decode(ctx, batch, s, q, seq_lens, args.sink, args.window, fp8) \
+                    if args.hybrid and not part else None
+                hybrid_us = time_us(hybrid, args.repeats, args.warmup, flush) if hybrid else None
+                del hybrid
                 rows.append(dict(context=ctx, batch=batch, streaming=s, partition_size=part or "planned",
                                  duo_us=duo_us, fa3_us=fa3_us,
                                  ratio_duo_over_fa3=ratio, duo_gbps=duo_gbps, fa3_gbps=fa3_gbps,
-                                 duo_frac_of_copy=duo_gbps / copy_gbps,
+                                 duo_frac_of_copy=duo_gbps / copy_gbps, hybrid_us=hybrid_us,
+                                 ratio_hybrid_over_fa3=hybrid_us / fa3_us if hybrid_us and fa3_us else None,
                                  fa3_frac_of_copy=fa3_gbps / copy_gbps if fa3_gbps else None))
                 print(f"{ctx:>7} {batch:>5} {s:>5.2f} {duo_us:>9.1f} {_fmt(fa3_us, '9.1f')} "
                       f"{_fmt(ratio, '8.3f')} {duo_gbps:>9.0f} {duo_gbps / copy_gbps:>6.0%} "
-                      f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')} {part or '-':>5}")
+                      f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')} {part or '-':>5}"
+                      + (f"   hybrid {hybrid_us:.1f} us = {hybrid_us / fa3_us:.3f} of fa3" if hybrid_us and fa3_us else ""))
                 if ctx == 65536 and batch == 16 and not part and ratio is not None:
                     figures[f"decode_kernel_ratio_64k_b16_s{round(s * 100):03d}{'_fp8' if fp8 else ''}"] = ratio
             torch.cuda.empty_cache()
