@@ -49,6 +49,22 @@ def random_cache(shape: tuple, fp8: bool) -> torch.Tensor:
     return x.to(FP8) if fp8 else x
 
 
+def streaming_table(ctx: int, batch: int, sink: int, window: int) -> tuple[torch.Tensor, int]:
+    """A streaming slot's block table (sink and window blocks on their own blocks, the gap on
+    the null block 0) and the number of blocks its cache needs."""
+    width = ctx // BS
+    keep = sorted(set(range(-(-sink // BS))) | set(range(max(0, ctx - window) // BS, width)))
+    table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+    table[:, keep] = 1 + torch.randperm(batch * len(keep), device="cuda", dtype=torch.int32).view(batch, -1)
+    return table, 1 + batch * len(keep)
+
+
+def kv_scales(fp8: bool) -> dict[str, torch.Tensor]:
+    """duo's per-tensor K/V scales for an fp8 cache (1.0), none for bf16."""
+    one = torch.ones(1, dtype=torch.float32, device="cuda")
+    return dict(k_scale=one, v_scale=one) if fp8 else {}
+
+
 def time_us(fn: Callable[[], object], repeats: int, warmup: int, flush: torch.Tensor | None) -> float:
     """Median GPU time of one call; the flush runs before each call, outside the events."""
     for _ in range(warmup):
@@ -110,12 +126,9 @@ def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens
     is_str = [h < n_str for h in range(HKV)]
     width = ctx // BS
     full = torch.randperm(batch * width, device="cuda", dtype=torch.int32).view(batch, width)
-    keep = sorted(set(range(-(-sink // BS))) | set(range(max(0, ctx - window) // BS, width)))
-    part = torch.zeros(batch, width, dtype=torch.int32, device="cuda")  # gap -> null block 0
-    part[:, keep] = 1 + torch.randperm(batch * len(keep), device="cuda", dtype=torch.int32).view(batch, -1)
-    caches = [random_cache(((1 + batch * len(keep)) if s else batch * width, BS, 2 * D), fp8) for s in is_str]
-    one = torch.ones(1, dtype=torch.float32, device="cuda")
-    scales = dict(k_scale=one, v_scale=one) if fp8 else {}
+    part, part_blocks = streaming_table(ctx, batch, sink, window)
+    caches = [random_cache((part_blocks if s else batch * width, BS, 2 * D), fp8) for s in is_str]
+    scales = kv_scales(fp8)
     slots = decode_slots(caches, [part if s else full for s in is_str], list(range(HKV)), is_str, "cuda")
     kv_tokens = sum(min(ctx, sink + window) if s else ctx for s in is_str)
 
@@ -142,15 +155,12 @@ def hybrid_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_l
     n_str = round(streaming * HKV)
     group = HQ // HKV
     width = ctx // BS
-    keep = sorted(set(range(-(-sink // BS))) | set(range(max(0, ctx - window) // BS, width)))
-    part = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
-    part[:, keep] = 1 + torch.randperm(batch * len(keep), device="cuda", dtype=torch.int32).view(batch, -1)
-    str_caches = [random_cache((1 + batch * len(keep), BS, 2 * D), fp8) for _ in range(n_str)]
+    part, part_blocks = streaming_table(ctx, batch, sink, window)
+    str_caches = [random_cache((part_blocks, BS, 2 * D), fp8) for _ in range(n_str)]
     ret = [(random_cache((batch * width, BS, 2 * D), fp8),
             torch.randperm(batch * width, device="cuda", dtype=torch.int32).view(batch, width))
            for _ in range(HKV - n_str)]
-    one = torch.ones(1, dtype=torch.float32, device="cuda")
-    scales = dict(k_scale=one, v_scale=one) if fp8 else {}
+    scales = kv_scales(fp8)
     slots = decode_slots(str_caches, [part] * n_str, list(range(n_str)), [True] * n_str, "cuda") if n_str else None
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     sched = get_scheduler_metadata(batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=group,

@@ -49,13 +49,28 @@ def check_ranks(result: dict, world: int, same_layout: bool) -> None:
         assert all(r["layout"] == ranks[0]["layout"] for r in ranks), "TP ranks hold different KV caches"
 
 
+def _prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 32000) for _ in range(n)] for n in LENGTHS]
+
+
+def _score_on_one_gpu(model: str, prompts: list[list[int]], runs: dict, keys: dict[str, list[str]]) -> dict:
+    """Both backends' TP=1 engines at once (one GPU each), each scoring, teacher-forced, the
+    runs named in ``keys[backend]``."""
+    one = {backend: dict(model=model, prompts=prompts, max_tokens=STEPS,
+                         score={k: agreement.scored_sequences(prompts, runs[k]) for k in keys[backend]},
+                         engine=dict(agreement.ENGINE, enforce_eager=True, **engine),
+                         env={"CUDA_VISIBLE_DEVICES": str(i)})
+           for i, (backend, engine) in enumerate(BACKENDS.items())}
+    return agreement.run_parallel(one, workers=2, log_dir=os.environ.get("VLLM_DUO_ENGINE_LOGS"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Ray runs one after another (each takes both GPUs), then both TP=1 engines at once (one
     GPU each), each scoring its backend's Ray runs and FLASH_ATTN's TP=2 run."""
     model = make_model(str(tmp_path_factory.mktemp("llama3_layout")), seed=0, **LAYOUTS["llama3"])
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in LENGTHS]
+    prompts = _prompts(0)
     log = os.path.join(os.environ["OUT"], "ray_engines.log") if os.environ.get("OUT") else None
     done = {}
     for backend, engine in BACKENDS.items():
@@ -63,14 +78,9 @@ def runs(tmp_path_factory) -> dict:
             done[f"{backend}/{name}"] = run_ranked(
                 dict(model=model, prompts=prompts, max_tokens=STEPS, name=f"{backend} {name}",
                      engine=dict(engine, enforce_eager=True, **parallel)), log_path=log)
-    one = {}
-    for i, (backend, engine) in enumerate(BACKENDS.items()):
-        score = {k: agreement.scored_sequences(prompts, done[k]) for k in done if k.startswith(backend)}
-        score["FLASH_ATTN/tp2"] = agreement.scored_sequences(prompts, done["FLASH_ATTN/tp2"])
-        one[f"{backend}/tp1"] = dict(model=model, prompts=prompts, max_tokens=STEPS, score=score,
-                                     engine=dict(agreement.ENGINE, enforce_eager=True, **engine),
-                                     env={"CUDA_VISIBLE_DEVICES": str(i)})
-    done.update(agreement.run_parallel(one, workers=2, log_dir=os.environ.get("VLLM_DUO_ENGINE_LOGS")))
+    keys = {b: [k for k in done if k.startswith(b)] + ["FLASH_ATTN/tp2"] for b in BACKENDS}
+    tp1 = _score_on_one_gpu(model, prompts, done, keys)
+    done.update({f"{backend}/tp1": r for backend, r in tp1.items()})
     return dict(done, prompts=prompts)
 
 
@@ -103,8 +113,7 @@ def test_tp2_default_graphs_agree_with_one_gpu(tmp_path) -> None:
     from vllm_duo.eval.engine_proc import EngineJobError
 
     model = make_model(str(tmp_path / "llama3_layout"), seed=0, **LAYOUTS["llama3"])
-    rng = random.Random(1)
-    prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in LENGTHS]
+    prompts = _prompts(1)
     log = os.path.join(os.environ["OUT"], "ray_graph_engines.log") if os.environ.get("OUT") else None
     done = {}
     for backend, engine in BACKENDS.items():
@@ -118,13 +127,7 @@ def test_tp2_default_graphs_agree_with_one_gpu(tmp_path) -> None:
             raise
     assert {r["cudagraph_mode"] for r in done["duo"]["ranks"]} == {"FULL_AND_PIECEWISE"}, done["duo"]["ranks"]
     check_ranks(done["duo"], 2, same_layout=True)
-    one = {}
-    for i, (backend, engine) in enumerate(BACKENDS.items()):
-        score = {k: agreement.scored_sequences(prompts, done[k]) for k in done}
-        one[backend] = dict(model=model, prompts=prompts, max_tokens=STEPS, score=score,
-                            engine=dict(agreement.ENGINE, enforce_eager=True, **engine),
-                            env={"CUDA_VISIBLE_DEVICES": str(i)})
-    tp1 = agreement.run_parallel(one, workers=2, log_dir=os.environ.get("VLLM_DUO_ENGINE_LOGS"))
+    tp1 = _score_on_one_gpu(model, prompts, done, {backend: list(done) for backend in BACKENDS})
 
     def gap(gen: str, scorer: str) -> float:
         return agreement.gap(prompts, done[gen], tp1[scorer]["scores"][gen])
