@@ -7,7 +7,10 @@
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS, CHAT_ARGS,
-# CAPACITY_ARGS, SUITE_ARGS, IDENTIFY_ARGS: extra flags of those stages (PATTERN_OUT: identify's folder).
+# CAPACITY_ARGS, SUITE_ARGS, IDENTIFY_ARGS, NIAH_ARGS (both niah-grid stages): extra flags of those stages
+# (PATTERN_OUT: identify's folder). Variants, several per call: identify-NAME trains with IDENTIFY_ARGS_NAME into
+# /tmp/patterns/NAME; niah-suite-NAME runs the suite with SUITE_ARGS_NAME (say --pattern /tmp/patterns/NAME),
+# writing niah_suite_NAME_<date>.json and the figure niah_suite_smollm2_NAME.
 source benchmarks/device_setup.sh
 export PYTHONUNBUFFERED=1
 # GPU tests append evidence rows here; kept on the machine while it is warm, copied to $OUT after
@@ -73,11 +76,17 @@ for stage in "$@"; do
       --out "${PATTERN_OUT:-$OUT/pattern}" --max-minutes 8 $IDENTIFY_ARGS ;;  # then SUITE_ARGS=--pattern DIR
     niah-suite) run_for 580 python benchmarks/niah_suite.py --runner engine $SUITE_ARGS ;;
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
-      --record niah_smollm2 --out "$OUT" --quiet ;;
+      --record niah_smollm2 --out "$OUT" --quiet $NIAH_ARGS ;;
     niah-grid-fp8) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
-      --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT" --quiet ;;
+      --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT" --quiet $NIAH_ARGS ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
     bench-fp8) run_for 580 python -m vllm_duo.cli.main bench --only a --kv-cache-dtype fp8 --quiet ;;
+    identify-*) flags=IDENTIFY_ARGS_${stage#identify-}
+      run_for 590 python -m vllm_duo.cli.main identify /tmp/models/smollm2-135m-instruct \
+        --out "/tmp/patterns/${stage#identify-}" --max-minutes 8 ${!flags} ;;
+    niah-suite-*) v=${stage#niah-suite-} flags=SUITE_ARGS_${stage#niah-suite-}
+      run_for 580 python benchmarks/niah_suite.py --runner engine --kv-cache-gib 8 --name "niah_suite_$v" \
+        --record "niah_suite_smollm2_$v" ${!flags} ;;
     *) echo "unknown stage $stage" ;;
   esac 2>&1 | grep -v "^INFO\|^(EngineCore.*INFO\|^DEBUG" | tee "$OUT/$stage.log" | tail -40
   copy_results

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--sink", type=int, default=DEFAULT_SINK)
     ap.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    ap.add_argument("--prefill-recent", type=int, default=None,
+                    help="engine runner: streaming heads' window while a prompt is prefilled (default: --recent; "
+                         "8192 prefills densely up to 8K, as the reference's NIAH runs below its 32K chunk)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=None,
                     help="hf runner: seconds after which no new prompt starts (the result says how many ran)")
@@ -69,13 +72,16 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prefill_recent is not None and args.runner != "engine":
+        sys.exit("niah_suite: --prefill-recent needs --runner engine (the hf runner attends with --recent "
+                 "while prefilling too)")
     if not os.path.isdir(args.model):
         sys.exit(f"niah_suite: no model folder at {args.model}; pass --model PATH")
     out_dir = os.path.join(os.environ["OUT"], "niah_suite") if os.environ.get("OUT") else None
     os.makedirs(out_dir or RESULTS, exist_ok=True)  # the engine log goes there from the start
     try:
         methods = expand_methods(args.methods, pattern=args.pattern, sparsities=args.sparsity, sink=args.sink,
-                                 recent=args.recent)
+                                 recent=args.recent, prefill_recent=args.prefill_recent)
         payload = suite.measure(
             args.model, methods, suite.parse_formats(args.formats), lengths=args.lengths, depths=args.depths,
             samples=args.samples, seed=args.seed, sink=args.sink, recent=args.recent, runner=args.runner,
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(line, flush=True))
     except DuoConfigError as e:
         sys.exit(f"niah_suite: {e}")
-    payload["pattern"] = args.pattern
+    payload["pattern"], payload["prefill_recent"] = args.pattern, args.prefill_recent
     results, table, counts = payload["methods"], payload["per_format"], payload["prompts_per_format"]
     ran = next((r["total"] for r in results.values() if "total" in r), 0)
     name = args.name or f"niah_suite_{args.runner}"
@@ -94,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     fname = save_result(name, payload, {} if failed else {key: table})
     png = beside(fname)
     suite.plot_table(table, counts, png, f"{os.path.basename(os.path.normpath(args.model))}, {args.runner} runner, "
-                                         f"sink {args.sink}, recent {args.recent}, {ran} prompts")
+                                         f"sink {args.sink}, recent {args.recent}"
+                                         + (f", prefill recent {args.prefill_recent}" if args.prefill_recent else "")
+                                         + f", {ran} prompts")
     print(f"niah_suite: wrote benchmarks/results/{fname} and {os.path.basename(png)}"
           + (f"; figure {key} not recorded: {failed} failed" if failed else f"; figure {key}"))
     if out_dir:

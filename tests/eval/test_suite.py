@@ -218,3 +218,26 @@ def test_niah_suite_engine_kwargs_share_a_gpu_with_a_fixed_kv_cache() -> None:
     assert niah_suite.engine_kwargs(niah_suite.parse_args([]))["gpu_memory_utilization"] == 0.5
     shared = niah_suite.engine_kwargs(niah_suite.parse_args(["--kv-cache-gib", "8"]))
     assert shared["kv_cache_memory_bytes"] == 8 << 30 and shared["gpu_memory_utilization"] < 0.1
+
+
+def test_niah_suite_prefill_recent_reaches_the_duo_engines_and_needs_the_engine_runner(monkeypatch, tmp_path):
+    """--prefill-recent: in every duo method's options (not FLASH_ATTN's); refused, in one line, for hf."""
+    from benchmarks import niah_suite
+
+    seen = []
+
+    def measure(model, methods, tasks, **kw):
+        seen.extend(methods)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(niah_suite.suite, "measure", measure)
+    (tmp_path / "m").mkdir()
+    with pytest.raises(SystemExit):
+        niah_suite.main(["--runner", "engine", "--model", str(tmp_path / "m"), "--prefill-recent", "8192",
+                         "--sparsity", "0.5"])
+    duo = {m.name: m.duo for m in seen}
+    assert duo["full"] == {} and duo["duo_s050"]["prefill_recent_size"] == 8192
+    assert duo["streaming"]["prefill_recent_size"] == 8192
+    with pytest.raises(SystemExit) as e:
+        niah_suite.main(["--runner", "hf", "--model", str(tmp_path / "m"), "--prefill-recent", "8192"])
+    assert "--prefill-recent needs --runner engine" in str(e.value.code)
