@@ -76,9 +76,9 @@ for stage in "$@"; do
       --out "${PATTERN_OUT:-$OUT/pattern}" --max-minutes 8 $IDENTIFY_ARGS ;;  # then SUITE_ARGS=--pattern DIR
     niah-suite) run_for 580 python benchmarks/niah_suite.py --runner engine $SUITE_ARGS ;;
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
-      --record niah_smollm2 --out "$OUT" --quiet $NIAH_ARGS ;;
+      --record niah_smollm2 --out "$OUT/niah" --quiet $NIAH_ARGS ;;
     niah-grid-fp8) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
-      --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT" --quiet $NIAH_ARGS ;;
+      --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT/niah_fp8" --quiet $NIAH_ARGS ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
     bench-fp8) run_for 580 python -m vllm_duo.cli.main bench --only a --kv-cache-dtype fp8 --quiet ;;
     identify-*) flags=IDENTIFY_ARGS_${stage#identify-}

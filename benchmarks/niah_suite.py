@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.summary import RESULTS, beside, save_result  # noqa: E402
 from vllm_duo.errors import DuoConfigError  # noqa: E402
 from vllm_duo.eval import suite  # noqa: E402
+from vllm_duo.eval.engine_proc import memory_kwargs  # noqa: E402
 from vllm_duo.eval.methods import expand_methods  # noqa: E402
 from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK  # noqa: E402
 
@@ -63,11 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    if args.kv_cache_gib is None:
-        return dict(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs)
-    # vLLM still checks that the utilization's share of the GPU is free: ask for little
-    return dict(kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), gpu_memory_utilization=0.08,
-                max_num_seqs=args.max_num_seqs)
+    return dict(memory_kwargs(args.gpu_memory_utilization, args.kv_cache_gib), max_num_seqs=args.max_num_seqs)
 
 
 def main(argv: list[str] | None = None) -> int:

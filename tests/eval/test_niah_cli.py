@@ -101,3 +101,12 @@ def test_niah_refuses_bad_input_before_any_engine(smol, fake_engine, tmp_path, c
     assert main(base + ["--pattern", str(bad)]) == 2
     assert "shape" in capsys.readouterr().err
     assert fake_engine == []
+
+
+def test_niah_kv_cache_gib_gives_every_engine_a_fixed_cache(smol, fake_engine, tmp_path):
+    """--kv-cache-gib: each engine gets that many bytes of KV cache and a small utilization (to share a GPU)."""
+    model, pattern = smol
+    assert main(["niah", "--model", model, "--pattern", pattern, "--lengths", "300", "--depths", "0", "--quiet",
+                 "--out", str(tmp_path / "out"), "--kv-cache-gib", "4"]) == 0
+    assert {(s["engine"]["kv_cache_memory_bytes"], s["engine"]["gpu_memory_utilization"]) for s in fake_engine} \
+        == {(4 << 30, 0.08)}

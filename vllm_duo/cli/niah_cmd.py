@@ -57,6 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="KV cache of every method's engine (fp8: e4m3 with per-tensor scales)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="a fixed KV cache per engine, so the run can share a GPU (default: "
+                        "--gpu-memory-utilization sizes it)")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="skip torch.compile/CUDA graphs (faster start; accuracy is unaffected)")
@@ -85,6 +88,7 @@ def _check_grid(args: argparse.Namespace, max_positions: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vllm_duo.eval.engine_proc import memory_kwargs
     from vllm_duo.eval.methods import check_pattern, expand_methods, model_shape
     from vllm_duo.eval.niah import HFCodec, grid_prompts
     from vllm_duo.eval.niah_run import run_methods
@@ -112,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.samples}), methods {[m.name for m in methods]}, out {out_dir}", flush=True)
 
     engine_base = dict(max_model_len=max(args.lengths) + args.max_tokens, seed=0,
-                       gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                       **memory_kwargs(args.gpu_memory_utilization, args.kv_cache_gib), max_num_seqs=args.max_num_seqs,
                        enforce_eager=args.enforce_eager, enable_prefix_caching=False,
                        kv_cache_dtype=args.kv_cache_dtype)
     results = run_methods(args.model, methods, prompts, codec, args.lengths, args.depths, engine_base,

@@ -51,6 +51,15 @@ def write_model(path: str, config: dict) -> str:
     return path
 
 
+def memory_kwargs(gpu_memory_utilization: float, kv_cache_gib: float | None) -> dict[str, Any]:
+    """An engine's memory options: a share of the GPU, or a fixed KV cache in bytes so the engine
+    can share a GPU (vLLM then skips its free-memory profile, which other processes would upset;
+    it still checks that the utilization's share is free, so ask for little)."""
+    if kv_cache_gib is None:
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    return {"kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30)), "gpu_memory_utilization": 0.08}
+
+
 class EngineJobError(RuntimeError):
     """The child process failed or timed out; the message carries its log tail."""
 
