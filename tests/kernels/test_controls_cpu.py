@@ -86,3 +86,15 @@ def test_fp8_write_round_trip_k_scale_control_separates() -> None:
     case = needle_case(4096, "cpu", fp8_scales=FP8_SCALES)
     ref = reference_decode(case)
     assert scaled_error(reference_decode(replace(case, k_scale=case.k_scale / 2)), ref) > 1
+
+
+def test_unsaturated_fp8_control_overflows_to_nan_whatever_torch_casts() -> None:
+    """write_kv's "cast without saturation" control gives NaN past e4m3's range on every torch
+    (torch 2.14's plain cast saturates, which made that control equal the kernel's output)."""
+    from tests.kernels.test_write_kv import unsaturated_fp8
+
+    x = torch.tensor([100.0, 448.0, 460.0, 470.0, -1000.0])
+    out = unsaturated_fp8(x, torch.tensor([1.0])).float()
+    assert out[:3].tolist() == [96.0, 448.0, 448.0] and out[3:].isnan().all()
+    assert not torch.equal(unsaturated_fp8(x, torch.tensor([1.0])).view(torch.uint8),
+                           quantize_fp8(x, torch.tensor([1.0])).view(torch.uint8))
