@@ -16,7 +16,8 @@ import numpy as np
 
 from vllm_duo.builtin_patterns import pick_builtin
 from vllm_duo.errors import DuoConfigError
-from vllm_duo.patterns import DEFAULT_SEED, binarize, calibrated_sparsity, check_shape, load_gates, was_calibrated
+from vllm_duo.patterns import (DEFAULT_SEED, binarize, calibrated_sparsity, calibration_windows, check_shape,
+                               load_gates, was_calibrated)
 
 logger = logging.getLogger("vllm_duo")
 CONFIG_KEY = "duo_attention"
@@ -177,7 +178,15 @@ def resolve_options(opts: DuoOptions, num_layers: int, num_kv_heads: int, model:
         sparsity = opts.sparsity if opts.threshold is None else None
         if opts.threshold is None and sparsity is None:
             sparsity = calibrated_sparsity(opts.pattern)
-            if sparsity is None:
+            narrower = {k: v for k, v in calibration_windows(opts.pattern).items() if getattr(opts, k) < v}
+            if sparsity is not None and narrower:
+                logger.warning("vllm-duo: pattern %s's calibrated sparsity %g was measured with %s; this engine's "
+                               "streaming heads see less (%s), so the default %g applies. Set \"sparsity\", or "
+                               "those windows to use the calibration", opts.pattern, sparsity,
+                               ", ".join(f"{k}={v}" for k, v in narrower.items()),
+                               ", ".join(f"{k}={getattr(opts, k)}" for k in narrower), DEFAULT_SPARSITY)
+                sparsity = DEFAULT_SPARSITY
+            elif sparsity is None:
                 sparsity = DEFAULT_SPARSITY
                 if was_calibrated(opts.pattern):
                     logger.warning("vllm-duo: the calibration in pattern %s found no sparsity within its "

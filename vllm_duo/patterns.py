@@ -247,6 +247,16 @@ def was_calibrated(pattern: str) -> bool:
     return "calibration" in _pattern_config(pattern)[1]
 
 
+def calibration_windows(pattern: str) -> dict[str, int]:
+    """The streaming windows ``vllm-duo calibrate`` measured with (``sink_size``, ``recent_size``,
+    ``prefill_window``): its sparsity holds for engines whose streaming heads see at least these."""
+    suite = _pattern_config(pattern)[1].get("calibration", {}).get("suite") or {}
+    recent = suite.get("recent")
+    found = {"sink_size": suite.get("sink"), "recent_size": recent,
+             "prefill_window": suite.get("prefill_recent") or recent}
+    return {k: v for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
 def calibrated_sparsity(pattern: str) -> float | None:
     """The sparsity ``vllm-duo calibrate`` wrote into a pattern's config.json; None if there is
     none. Used when no sparsity is given."""

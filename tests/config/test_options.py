@@ -85,7 +85,8 @@ def test_calibrated_sparsity_is_used_when_none_is_given(tmp_path, caplog):
     folder = tmp_path / "p"
     shutil.copytree(builtin("smollm2-135m-instruct").path, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(dict(cfg, calibrated_sparsity=0.75)))
+    measured = {"suite": {"sink": 64, "recent": 256}}  # the default windows
+    (folder / "config.json").write_text(json.dumps(dict(cfg, calibrated_sparsity=0.75, calibration=measured)))
     with caplog.at_level(logging.INFO, logger="vllm_duo"):
         opts = resolve_options(parse_options({"pattern": str(folder)}), 30, 3)
     explicit = resolve_options(parse_options({"pattern": str(folder), "sparsity": 0.75}), 30, 3)
@@ -104,3 +105,29 @@ def test_calibrated_sparsity_is_used_when_none_is_given(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="vllm_duo"):  # never calibrated: the default, quietly
         assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.5
     assert "calibrat" not in caplog.text
+
+
+def test_calibration_applies_only_to_engines_that_see_as_much(tmp_path, caplog):
+    """A sparsity calibrated with a wider prefill window (or sink, or recent) than the engine's is
+    not used: the default applies, and one warning names the windows."""
+    import json
+    import logging
+    import shutil
+
+    from vllm_duo.builtin_patterns import builtin
+
+    folder = tmp_path / "p"
+    shutil.copytree(builtin("smollm2-135m-instruct").path, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    suite = {"sink": 64, "recent": 256, "prefill_recent": 8192}
+    cfg.update(calibrated_sparsity=0.75, calibration={"suite": suite})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.INFO, logger="vllm_duo"):
+        assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.5
+    assert "prefill_window=8192" in caplog.text and "prefill_window=256" in caplog.text
+    wide = {"pattern": str(folder), "prefill_recent_size": 8192}
+    assert resolve_options(parse_options(wide), 30, 3).sparsity == 0.75
+    assert resolve_options(parse_options(dict(wide, sink_size=32)), 30, 3).sparsity == 0.5
+    suite["prefill_recent"] = None  # measured with prefill window = recent: any engine's windows do
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.75

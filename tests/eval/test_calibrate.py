@@ -144,3 +144,10 @@ def test_measure_then_calibrate_end_to_end(tmp_path, capsys):
     with pytest.raises(DuoConfigError, match="lower the lengths"):
         suite.measure(str(model), methods, tasks, lengths=[4000], depths=[0.5], samples=1, seed=0, sink=4,
                       recent=16)
+
+
+def test_calibration_records_the_prefill_window_it_was_measured_with(capsys):
+    payload = dict(_payload(40, {0.5: 40}), prefill_recent=8192, sink=64, recent=256)
+    assert calibrate.calibration(payload)["suite"]["prefill_recent"] == 8192
+    assert calibrate.main(["/m", "--pattern", "/p", "--from-results", "x.json", "--prefill-recent", "8192"]) == 2
+    assert "--prefill-recent needs --runner engine" in capsys.readouterr().err

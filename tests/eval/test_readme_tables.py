@@ -27,7 +27,7 @@ def test_readme_tables_are_generated():
 
 def test_readme_is_for_users():
     readme = _readme()
-    assert len(readme.encode()) <= 10 * 1024
+    assert len(readme.encode()) <= 12 * 1024  # two vLLM series, the results of both
     for lab_note in ("session", "shared/devkit", "this project's GPU machine", "docs/wip"):
         assert lab_note not in readme
 
@@ -55,7 +55,7 @@ def test_h200_rows_then_cpu_and_other_gpus_as_history():
     control = dict(entry, value=6, device="NVIDIA H200", command="benchmarks/soak_gpu.py --backend FLASH_ATTN")
     summary["soak_gpu_flash_attn_prefix_preemptions"] = control  # FLASH_ATTN's own: docs/results.md only
     assert "FLASH_ATTN" not in results_table(summary)
-    assert "**6**" in results_table(summary, "controls") and "H100" not in results_table(summary, "controls")
+    assert "**6**" in results_table(summary, "soak") and "H100" not in results_table(summary, "soak")
 
 
 def _row(test, compares, tol, gap, control_gap, passed=True, separated=True):

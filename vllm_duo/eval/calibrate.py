@@ -65,7 +65,7 @@ def calibration(payload: Mapping[str, Any], tolerance: float = DEFAULT_TOLERANCE
         CONFIG_KEY: chosen, "tolerance": tolerance, "full": _brief(full),
         "sparsities": {f"{s:g}": _brief(r) for s, r in sorted(duo.items())},
         "suite": {k: payload.get(k) for k in ("runner", "formats", "lengths", "depths", "samples", "seed", "sink",
-                                              "recent", "device", "date", "command")},
+                                              "recent", "prefill_recent", "device", "date", "command")},
         "rule": "largest sparsity whose suite accuracy, and every smaller measured one's, is >= full - tolerance",
     }
 
@@ -119,6 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--prefill-recent", type=int, default=None,
+                   help="engine runner: streaming heads' window while prefilling (default: --recent); the "
+                        "plugin then uses the calibration only with at least this prefill_recent_size")
     p.add_argument("--time-budget", type=float, default=None, help="hf runner: seconds after which no prompt starts")
     p.add_argument("--out", default=None, help="folder for the measurement JSON (default $OUT/calibrate or ./calibrate_out)")
     p.add_argument("--dry-run", action="store_true", help="report the choice; leave config.json as it is")
@@ -127,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_duo.eval.results import default_out, write_json
 
+    if args.prefill_recent is not None and (args.from_results or args.runner != "engine"):
+        raise DuoConfigError("--prefill-recent needs --runner engine and no --from-results (a suite result "
+                             "carries its own prefill window)")
     if args.from_results:
         with open(args.from_results) as f:
             payload = json.load(f)
@@ -135,14 +141,15 @@ def run(args: argparse.Namespace) -> int:
         from vllm_duo.eval.methods import expand_methods
 
         methods = expand_methods(["full", "duo"], pattern=args.pattern, sparsities=args.sparsities,
-                                 sink=args.sink, recent=args.recent)
+                                 sink=args.sink, recent=args.recent, prefill_recent=args.prefill_recent)
         out_dir = os.path.abspath(args.out or default_out("calibrate"))
         os.makedirs(out_dir, exist_ok=True)
         payload = suite.measure(args.model, methods, suite.parse_formats(args.formats), lengths=args.lengths,
                                 depths=args.depths, samples=args.samples, seed=args.seed, sink=args.sink,
                                 recent=args.recent, runner=args.runner, time_budget=args.time_budget,
                                 log_path=os.path.join(out_dir, "engine.log"), log=lambda s: print(s, flush=True))
-        payload.update(pattern=args.pattern, date=datetime.date.today().isoformat(), device=_device(),
+        payload.update(pattern=args.pattern, prefill_recent=args.prefill_recent,
+                       date=datetime.date.today().isoformat(), device=_device(),
                        command=" ".join(sys.argv))
         print(f"calibrate: measurement -> {write_json(os.path.join(out_dir, 'calibration_suite.json'), payload)}")
     record = calibration(payload, args.tolerance)

@@ -19,6 +19,8 @@ from typing import Any
 # Figure key -> what it measures (the README's wording). Unknown keys are shown by key.
 LABELS = {
     "short_prompt_ratio_1k_b64": "output throughput vs FLASH_ATTN, 1K-token prompts, 128 out, batch 64",
+    "short_prompt_ratio_1k_b64_vllm033": "same, on vLLM 0.33 / torch 2.14",
+    "vllm033_evidence_all_passed": "vLLM 0.33: GPU kernel + model agreement tests pass, controls separate",
     "capacity_ratio_llama3_s050": "64K requests decoding at once vs FLASH_ATTN, Llama-3-8B, 50%",
     "capacity_ratio_llama2_s075": "64K requests held vs FLASH_ATTN, Llama-2-7B, 75% (vLLM's computed max concurrency)",
     "capacity_ratio_llama3_s050_prefix": "same run: prefix caching on in both",
@@ -40,7 +42,9 @@ LABELS = {
     "e2e_decode_ratio_64k_s050": "decode throughput vs FLASH_ATTN, 64K requests, largest batch each fits",
     "e2e_decode_ratio_64k_s050_fp8": "same, fp8 KV in both",
     "niah_suite_smollm2": "retrieval suite, SmolLM2-135M-Instruct, 10 formats x 40 prompts (mean over formats)",
+    "niah_suite_smollm2_prefill8192": "same suite, streaming heads prefilled densely (`prefill_recent_size` 8192)",
     "niah_smollm2": "NIAH accuracy, SmolLM2-135M-Instruct, 1K-8K x 5 depths x 2",
+    "niah_smollm2_fp8": "same grid, fp8 KV cache in every method",
     "server_load_errors": "`vllm serve` under load (64 clients, 120 s): errors",
     "server_load_exact_match_rate": "`vllm serve` under load: answers = one-at-a-time greedy",
     "server_load_p99_latency_s": "`vllm serve` under load: p99 latency (s)",
@@ -61,8 +65,9 @@ LABELS = {
     "prefix_hit_ratio_vs_fa": "prefix-cache hits vs FLASH_ATTN, multi-turn chat",
 }
 _ORDER = {k: i for i, k in enumerate(LABELS)}
-CONTROL_FIGURES = {"soak_gpu_flash_attn_prefix_leaked_blocks", "soak_gpu_flash_attn_prefix_alone_match_rate",
-                   "soak_gpu_flash_attn_prefix_preemptions"}
+# The GPU soaks, duo's beside FLASH_ATTN's control run: read together, in docs/results.md.
+SOAK_FIGURES = {f"soak_gpu_{who}prefix_{what}" for who in ("", "flash_attn_")
+                for what in ("leaked_blocks", "alone_match_rate", "preemptions")}
 EVIDENCE_PREFIX = "evidence_"  # summarised by the evidence table, not the figures table
 
 
@@ -98,10 +103,10 @@ def _command(cmd: str) -> str:
 
 def _part(key: str, device: str) -> str:
     """Where a figure is shown: the README ("readme": the H200's and the CPU's), or in
-    docs/results.md the "history" (older GPUs) or the "controls" (FLASH_ATTN's own figures that
-    only say how to read duo's, e.g. its soak re-run match rate)."""
-    if key in CONTROL_FIGURES:
-        return "controls"
+    docs/results.md the "history" (older GPUs) or the "soak" (the GPU soaks, duo's with FLASH_ATTN's
+    control run, whose re-run match rate says how to read duo's)."""
+    if key in SOAK_FIGURES:
+        return "soak"
     return "history" if _device_rank(device) == 1 else "readme"
 
 
@@ -222,7 +227,7 @@ def tables(results_dir: str) -> dict[str, dict[str, str]]:
     return {"README.md": {"results": results_table(summary), "evidence": evidence_table(evidence)},
             os.path.join("docs", "results.md"): {"evidence-rows": evidence_rows_table(evidence),
                                                  "results-history": results_table(summary, "history"),
-                                                 "results-controls": results_table(summary, "controls")}}
+                                                 "results-soak": results_table(summary, "soak")}}
 
 
 def render(readme: str, generated: dict[str, str]) -> str:
