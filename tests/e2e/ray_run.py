@@ -58,7 +58,9 @@ def rank_probe():
 
 def generate_ranked(spec: dict[str, Any]) -> dict[str, Any]:
     """Job: :func:`vllm_duo.eval.agreement.generate_and_score` (greedy tokens with logprobs, then
-    teacher-forced scores), plus every rank's probe."""
+    teacher-forced scores), plus every rank's probe. ``env`` is set before vLLM is imported (Ray's
+    workers inherit it)."""
+    os.environ.update(spec.get("env", {}))
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends the probe by cloudpickle
     from vllm import LLM
 
