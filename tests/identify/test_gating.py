@@ -43,10 +43,12 @@ def test_streaming_and_full_match_reference(b, s, sink, recent, chunk):
     torch.testing.assert_close(full_attention(q, k, v), reference(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-def _gated(gate_values, q, k, v, sink, recent):
-    hg = HeadGates(1, k.shape[1], sink, recent, query_chunk=16)
+def _gated(gate_values, q, k, v, sink, recent, answer=None):
+    hg = HeadGates(1, k.shape[1], sink, recent, query_chunk=16, dense_prompt=answer is not None)
     with torch.no_grad():
         hg.gates.copy_(torch.tensor([gate_values]))
+    if answer is not None:
+        hg.gate_queries(answer)
     module = SimpleNamespace(layer_idx=0)
     with torch.no_grad(), hg.teacher_pass():
         hg.attention(module, q, k, v, None)
@@ -64,6 +66,37 @@ def test_gate_one_is_full_zero_is_streaming_and_mixes_per_kv_head():
     torch.testing.assert_close(out[:, :2], full[:, :2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 2:4], stream[:, 2:4], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 4:], 0.25 * full[:, 4:] + 0.75 * stream[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_dense_prompt_windows_only_the_answer_queries():
+    """An engine whose prefill window covers the prompt: prompt queries see every key, answer
+    queries (decode) see sink + recent. Control: the same gates without ``dense_prompt`` window the
+    prompt too, which the reference separates from full attention at every late prompt query."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 70, 8), torch.randn(2, 2, 70, 8), torch.randn(2, 2, 70, 8)
+    answer = torch.zeros(2, 70, dtype=torch.bool)
+    answer[0, 50:], answer[1, 60:] = True, True  # per-sample answer starts
+    full, stream = reference(q, k, v), reference(q, k, v, 4, 8)
+    out, _ = _gated([0.0, 0.5], q, k, v, 4, 8, answer)
+    want = full.clone()
+    for b, start in ((0, 50), (1, 60)):
+        want[b, :2, start:] = stream[b, :2, start:]
+        want[b, 2:, start:] = 0.5 * (full[b, 2:, start:] + stream[b, 2:, start:])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    windowed, _ = _gated([0.0, 0.5], q, k, v, 4, 8)
+    assert (windowed[:, :2, 20:50] - full[:, :2, 20:50]).abs().amax() > 0.1
+
+
+def test_dense_prompt_gates_learn_from_the_answer_queries_only():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 1, 40, 8), torch.randn(1, 1, 40, 8)
+    answer = torch.zeros(1, 40, dtype=torch.bool)
+    answer[0, 30:] = True
+    out, hg = _gated([0.5], q, k, v, 2, 4, answer)
+    out[:, :, :30].square().sum().backward(retain_graph=True)
+    assert hg.gates.grad is None or hg.gates.grad.abs().item() == 0
+    out[:, :, 30:].square().sum().backward()
+    assert hg.gates.grad.abs().item() > 0
 
 
 def test_gradient_reaches_gates_initialised_at_one():

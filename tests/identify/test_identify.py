@@ -72,6 +72,16 @@ def test_resume_continues_exactly(tok, tmp_path, monkeypatch):
     np.testing.assert_allclose(resumed.log["loss"], straight.log["loss"], rtol=1e-5, atol=1e-7)
 
 
+def test_dense_prompt_trains_other_gates_and_is_recorded(tok, tmp_path):
+    """The flag reaches the gated attention: on CPU the runs are deterministic, so equal losses
+    would mean it did nothing (the semantics are tested in test_gating)."""
+    dense = _run(tok, tmp_path / "d", steps=4, dense_prompt=True)
+    windowed = _run(tok, tmp_path / "w", steps=4)
+    assert dense.log["distill"][1:] != windowed.log["distill"][1:]
+    assert json.load(open(tmp_path / "d" / "config.json"))["dense_prompt"] is True
+    assert json.load(open(tmp_path / "w" / "config.json"))["dense_prompt"] is False
+
+
 def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     from vllm_duo.cli.main import main
 
@@ -85,6 +95,8 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert main(argv) == 2  # the folder holds a checkpoint: refused without --resume
     assert "pass --resume" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0  # already finished: re-exports
+    assert main([*argv, "--resume", "--dense-prompt"]) == 2  # a different run: refused
+    assert "dense_prompt" in capsys.readouterr().err
 
 
 def test_identification_never_imports_vllm():

@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     g.add_argument("--batch", type=int, default=1, help="samples per step, all of one length (1)")
     g.add_argument("--sink", type=int, default=128, help="sink tokens of streaming heads in training (128)")
     g.add_argument("--recent", type=int, default=256, help="recent window of streaming heads in training (256)")
+    g.add_argument("--dense-prompt", action="store_true",
+                   help="window streaming heads on the answer's queries only, the prompt attending "
+                        "densely: trains for engines whose prefill window covers the prompt "
+                        "(prefill_recent_size, default 8192); the reference windows every query")
     g.add_argument("--seed", type=int, default=42, help="data seed (42)")
     g.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (50)")
     d = p.add_argument_group("data (synthetic multi-passkey retrieval)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         decay_steps=args.decay_steps, min_length=args.min_length, max_length=args.max_length,
         num_lengths=args.num_lengths, num_passkeys=args.num_passkeys, passkey_length=args.passkey_length,
         passkey_kinds=args.passkey_kinds, fillers=args.fillers,
-        sink_size=args.sink, recent_size=args.recent, batch_size=args.batch, seed=args.seed,
+        sink_size=args.sink, recent_size=args.recent, dense_prompt=args.dense_prompt, batch_size=args.batch, seed=args.seed,
         save_steps=args.save_steps, grad_ckpt=not args.no_grad_ckpt, query_chunk=args.query_chunk,
         dtype=args.dtype)
     settings.validate()

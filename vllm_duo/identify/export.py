@@ -70,5 +70,6 @@ def reference_config(settings: dict[str, Any], *, model: str, out_dir: str, step
         # Not in the reference: how this pattern was made.
         "identified_by": "vllm-duo identify", "warmup_steps": s["warmup_steps"],
         "decay_steps": s["decay_steps"], "dtype": s["dtype"], "steps_done": steps_done,
+        "dense_prompt": s.get("dense_prompt", False),
         "context_lengths": "total tokens per sample (the reference counts filler tokens only)",
     }

@@ -90,12 +90,17 @@ class HeadGates(nn.Module):
     that uses them. ``install`` plugs it into a model; see ``teacher_pass`` for the two passes."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, sink: int, recent: int,
-                 query_chunk: int = DEFAULT_QUERY_CHUNK, initial_value: float = 1.0) -> None:
+                 query_chunk: int = DEFAULT_QUERY_CHUNK, initial_value: float = 1.0,
+                 dense_prompt: bool = False) -> None:
         super().__init__()
         if sink < 0 or recent < 1:
             raise DuoConfigError(f"sink must be >= 0 and recent >= 1, got sink={sink}, recent={recent}")
         self.gates = nn.Parameter(torch.full((num_layers, num_kv_heads), float(initial_value)))
         self.sink, self.recent, self.query_chunk = sink, recent, query_chunk
+        # dense_prompt: only the answer's queries are gated; the prompt's read the teacher's full
+        # attention, as in an engine whose prefill window covers the prompt (decode-only windows).
+        self.dense_prompt = dense_prompt
+        self._gated_queries: torch.Tensor | None = None
         self._mode = "student"
         self._teacher: dict[int, torch.Tensor] = {}
         self.name = f"vllm_duo_gated_{id(self):x}"
@@ -120,6 +125,11 @@ class HeadGates(nn.Module):
                 f"attention function; this model's attention does not go through transformers' "
                 f"AttentionInterface, so identification cannot gate it")
 
+    def gate_queries(self, answer: torch.Tensor) -> None:
+        """The [B, S] bool mask of the next passes' answer tokens; with ``dense_prompt`` only these
+        queries mix in streaming attention. Kept until the next call (backward recomputes)."""
+        self._gated_queries = answer if self.dense_prompt else None
+
     @torch.no_grad()
     def clamp_(self) -> None:
         self.gates.clamp_(0.0, 1.0)
@@ -140,7 +150,9 @@ class HeadGates(nn.Module):
         if full is None or full.shape != stream.shape:
             raise RuntimeError(f"layer {layer}: no teacher output for this batch; run the teacher pass first")
         groups = query.shape[1] // key.shape[1]
-        a = unit_interval(self.gates[layer]).repeat_interleave(groups)[:, None]
+        a = unit_interval(self.gates[layer]).repeat_interleave(groups)[:, None]  # [Hq, 1]
+        if self._gated_queries is not None:
+            a = torch.where(self._gated_queries[:, :, None, None], a, torch.ones_like(a))  # [B, S, Hq, 1]
         # Mixed in float32, so that a gate of exactly 1 reproduces the teacher bit for bit.
         s32 = stream.float()
         return (s32 + a * (full.float() - s32)).to(stream.dtype), None

@@ -53,6 +53,7 @@ class IdentifySettings:
     max_depth: float = 0.95
     sink_size: int = 128
     recent_size: int = 256
+    dense_prompt: bool = False  # streaming windows on the answer's queries only (decode-only windows)
     batch_size: int = 1
     seed: int = 42
     save_steps: int = 50
@@ -153,9 +154,11 @@ def identify(model: nn.Module, tokenizer: Tokenizer, settings: IdentifySettings,
               f"{settings.max_length} tokens ({settings.num_lengths} lengths), {settings.num_passkeys} "
               f"passkeys of {settings.passkey_length} units ({settings.passkey_kinds}) in "
               f"{settings.fillers} filler; sink {settings.sink_size}, recent "
-              f"{settings.recent_size}; {settings.steps} steps, batch {settings.batch_size}")
+              f"{settings.recent_size}{' on answer queries only' if settings.dense_prompt else ''}; "
+              f"{settings.steps} steps, batch {settings.batch_size}")
 
-    gates = HeadGates(layers, kv_heads, settings.sink_size, settings.recent_size, settings.query_chunk).to(device)
+    gates = HeadGates(layers, kv_heads, settings.sink_size, settings.recent_size, settings.query_chunk,
+                      dense_prompt=settings.dense_prompt).to(device)
     _prepare(base, gates, settings.grad_ckpt)
     opt = torch.optim.AdamW(gates.parameters(), lr=settings.lr, weight_decay=0.0)
     log: dict[str, Any] = {k: [] for k in ("step", "length", "loss", "distill", "reg", "lr",
@@ -220,6 +223,7 @@ def _prepare(base: nn.Module, gates: HeadGates, grad_ckpt: bool) -> None:
 def _step(base: nn.Module, gates: HeadGates, opt: torch.optim.Optimizer, input_ids: torch.Tensor,
           answer: torch.Tensor, reg_weight: float) -> tuple[float, float, float]:
     """One optimisation step: teacher pass (no grad), gated pass, loss, AdamW, clamp."""
+    gates.gate_queries(answer)
     with torch.no_grad(), gates.teacher_pass():
         target = base(input_ids=input_ids, use_cache=False).last_hidden_state[answer].float()
     hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state[answer].float()
