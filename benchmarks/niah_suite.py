@@ -25,7 +25,7 @@ from vllm_duo.errors import DuoConfigError  # noqa: E402
 from vllm_duo.eval import suite  # noqa: E402
 from vllm_duo.eval.engine_proc import memory_kwargs  # noqa: E402
 from vllm_duo.eval.methods import expand_methods  # noqa: E402
-from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK  # noqa: E402
+from vllm_duo.options import DEFAULT_RECENT, DEFAULT_SINK, prefill_window  # noqa: E402
 
 DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
 DEFAULT_PATTERN = "smollm2-135m-instruct"  # built in
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(line, flush=True))
     except DuoConfigError as e:
         sys.exit(f"niah_suite: {e}")
-    payload["pattern"], payload["prefill_recent"] = args.pattern, args.prefill_recent
+    payload["pattern"] = args.pattern
+    payload["prefill_recent"] = prefill_window(args.recent, args.prefill_recent, args.runner)
     results, table, counts = payload["methods"], payload["per_format"], payload["prompts_per_format"]
     ran = next((r["total"] for r in results.values() if "total" in r), 0)
     name = args.name or f"niah_suite_{args.runner}"

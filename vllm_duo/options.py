@@ -77,6 +77,15 @@ class DuoOptions:
 _FIELDS = tuple(DuoOptions.__dataclass_fields__)
 
 
+def prefill_window(recent_size: int, prefill_recent_size: int | None, runner: str = "engine") -> int:
+    """The streaming heads' window while a prompt is prefilled, as an evaluation runner applies it
+    (the engine: the option's default when unset; the HF reference: always ``recent_size``), so a
+    result records the window it was measured with."""
+    if runner != "engine":
+        return recent_size
+    return DuoOptions(recent_size=recent_size, prefill_recent_size=prefill_recent_size).prefill_window
+
+
 def show(value: Any, limit: int = 60) -> str:
     """A short repr for error messages: never huge, never raising (ints past Python's
     4300-digit str limit, objects with broken __repr__)."""

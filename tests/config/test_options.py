@@ -137,3 +137,11 @@ def test_calibration_applies_only_to_engines_that_see_as_much(tmp_path, caplog):
     (folder / "config.json").write_text(json.dumps(cfg))
     assert resolve_options(parse_options({"pattern": str(folder), "prefill_recent_size": 256}), 30, 3).sparsity \
         == 0.75
+
+
+def test_prefill_window_as_each_runner_applies_it():
+    from vllm_duo.options import prefill_window
+
+    assert prefill_window(256, None) == parse_options({"pattern": "full"}).prefill_window
+    assert prefill_window(256, 8192) == 8192
+    assert prefill_window(256, 8192, runner="hf") == 256

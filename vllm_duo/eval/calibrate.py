@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from vllm_duo.eval import suite
         from vllm_duo.eval.methods import expand_methods
+        from vllm_duo.options import prefill_window
 
         methods = expand_methods(["full", "duo"], pattern=args.pattern, sparsities=args.sparsities,
                                  sink=args.sink, recent=args.recent, prefill_recent=args.prefill_recent)
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                                 depths=args.depths, samples=args.samples, seed=args.seed, sink=args.sink,
                                 recent=args.recent, runner=args.runner, time_budget=args.time_budget,
                                 log_path=os.path.join(out_dir, "engine.log"), log=lambda s: print(s, flush=True))
-        payload.update(pattern=args.pattern, prefill_recent=args.prefill_recent,
+        payload.update(pattern=args.pattern, prefill_recent=prefill_window(args.recent, args.prefill_recent, args.runner),
                        date=datetime.date.today().isoformat(), device=_device(),
                        command=" ".join(sys.argv))
         print(f"calibrate: measurement -> {write_json(os.path.join(out_dir, 'calibration_suite.json'), payload)}")
