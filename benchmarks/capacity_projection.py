@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.capacity import LLAMA2_7B  # noqa: E402
 from benchmarks.summary import RESULTS, save_result  # noqa: E402
 from vllm_duo.eval.engine_proc import LLAMA3_8B  # noqa: E402
+from vllm_duo.options import prefill_window  # noqa: E402
 
 CASES = [  # (row, model, measured FLASH_ATTN row, pattern, sparsity)
     ("llama3_duo_s050", LLAMA3_8B, "llama3_full", "Llama-3-8B-Instruct-Gradient-1048k", 0.5),
@@ -64,7 +65,7 @@ def project(model_dir: str, cfg: dict, full_blocks: int, pattern: str, sparsity:
                                                   "max_concurrency": round(full_conc, 2)}}
     for mode, batches in (("rswa", 0), ("window", config.max_concurrent_batches)):
         specs = duo_kv_cache_specs(mask, block_size=16, head_size=head_dim, dtype=torch.bfloat16,
-                                   sink_size=64, recent_size=256, prefill_window=256,
+                                   sink_size=64, recent_size=256, prefill_window=args.prefill_window,
                                    tail_only_batches=batches)
         (duo_cfg,) = compat.get_kv_cache_configs(config, [specs], [memory])
         tokens, conc = get_kv_cache_capacity(config, duo_cfg)
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=65536)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="LLM's default on an H100")
     ap.add_argument("--no-async", action="store_true", help="without async scheduling (one batch in flight)")
+    ap.add_argument("--prefill-window", type=int, default=prefill_window(256, None),
+                    help="streaming heads' window while prefilling (default: the option's default)")
     ap.add_argument("--prefix-caching", action="store_true",
                     help="size with prefix caching on (duo's default; vLLM's sizing does not depend on it)")
     args = ap.parse_args()
@@ -101,7 +104,7 @@ def main() -> None:
     name = "capacity_projection_prefix" if args.prefix_caching else "capacity_projection"
     save_result(name, {"rows": rows, "measured": os.path.basename(args.measured),
                        "measured_device": measured.get("device"), "max_model_len": args.max_model_len,
-                       "max_num_batched_tokens": args.max_num_batched_tokens,
+                       "max_num_batched_tokens": args.max_num_batched_tokens, "prefill_window": args.prefill_window,
                        "async_scheduling": not args.no_async, "enable_prefix_caching": args.prefix_caching}, {})
 
 
