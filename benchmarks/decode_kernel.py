@@ -90,30 +90,41 @@ def copy_bandwidth_gbps(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / t / 1e3
 
 
-def fa3_decode(ctx: int, batch: int, q: torch.Tensor, seq_lens: torch.Tensor,
-               fp8: bool = False) -> Callable[[], object] | None:
-    """A timed FA3 decode call over a full [num_blocks, 16, 8, 128] K/V cache; None without vLLM."""
+def fa3_varlen(q: torch.Tensor, seq_lens: torch.Tensor, ctx: int, heads_q: int, heads_kv: int,
+               fp8: bool) -> tuple[Callable[..., object], torch.Tensor, dict] | None:
+    """vLLM's FA3 varlen call, the query it reads (``q`` in e4m3 for an fp8 cache) and the keyword
+    arguments of one decode step of ``heads_q`` query heads over ``heads_kv`` KV heads (one
+    scheduler plan, unit descales for fp8); None without vLLM."""
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
         from vllm.vllm_flash_attn.flash_attn_interface import get_scheduler_metadata
     except ImportError as e:  # shown once (warnings dedupe): the ratio columns read n/a
         warnings.warn(f"decode_kernel: FA3 not timed, vLLM's flash-attention did not import: {e}", stacklevel=1)
         return None
+    batch = q.shape[0]
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    sched = get_scheduler_metadata(batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=heads_q,
+                                   num_heads_kv=heads_kv, headdim=D, cache_seqlens=seq_lens,
+                                   qkv_dtype=FP8 if fp8 else DTYPE, cu_seqlens_q=cu_q, page_size=BS, causal=True)
+    one = torch.ones(batch, heads_kv, dtype=torch.float32, device="cuda")
+    descales = dict(q_descale=one, k_descale=one, v_descale=one) if fp8 else {}
+    kwargs = dict(max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx, seqused_k=seq_lens, softmax_scale=D ** -0.5,
+                  causal=True, scheduler_metadata=sched, fa_version=3, **descales)
+    return flash_attn_varlen_func, q.to(FP8) if fp8 else q, kwargs
+
+
+def fa3_decode(ctx: int, batch: int, q: torch.Tensor, seq_lens: torch.Tensor,
+               fp8: bool = False) -> Callable[[], object] | None:
+    """A timed FA3 decode call over a full [num_blocks, 16, 8, 128] K/V cache; None without vLLM."""
+    fa3 = fa3_varlen(q, seq_lens, ctx, HQ, HKV, fp8)
+    if fa3 is None:
+        return None
+    varlen, qq, kwargs = fa3
     num_blocks = batch * ctx // BS
     kv = random_cache((2, num_blocks, BS, HKV, D), fp8)
     table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, -1)
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    sched = get_scheduler_metadata(batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=HQ,
-                                   num_heads_kv=HKV, headdim=D, cache_seqlens=seq_lens,
-                                   qkv_dtype=FP8 if fp8 else DTYPE, cu_seqlens_q=cu_q, page_size=BS, causal=True)
     out = torch.empty_like(q)
-    one = torch.ones(batch, HKV, dtype=torch.float32, device="cuda")
-    descales = dict(q_descale=one, k_descale=one, v_descale=one) if fp8 else {}
-    qq = q.to(FP8) if fp8 else q
-    return lambda: flash_attn_varlen_func(
-        q=qq, k=kv[0], v=kv[1], max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
-        seqused_k=seq_lens, softmax_scale=D ** -0.5, causal=True, block_table=table,
-        scheduler_metadata=sched, out=out, fa_version=3, **descales)
+    return lambda: varlen(q=qq, k=kv[0], v=kv[1], block_table=table, out=out, **kwargs)
 
 
 def duo_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_lens: torch.Tensor,
@@ -144,16 +155,16 @@ def hybrid_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_l
     """The same layer with FA3 per retrieval slot (one paged call per slot cache, its own block
     table, G query heads; one scheduler plan shared by all) and duo's kernel over the streaming
     slots only: whether FA3's bandwidth beats one launch for every slot. None without vLLM."""
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-        from vllm.vllm_flash_attn.flash_attn_interface import get_scheduler_metadata
-        from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
-    except ImportError:
+    group = HQ // HKV
+    fa3 = fa3_varlen(q, seq_lens, ctx, group, 1, fp8)
+    if fa3 is None:
         return None
+    varlen, qq, kwargs = fa3
+    from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
+
     from vllm_duo.ops import decode_slots, paged_decode
 
     n_str = round(streaming * HKV)
-    group = HQ // HKV
     width = ctx // BS
     part, part_blocks = streaming_table(ctx, batch, sink, window)
     str_caches = [random_cache((part_blocks, BS, 2 * D), fp8) for _ in range(n_str)]
@@ -162,13 +173,6 @@ def hybrid_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_l
            for _ in range(HKV - n_str)]
     scales = kv_scales(fp8)
     slots = decode_slots(str_caches, [part] * n_str, list(range(n_str)), [True] * n_str, "cuda") if n_str else None
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    sched = get_scheduler_metadata(batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=group,
-                                   num_heads_kv=1, headdim=D, cache_seqlens=seq_lens,
-                                   qkv_dtype=FP8 if fp8 else DTYPE, cu_seqlens_q=cu_q, page_size=BS, causal=True)
-    ones = torch.ones(batch, 1, dtype=torch.float32, device="cuda")
-    descales = dict(q_descale=ones, k_descale=ones, v_descale=ones) if fp8 else {}
-    qq = q.to(FP8) if fp8 else q
     out = torch.empty_like(q)
     views = [(canonicalize_singleton_dim_strides(cache[..., :D].unsqueeze(2)),
               canonicalize_singleton_dim_strides(cache[..., D:].unsqueeze(2)), table) for cache, table in ret]
@@ -179,10 +183,7 @@ def hybrid_decode(ctx: int, batch: int, streaming: float, q: torch.Tensor, seq_l
                          sink_size=sink, window=window, out=out, **scales)
         for i, (k, v, table) in enumerate(views):
             heads = slice((n_str + i) * group, (n_str + i + 1) * group)
-            flash_attn_varlen_func(
-                q=qq[:, heads], k=k, v=v, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
-                seqused_k=seq_lens, softmax_scale=D ** -0.5, causal=True, block_table=table,
-                scheduler_metadata=sched, out=out[:, heads], fa_version=3, **descales)
+            varlen(q=qq[:, heads], k=k, v=v, block_table=table, out=out[:, heads], **kwargs)
         return out
     return call
 

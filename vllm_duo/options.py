@@ -193,20 +193,19 @@ def resolve_options(opts: DuoOptions, num_layers: int, num_kv_heads: int, model:
         sparsity = opts.sparsity if opts.threshold is None else None
         if opts.threshold is None and sparsity is None:
             sparsity = calibrated_sparsity(opts.pattern)
-            narrower = {k: v for k, v in calibration_windows(opts.pattern).items() if getattr(opts, k) < v}
-            if sparsity is not None and narrower:
+            if sparsity is None:
+                sparsity = DEFAULT_SPARSITY
+                if was_calibrated(opts.pattern):
+                    logger.warning("vllm-duo: the calibration in pattern %s found no sparsity within its "
+                                   "tolerance of full attention; using the default %g. Set \"sparsity\" "
+                                   "(lower loses less) or re-run vllm-duo calibrate", opts.pattern, sparsity)
+            elif narrower := {k: v for k, v in calibration_windows(opts.pattern).items() if getattr(opts, k) < v}:
                 logger.warning("vllm-duo: pattern %s's calibrated sparsity %g was measured with %s; this engine's "
                                "streaming heads see less (%s), so the default %g applies. Set \"sparsity\", or "
                                "those windows to use the calibration", opts.pattern, sparsity,
                                ", ".join(f"{k}={v}" for k, v in narrower.items()),
                                ", ".join(f"{k}={getattr(opts, k)}" for k in narrower), DEFAULT_SPARSITY)
                 sparsity = DEFAULT_SPARSITY
-            elif sparsity is None:
-                sparsity = DEFAULT_SPARSITY
-                if was_calibrated(opts.pattern):
-                    logger.warning("vllm-duo: the calibration in pattern %s found no sparsity within its "
-                                   "tolerance of full attention; using the default %g. Set \"sparsity\" "
-                                   "(lower loses less) or re-run vllm-duo calibrate", opts.pattern, sparsity)
             else:
                 logger.info("vllm-duo: sparsity %g from the calibration in pattern %s (vllm-duo calibrate); "
                             "set \"sparsity\" to override", sparsity, opts.pattern)

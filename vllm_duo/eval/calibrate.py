@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
                                 depths=args.depths, samples=args.samples, seed=args.seed, sink=args.sink,
                                 recent=args.recent, runner=args.runner, time_budget=args.time_budget,
                                 log_path=os.path.join(out_dir, "engine.log"), log=lambda s: print(s, flush=True))
-        payload.update(pattern=args.pattern, prefill_recent=prefill_window(args.recent, args.prefill_recent, args.runner),
-                       date=datetime.date.today().isoformat(), device=_device(),
+        payload.update(pattern=args.pattern, date=datetime.date.today().isoformat(), device=_device(),
+                       prefill_recent=prefill_window(args.recent, args.prefill_recent, args.runner),
                        command=" ".join(sys.argv))
         print(f"calibrate: measurement -> {write_json(os.path.join(out_dir, 'calibration_suite.json'), payload)}")
     record = calibration(payload, args.tolerance)
