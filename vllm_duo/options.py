@@ -25,6 +25,10 @@ PATTERN_FULL = "full"  # every head a retrieval head (testing: must equal FLASH_
 PATTERN_STREAMING = "streaming"  # every head a streaming head (StreamingLLM baseline)
 DEFAULT_SINK = 64  # paper's NIAH/LongBench deployment setting
 DEFAULT_RECENT = 256
+# Streaming heads' window while a prompt is prefilled, unless set: prompts up to sink + 8192 tokens
+# prefill densely, as the reference prefills below its 32K chunk (its accuracy figures), and take
+# FLASH_ATTN's own one-call prefill; decode still reads sink + recent only.
+DEFAULT_PREFILL_RECENT = 8192
 DEFAULT_SPARSITY = 0.5
 # Streaming heads' prompt-chunk kernel: "window" (default) = vllm-duo's Triton kernel that visits
 # only sink + window tiles, O(sink + window), and lets streaming slots keep only each chunk's last
@@ -51,7 +55,9 @@ class DuoOptions:
 
     @property
     def prefill_window(self) -> int:
-        return self.recent_size if self.prefill_recent_size is None else self.prefill_recent_size
+        if self.prefill_recent_size is None:
+            return max(self.recent_size, DEFAULT_PREFILL_RECENT)
+        return self.prefill_recent_size
 
     @property
     def resolved(self) -> bool:

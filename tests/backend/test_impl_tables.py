@@ -81,7 +81,7 @@ def _impl(slots: list, kv_heads: int = H, kv_cache_dtype: str = "auto") -> impl_
     impl = impl_module.DuoAttentionImpl(num_heads=kv_heads * G, head_size=D, scale=D ** -0.5,
                                         num_kv_heads=kv_heads, alibi_slopes=None, sliding_window=None,
                                         kv_cache_dtype=kv_cache_dtype)
-    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN), BS)
+    impl.set_slots(slots, DuoOptions(sink_size=SINK, recent_size=WIN, prefill_recent_size=WIN), BS)
     return impl
 
 
@@ -354,7 +354,7 @@ torch.cuda.is_current_stream_capturing = lambda: False
 impl = m.DuoAttentionImpl(num_heads=4, head_size=64, scale=0.125, num_kv_heads=2, alibi_slopes=None,
                           sliding_window=None, kv_cache_dtype="auto")
 impl.set_slots([SimpleNamespace(name="a", kind=RETRIEVAL, head=0, layer=None),
-                SimpleNamespace(name="b", kind=STREAMING, head=1, layer=None)], DuoOptions(sink_size=4, recent_size=16), 16)
+                SimpleNamespace(name="b", kind=STREAMING, head=1, layer=None)], DuoOptions(sink_size=4, recent_size=16, prefill_recent_size=16), 16)
 qkv = torch.randn(64, 8, 64, dtype=torch.float16)
 out = torch.ones(64, 4, 64, dtype=torch.float16)
 impl.forward(None, qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], None, None, output=out)

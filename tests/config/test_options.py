@@ -11,8 +11,11 @@ from vllm_duo.options import parse_options, resolve_options
 
 
 def test_defaults_follow_the_paper():
+    """Sink 64 and recent 256 (the paper's deployment); prompts prefill densely up to 8192 tokens
+    past the sink, as the reference does below its 32K chunk."""
     o = parse_options({"pattern": "full"})
-    assert (o.sink_size, o.recent_size, o.prefill_window) == (64, 256, 256)
+    assert (o.sink_size, o.recent_size, o.prefill_window) == (64, 256, 8192)
+    assert parse_options({"pattern": "full", "recent_size": 10000}).prefill_window == 10000
     assert parse_options({"pattern": "full", "prefill_recent_size": 4096}).prefill_window == 4096
     assert o.streaming_prefill == "window"
     assert parse_options({"pattern": "full", "streaming_prefill": "rswa"}).streaming_prefill == "rswa"
@@ -21,7 +24,8 @@ def test_defaults_follow_the_paper():
 def test_no_pattern_picks_the_builtin_by_model_name_and_shape():
     for raw in (None, {}, {"sparsity": 0.5}):
         opts = resolve_options(parse_options(raw), 30, 3, model="/tmp/models/smollm2-135m-instruct")
-        assert opts.pattern == "smollm2-135m-instruct" and opts.mask().sum() == 45
+        # the built-in's calibrated 0.75 (measured with the default windows) unless a sparsity is given
+        assert opts.pattern == "smollm2-135m-instruct" and opts.mask().sum() == (45 if raw else 23)
         # never silently: a model with no built-in pattern is refused, naming how to give one
         with pytest.raises(DuoConfigError, match="needs a head pattern.*--additional-config.*vllm-duo identify"):
             resolve_options(parse_options(raw), 30, 3, model="/models/other-135m")
@@ -123,14 +127,16 @@ def test_calibration_applies_only_to_engines_that_see_as_much(tmp_path, caplog):
     cfg.update(calibrated_sparsity=0.75, calibration={"suite": suite})
     (folder / "config.json").write_text(json.dumps(cfg))
     with caplog.at_level(logging.INFO, logger="vllm_duo"):
-        assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.5
+        assert resolve_options(parse_options({"pattern": str(folder), "prefill_recent_size": 256}), 30, 3).sparsity \
+            == 0.5
     assert "prefill_window=8192" in caplog.text and "prefill_window=256" in caplog.text
-    wide = {"pattern": str(folder), "prefill_recent_size": 8192}
+    wide = {"pattern": str(folder)}  # the default prefill window
     assert resolve_options(parse_options(wide), 30, 3).sparsity == 0.75
     assert resolve_options(parse_options(dict(wide, sink_size=32)), 30, 3).sparsity == 0.5
     suite["prefill_recent"] = None  # measured with prefill window = recent: any engine's windows do
     (folder / "config.json").write_text(json.dumps(cfg))
-    assert resolve_options(parse_options({"pattern": str(folder)}), 30, 3).sparsity == 0.75
+    assert resolve_options(parse_options({"pattern": str(folder), "prefill_recent_size": 256}), 30, 3).sparsity \
+        == 0.75
 
 
 def test_prefill_window_as_each_runner_applies_it():

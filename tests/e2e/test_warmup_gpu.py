@@ -58,7 +58,7 @@ def test_first_prompts_compile_no_prefill_kernel(tmp_path) -> None:
     engine = dict(load_format="auto", dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.08,
                   kv_cache_memory_bytes=2 << 30, seed=0, skip_tokenizer_init=True, attention_backend="duo",
                   additional_config={"duo_attention": {"retrieval_mask": MASK, "sink_size": SINK,
-                                                       "recent_size": RECENT}})
+                                                       "recent_size": RECENT, "prefill_recent_size": RECENT}})
     runs = {name: run_job("tests.e2e.test_warmup_gpu:first_prompts",
                           dict(model=model, engine=engine, prompt_tokens=600, no_warmup=name == "cold"))
             for name in ("warm", "cold")}
