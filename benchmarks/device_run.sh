@@ -7,7 +7,7 @@
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS, CHAT_ARGS,
-# CAPACITY_ARGS, SUITE_ARGS, IDENTIFY_ARGS, NIAH_ARGS (both niah-grid stages): extra flags of those stages
+# CAPACITY_ARGS, ADMIT_ARGS (capacity-admit, say --requests 25), SUITE_ARGS, IDENTIFY_ARGS, NIAH_ARGS (both niah-grid stages): extra flags of those stages
 # (PATTERN_OUT: identify's folder). Variants, several per call: identify-NAME trains with IDENTIFY_ARGS_NAME into
 # /tmp/patterns/NAME; niah-suite-NAME runs the suite with SUITE_ARGS_NAME (say --pattern /tmp/patterns/NAME),
 # writing niah_suite_NAME_<date>.json and the figure niah_suite_smollm2_NAME.
@@ -61,7 +61,7 @@ for stage in "$@"; do
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
     capacity) run_for 580 python benchmarks/capacity.py $CAPACITY_ARGS ;;
-    capacity-admit) run_for 580 python benchmarks/capacity.py --admit --modes window ;;
+    capacity-admit) run_for 580 python benchmarks/capacity.py --admit --modes window $ADMIT_ARGS ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     decode-fp8) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --kv-cache-dtype fp8 ;;
     decode-hybrid) run_for 300 python benchmarks/decode_kernel.py --repeats 20 --contexts 65536 131072 --batches 16 64 --hybrid ;;
