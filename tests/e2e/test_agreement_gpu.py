@@ -25,6 +25,9 @@ pytestmark = pytest.mark.gpu
 PROMPT_LENS = (100, 700, 2500, 6000)
 SHORT_LENS = (50, 120, 200, 250)  # + 32 generated tokens < sink + recent = 320
 STEPS = 32
+# The windowed runs pin the prefill window to the recent window: below the default (8192) the
+# 100..6000-token prompts would prefill densely and never slide the window kernel.
+PREFILL_W = 256
 METRIC = "max over requests of mean |logprob diff| over generated tokens, teacher-forced"
 
 
@@ -53,6 +56,10 @@ def _duo(**options) -> dict:
     return dict(agreement.ENGINE, attention_backend="duo", additional_config={"duo_attention": options})
 
 
+def _fp8(engine: dict) -> dict:
+    return dict(engine, kv_cache_dtype="fp8")
+
+
 def _jobs(models: dict[str, str]) -> tuple[dict, dict]:
     """Generating engines (phase 1), then scoring engines (phase 2) that score phase 1's tokens."""
     gen, score = {}, {}
@@ -60,19 +67,29 @@ def _jobs(models: dict[str, str]) -> tuple[dict, dict]:
         base = dict(model=model, prompts=PROMPTS, max_tokens=STEPS)
         gen[f"{layout}/duo_full"] = dict(base, engine=_duo(pattern="full"))
         gen[f"{layout}/duo_mixed"] = dict(base, engine=dict(
-            _duo(retrieval_mask=mixed_mask(layout)), max_num_batched_tokens=256))
+            _duo(retrieval_mask=mixed_mask(layout), prefill_recent_size=PREFILL_W), max_num_batched_tokens=256))
         score[f"{layout}/fa"] = dict(base, prompts=BOTH, engine=dict(agreement.ENGINE,
                                                                    attention_backend="FLASH_ATTN"))
     llama3 = models["llama3"]
     gen["llama3/duo_streaming"] = dict(model=llama3, prompts=BOTH, max_tokens=STEPS,
-                                       engine=_duo(pattern="streaming"))
+                                       engine=_duo(pattern="streaming", prefill_recent_size=PREFILL_W))
     # Whole prompts in one step (every chunk starts at position 0): the fresh-prompt path.
     gen["llama3/duo_mixed_fresh"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS, engine=dict(
-        _duo(retrieval_mask=mixed_mask("llama3")), max_num_batched_tokens=16384))
+        _duo(retrieval_mask=mixed_mask("llama3"), prefill_recent_size=PREFILL_W), max_num_batched_tokens=16384))
+    # The default windows: these prompts prefill densely, decode reads sink + recent.
+    gen["llama3/duo_mixed_default"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS,
+                                           engine=_duo(retrieval_mask=mixed_mask("llama3")))
+    fa = dict(agreement.ENGINE, attention_backend="FLASH_ATTN")
+    gen["llama3/fa_fp8"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS, engine=_fp8(fa))
+    gen["llama3/duo_full_fp8"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS,
+                                      engine=_fp8(_duo(pattern="full")))
+    gen["llama3/duo_mixed_fp8"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS, engine=_fp8(
+        _duo(retrieval_mask=mixed_mask("llama3"), prefill_recent_size=PREFILL_W)))
+    score["llama3/fa_fp8_scorer"] = dict(model=llama3, engine=_fp8(fa))
     gen["llama3/duo_full_v1"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS,
                                      engine=_duo(pattern="full"), env={"VLLM_USE_V2_MODEL_RUNNER": "0"})
     score["llama3/rswa"] = dict(model=llama3, engine=_duo(retrieval_mask=mixed_mask("llama3"),
-                                                          streaming_prefill="rswa"))
+                                                          streaming_prefill="rswa", prefill_recent_size=PREFILL_W))
     return gen, score
 
 
@@ -125,14 +142,21 @@ def test_full_pattern_equals_flash_attn(runs, layout) -> None:
           "duo mixed mask scored by FLASH_ATTN", _gap(runs, layout, "duo_mixed", "fa"))
 
 
-def _reference_scores(runs: dict, layout: str, gen: str, mask: list[list[int]]) -> list[list[float]]:
+def _reference_scores(runs: dict, layout: str, gen: str, mask: list[list[int]],
+                      dense_prompt: bool = False) -> list[list[float]]:
+    """float32 reference logprobs of ``gen``'s sequences: streaming queries see sink 64 + the last
+    256 keys, or (``dense_prompt``, the default prefill window covering these prompts) every
+    earlier key from a prompt position and sink + 256 from a generated one."""
     import torch
 
     config, weights = load(runs["models"][layout])
     out = []
     for prompt, tokens in zip(prompts_of(gen), runs[f"{layout}/{gen}"]["tokens"], strict=True):
         seq = prompt + tokens
-        lp = forward_logprobs(config, weights, seq, mask, sink=64, windows=256, device="cuda")
+        windows = torch.full((len(seq),), PREFILL_W)
+        if dense_prompt:
+            windows[:len(prompt)] = len(seq) + 1
+        lp = forward_logprobs(config, weights, seq, mask, sink=64, windows=windows, device="cuda")
         out.append(lp[:-1].gather(1, torch.tensor(seq[1:], device="cuda")[:, None])[:, 0].tolist())
         del lp
         torch.cuda.empty_cache()
@@ -169,6 +193,43 @@ def test_fresh_prompts_equal_float32_reference(runs) -> None:
                         _reference_scores(runs, "llama3", "duo_mixed_fresh", mixed)),
           "duo pattern='full' scored by the mixed-mask reference",
           agreement.gap(PROMPTS, runs["llama3/duo_full"], _reference_scores(runs, "llama3", "duo_full", mixed)))
+
+
+def test_default_windows_equal_float32_reference(runs) -> None:
+    """Duo with a mixed mask and the default windows: prompts up to sink + 8192 tokens prefill
+    densely (FLASH_ATTN's one-call path), generated tokens read sink + recent. Control: the same
+    mask with the prefill window pinned to 256, scored by this reference."""
+    mixed = mixed_mask("llama3")
+    full = [[1] * len(row) for row in mixed]
+    noise = agreement.gap(BOTH, runs["llama3/fa"], _reference_scores(runs, "llama3", "fa", full))
+    check("agreement::default_windows_equal_float32_reference[llama3]",
+          "duo mixed mask, default windows (dense prefill, decode sink + recent) vs float32 reference (llama3)",
+          METRIC, agreement.tolerance(noise),
+          agreement.gap(PROMPTS, runs["llama3/duo_mixed_default"],
+                        _reference_scores(runs, "llama3", "duo_mixed_default", mixed, dense_prompt=True)),
+          "duo mixed, prefill window 256, scored by the dense-prefill reference",
+          agreement.gap(PROMPTS, runs["llama3/duo_mixed"],
+                        _reference_scores(runs, "llama3", "duo_mixed", mixed, dense_prompt=True)))
+
+
+def test_fp8_full_pattern_equals_flash_attn_fp8(runs) -> None:
+    """kv_cache_dtype='fp8': duo with every head retrieval against FLASH_ATTN with fp8, whose
+    own run-to-run gap calibrates. Control: duo mixed (fp8) scored by FLASH_ATTN fp8."""
+    check("agreement::fp8_full_equals_flash_attn_fp8[llama3]", "duo pattern='full' fp8 vs FLASH_ATTN fp8",
+          METRIC, agreement.tolerance(_gap(runs, "llama3", "fa_fp8", "fa_fp8_scorer")),
+          _gap(runs, "llama3", "duo_full_fp8", "fa_fp8_scorer"),
+          "duo mixed fp8 scored by FLASH_ATTN fp8", _gap(runs, "llama3", "duo_mixed_fp8", "fa_fp8_scorer"))
+
+
+def test_fp8_moves_duo_no_more_than_flash_attn(runs) -> None:
+    """fp8 against bf16 of the same semantics: duo mixed fp8 scored by duo mixed bf16 (the rswa
+    scorer, equal to the window kernel by the test below) within the tolerance of FLASH_ATTN fp8
+    scored by FLASH_ATTN bf16. Control: duo pattern='full' fp8 scored by the mixed bf16 engine."""
+    check("agreement::fp8_duo_shift_within_flash_attn_fp8_shift[llama3]",
+          "duo mixed fp8 vs duo mixed bf16, tolerance from FLASH_ATTN fp8 vs bf16", METRIC,
+          agreement.tolerance(_gap(runs, "llama3", "fa_fp8", "fa")),
+          _gap(runs, "llama3", "duo_mixed_fp8", "rswa"),
+          "duo pattern='full' fp8 scored by the mixed bf16 engine", _gap(runs, "llama3", "duo_full_fp8", "rswa"))
 
 
 def test_window_kernel_chunked_equals_rswa(runs) -> None:
