@@ -49,10 +49,22 @@ def resolve_duo_config(vllm_config: Any) -> DuoOptions:
     extra[CONFIG_KEY] = opts.to_dict()
     mask = opts.mask()
     logger.info("vllm-duo: %d of %d KV heads are retrieval heads (pattern %s, sparsity %s); "
-                "sink %d, recent %d, prefill window %d.", int(mask.sum()), mask.size,
+                "sink %d, recent %d, prefill window %d.%s", int(mask.sum()), mask.size,
                 opts.pattern or "embedded", opts.sparsity, opts.sink_size, opts.recent_size,
-                opts.prefill_window)
+                opts.prefill_window, concurrency_note(opts))
     return opts
+
+
+def concurrency_note(opts: DuoOptions) -> str:
+    """Why vLLM's "Maximum concurrency" line undercounts duo when the prefill window is wider
+    than the recent one: vLLM counts every request at its peak, and a streaming head's peak
+    lasts only while that request's prompt prefills."""
+    if opts.prefill_window <= opts.recent_size:
+        return ""
+    return (f" vLLM's \"Maximum concurrency\" line counts every request at its prefill peak (a streaming "
+            f"head may hold {opts.prefill_window}+ tokens while its prompt prefills, sink + "
+            f"{opts.recent_size} once decoding), so the scheduler admits more requests than it says; "
+            f"\"prefill_recent_size\": {opts.recent_size} trades accuracy for its figure.")
 
 
 def options_from_vllm_config(vllm_config: Any) -> DuoOptions:

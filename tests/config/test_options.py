@@ -145,3 +145,13 @@ def test_prefill_window_as_each_runner_applies_it():
     assert prefill_window(256, None) == parse_options({"pattern": "full"}).prefill_window
     assert prefill_window(256, 8192) == 8192
     assert prefill_window(256, 8192, runner="hf") == 256
+
+
+def test_startup_line_says_why_vllms_concurrency_undercounts_a_wide_prefill_window() -> None:
+    """The default (prefill window 8192 > recent 256) explains vLLM's lower "Maximum concurrency";
+    equal windows (the figure is then right) add nothing."""
+    from vllm_duo.engine_config import concurrency_note
+
+    note = concurrency_note(resolve_options(parse_options({"pattern": "full"}), 2, 2))
+    assert "Maximum concurrency" in note and "8192" in note and '"prefill_recent_size": 256' in note
+    assert concurrency_note(resolve_options(parse_options({"pattern": "full", "prefill_recent_size": 256}), 2, 2)) == ""
