@@ -50,6 +50,7 @@ from tests.block_manager.conftest import (
     random_mask,
 )
 from vllm_duo.block_manager import DuoStreamingSpec, register_duo_kv_cache_spec
+from vllm_duo.options import DEFAULT_PREFILL_RECENT
 
 VOCAB = LLAMA3_8B["vocab_size"]
 NULL_BLOCK = 0
@@ -124,6 +125,12 @@ SOAK_RUNS = {
     "async-tail-only-prefix": SoakConfig(
         tail_only=True, async_scheduling=True, max_tokens=64, seed=4, prefix_caching=True,
         num_shared_prefixes=4, chat_turns=6, prefill_window=RECENT, num_requests=400, max_prompt=8192),
+    # The shipped defaults: tail-only slots, prefix caching, and the default prefill window (8192,
+    # wider than the recent one), prompts to 16K so long ones slide it; conversations resume at
+    # their last prompt's end (streaming groups cache prompt blocks only).
+    "async-tail-only-prefix-default": SoakConfig(
+        tail_only=True, async_scheduling=True, max_tokens=64, seed=6, prefix_caching=True,
+        num_shared_prefixes=4, chat_turns=6, prefill_window=DEFAULT_PREFILL_RECENT, num_requests=400),
     # The same with every prompt token stored ("rswa") and a prefill window wider than the recent one.
     "sync-prefix": SoakConfig(seed=5, prefix_caching=True, num_shared_prefixes=4, chat_turns=6,
                               num_requests=400, max_prompt=8192),
