@@ -152,6 +152,10 @@ class SoakResult:
     turns: int = 0  # conversation turns after the first (each resends the whole history)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (num_cached_tokens)
     cached_tokens_turns: int = 0  # of which in later conversation turns
+    # Prompt chunks scheduled, and those of one token past the first position: the kernels take
+    # such a row for a decode step, whose streaming window is the recent one (README Limitations).
+    prompt_chunks: int = 0
+    one_token_prompt_chunks: int = 0
     mismatches: list[str] = field(default_factory=list)  # requests whose tokens differ from their solo run
 
 
@@ -409,6 +413,11 @@ def run_soak(model_dir: str, cfg: SoakConfig = SoakConfig(),
         for _ in range(min(cfg.arrivals_per_step, len(arrivals))):
             scheduler.add_request(arrivals.popleft())
         out = scheduler.schedule()
+        for rid, n in out.num_scheduled_tokens.items():
+            start = by_id[rid].num_computed_tokens - n  # schedule() has advanced it
+            if start < by_id[rid].num_prompt_tokens:
+                result.prompt_chunks += 1
+                result.one_token_prompt_chunks += n == 1 and start > 0
         if result.steps % cfg.check_every == 0:
             check_pool(scheduler, out, window)
         if out.num_scheduled_tokens:
