@@ -56,7 +56,11 @@ def _engine(backend: str, pattern: Any = MASK, **kw) -> dict[str, Any]:
                   skip_tokenizer_init=True, attention_backend=backend)
     if backend == "duo":
         opts = {"pattern": pattern} if isinstance(pattern, str) else {"retrieval_mask": pattern}
-        engine["additional_config"] = {"duo_attention": dict(opts, sink_size=SINK, recent_size=RECENT)}
+        # Prefill window = recent: the 100..700-token prompts slide it, so all-streaming (the
+        # control) differs from the mask in prompt and decode alike (the default 8192 would
+        # prefill them densely and leave only the 24 decode steps to tell them apart).
+        engine["additional_config"] = {"duo_attention": dict(opts, sink_size=SINK, recent_size=RECENT,
+                                                             prefill_recent_size=RECENT)}
     engine.update(kw)
     return engine
 

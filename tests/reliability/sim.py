@@ -50,6 +50,7 @@ from tests.block_manager.conftest import (
     random_mask,
 )
 from vllm_duo.block_manager import DuoStreamingSpec, register_duo_kv_cache_spec
+from vllm_duo.options import DEFAULT_PREFILL_RECENT
 
 VOCAB = LLAMA3_8B["vocab_size"]
 NULL_BLOCK = 0
@@ -124,6 +125,12 @@ SOAK_RUNS = {
     "async-tail-only-prefix": SoakConfig(
         tail_only=True, async_scheduling=True, max_tokens=64, seed=4, prefix_caching=True,
         num_shared_prefixes=4, chat_turns=6, prefill_window=RECENT, num_requests=400, max_prompt=8192),
+    # The shipped defaults: tail-only slots, prefix caching, and the default prefill window (8192,
+    # wider than the recent one), prompts to 16K so long ones slide it; conversations resume at
+    # their last prompt's end (streaming groups cache prompt blocks only).
+    "async-tail-only-prefix-default": SoakConfig(
+        tail_only=True, async_scheduling=True, max_tokens=64, seed=6, prefix_caching=True,
+        num_shared_prefixes=4, chat_turns=6, prefill_window=DEFAULT_PREFILL_RECENT, num_requests=400),
     # The same with every prompt token stored ("rswa") and a prefill window wider than the recent one.
     "sync-prefix": SoakConfig(seed=5, prefix_caching=True, num_shared_prefixes=4, chat_turns=6,
                               num_requests=400, max_prompt=8192),
@@ -145,6 +152,10 @@ class SoakResult:
     turns: int = 0  # conversation turns after the first (each resends the whole history)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (num_cached_tokens)
     cached_tokens_turns: int = 0  # of which in later conversation turns
+    # Prompt chunks scheduled, and those of one token past the first position: the kernels take
+    # such a row for a decode step, whose streaming window is the recent one (README Limitations).
+    prompt_chunks: int = 0
+    one_token_prompt_chunks: int = 0
     mismatches: list[str] = field(default_factory=list)  # requests whose tokens differ from their solo run
 
 
@@ -402,6 +413,11 @@ def run_soak(model_dir: str, cfg: SoakConfig = SoakConfig(),
         for _ in range(min(cfg.arrivals_per_step, len(arrivals))):
             scheduler.add_request(arrivals.popleft())
         out = scheduler.schedule()
+        for rid, n in out.num_scheduled_tokens.items():
+            start = by_id[rid].num_computed_tokens - n  # schedule() has advanced it
+            if start < by_id[rid].num_prompt_tokens:
+                result.prompt_chunks += 1
+                result.one_token_prompt_chunks += n == 1 and start > 0
         if result.steps % cfg.check_every == 0:
             check_pool(scheduler, out, window)
         if out.num_scheduled_tokens:
