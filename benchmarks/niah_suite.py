@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sink", type=int, default=DEFAULT_SINK)
     ap.add_argument("--recent", type=int, default=DEFAULT_RECENT)
     ap.add_argument("--prefill-recent", type=int, default=None,
-                    help="engine runner: streaming heads' window while a prompt is prefilled (default: --recent; "
-                         "8192 prefills densely up to 8K, as the reference's NIAH runs below its 32K chunk)")
+                    help="engine runner: streaming heads' window while a prompt is prefilled (default: the "
+                         "plugin's, 8192: dense up to 8K, as the reference's NIAH runs below its 32K chunk)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=None,
                     help="hf runner: seconds after which no new prompt starts (the result says how many ran)")

@@ -49,8 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--streaming-prefill", choices=PREFILL_KERNELS, default=None,
                    help="duo's streaming-head prefill kernel (default: the option's default, 'window')")
     p.add_argument("--prefill-recent", type=int, default=None,
-                   help="streaming heads' window while prefilling (default: --recent; the reference "
-                        "prefills densely up to 32K, i.e. --prefill-recent 8192 for an 8K model)")
+                   help="streaming heads' window while prefilling (default: the plugin's, 8192: prompts "
+                        "up to 8K prefill densely, as the reference below its 32K chunk)")
     p.add_argument("--chat-template", choices=["on", "off"], default="off")
     p.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
     p.add_argument("--seed", type=int, default=0, help="pass-key seed")

@@ -62,18 +62,24 @@ def decode_window(events: list[tuple[str, float, int]]) -> dict[str, Any]:
     per_step = defaultdict(int)
     for _, ts, _ in in_window:
         per_step[ts] += 1
-    tokens = sum(n for _, _, n in in_window)
-    seconds = end - start
     itl = [b - a for v in by_req.values() for (a, _), (b, _) in zip(sorted(v), sorted(v)[1:])]
+    batch = [min(per_step.values()), max(per_step.values())] if per_step else None
+    return dict(_window_stats(start, end, steps, sum(n for _, _, n in in_window), len(by_req), batch),
+                itl_ms=percentiles(itl, 1000.0))
+
+
+def _window_stats(start: float, end: float, steps: list[float], tokens: int, requests: int,
+                  batch: list[int] | None) -> dict[str, Any]:
+    """A decode window's figures: ``steps`` are the step timestamps in (start, end]."""
+    seconds = end - start
     return {
         "decode_tokens_per_s": round(tokens / seconds, 2) if seconds > 0 and tokens else None,
         "window_seconds": round(seconds, 4),
         "window_steps": len(steps),
         "window_tokens": tokens,
-        "requests": len(by_req),
-        "batch_in_window": [min(per_step.values()), max(per_step.values())] if per_step else None,
+        "requests": requests,
+        "batch_in_window": batch,
         "step_ms": percentiles(list(np.diff([start] + steps)), 1000.0) if steps else None,
-        "itl_ms": percentiles(itl, 1000.0),
     }
 
 
@@ -102,17 +108,8 @@ def decode_window_at_peak(events: list[tuple[str, float, int]]) -> dict[str, Any
     if last <= first:
         raise ValueError(f"the peak batch ({peak} requests) decoded together for one step only")
     window = steps[first + 1:last + 1]
-    seconds = window[-1] - steps[first]
-    tokens = sum(tokens_at[ts] for ts in window)
-    return {
-        "decode_tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
-        "window_seconds": round(seconds, 4),
-        "window_steps": len(window),
-        "window_tokens": tokens,
-        "requests": len({rid for rid, _, n in events if n > 0}),
-        "batch_in_window": [peak, peak],
-        "step_ms": percentiles(list(np.diff([steps[first]] + window)), 1000.0),
-    }
+    return _window_stats(steps[first], window[-1], window, sum(tokens_at[ts] for ts in window),
+                         len({rid for rid, _, n in events if n > 0}), [peak, peak])
 
 
 def ratio(num: float | None, den: float | None) -> float | None:

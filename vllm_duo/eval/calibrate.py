@@ -120,8 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=DEFAULT_SINK)
     p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
     p.add_argument("--prefill-recent", type=int, default=None,
-                   help="engine runner: streaming heads' window while prefilling (default: --recent); the "
-                        "plugin then uses the calibration only with at least this prefill_recent_size")
+                   help="engine runner: streaming heads' window while prefilling (default: the plugin's, "
+                        "8192); the plugin then uses the calibration only with at least this prefill_recent_size")
     p.add_argument("--time-budget", type=float, default=None, help="hf runner: seconds after which no prompt starts")
     p.add_argument("--out", default=None, help="folder for the measurement JSON (default $OUT/calibrate or ./calibrate_out)")
     p.add_argument("--dry-run", action="store_true", help="report the choice; leave config.json as it is")
