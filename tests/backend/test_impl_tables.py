@@ -233,13 +233,15 @@ def _causal_varlen(q, k, v, cu, scale):
     ((STREAMING, STREAMING, STREAMING), []),
 ], ids=["split", "adjacent", "every", "none"])
 @pytest.mark.parametrize("longest", [SINK + WIN + 1, SINK + WIN], ids=["past-window", "within-window"])
-def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, runs, longest):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, runs, longest, fp8):
     """A step whose prompt chunks all start at position 0 (one decode, prompts of 4 and
     ``longest`` tokens): FA3 varlen calls on views of the step's own Q/K/V and of the output (no
     copies), one per run of adjacent retrieval KV heads, whose rows equal causal attention over each
     prompt, the streaming heads' rows left to the window kernel. When no prompt is longer than
     sink + prefill window, streaming heads see every earlier key too: one call over every head,
-    and the window kernel is not launched."""
+    and the window kernel is not launched. With an fp8 cache each call gets e4m3 Q/K/V quantized
+    by the layer's scales and their descales, as FLASH_ATTN reads its fp8 cache."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
     from vllm_duo.backend.builder import fresh_prefill
@@ -252,13 +254,14 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
                 for name, k in zip(names, kinds)]
     slots = [SimpleNamespace(name=nm, kind=k, head=h, layer=SimpleNamespace(kv_cache=torch.randn(POOL, 1, BS, 2 * D)))
              for h, (nm, k) in enumerate(zip(names, kinds))]
-    impl = _impl(slots, Hk)
+    impl = _impl(slots, Hk, kv_cache_dtype="fp8" if fp8 else "auto")
+    layer = SimpleNamespace(_q_scale=torch.tensor(0.5), _k_scale=torch.tensor(0.1), _v_scale=torch.tensor(0.2))
     calls, window = [], []
 
     def fa3(**kw):
         calls.append(kw)
-        out = _causal_varlen(kw["q"], kw["k"], kw["v"], kw["cu_seqlens_q"], kw["softmax_scale"]).to(kw["q"].dtype)
-        return kw["out"].copy_(out)
+        q, k, v = (kw[x].float() * (kw[f"{x}_descale"][0, 0] if fp8 else 1) for x in "qkv")
+        return kw["out"].copy_(_causal_varlen(q, k, v, kw["cu_seqlens_q"], kw["softmax_scale"]))
 
     monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
     monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
@@ -284,16 +287,25 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
     monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
     q, out = torch.randn(n_tok, Hk * G, D), torch.full((n_tok, Hk * G, D), float("nan"))
     k, v = torch.randn(n_tok, Hk, D), torch.randn(n_tok, Hk, D)
-    impl.forward(None, q, k, v, None, metas["l0"], output=out)
+    impl.forward(layer, q, k, v, None, metas["l0"], output=out)
     runs = [(0, Hk)] if whole else runs
     assert len(calls) == len(runs) and len(window) == (0 if whole or STREAMING not in kinds else 1)
     cu = [0, 4, 4 + longest]
     for call, (a, b) in zip(calls, runs):
         assert call.get("block_table") is None and call["cu_seqlens_k"].tolist() == cu  # the step's K/V
-        for name, t, lo, hi in (("q", q, a * G, b * G), ("out", out, a * G, b * G), ("k", k, a, b), ("v", v, a, b)):
-            assert call[name].data_ptr() == t[1:, lo:hi].data_ptr() and call[name].shape == t[1:, lo:hi].shape, name
+        assert call["out"].data_ptr() == out[1:, a * G:b * G].data_ptr()
+        for name, t, lo, hi, scale in (("q", q, a * G, b * G, 0.5), ("k", k, a, b, 0.1), ("v", v, a, b, 0.2)):
+            if fp8:  # e4m3 copies, as the cache holds K/V; descales (sequences, KV heads of the run)
+                want = impl_module.quantize_fp8(t[1:, lo:hi], torch.tensor(scale))
+                assert call[name].dtype == torch.float8_e4m3fn and call[name].float().equal(want.float()), name
+                assert call[f"{name}_descale"].shape == (2, b - a) and call[f"{name}_descale"][0, 0] == scale
+            else:  # views of the step's tensors, no copies
+                assert call[name].data_ptr() == t[1:, lo:hi].data_ptr() and call[name].shape == t[1:, lo:hi].shape
+                assert f"{name}_descale" not in call
     causal = [h for h in range(Hk) if whole or kinds[h] == RETRIEVAL]
     n = n_tok - 1
+    if fp8:  # the values FLASH_ATTN reads: quantized, then descaled
+        q, k, v = (impl_module.quantize_fp8(x, torch.tensor(s)).float() * s for x, s in ((q, 0.5), (k, 0.1), (v, 0.2)))
     if causal:
         want = _causal_varlen(q[1:].view(n, Hk, G, D)[:, causal].reshape(n, -1, D), k[1:, causal],
                               v[1:, causal], torch.tensor(cu), D ** -0.5)

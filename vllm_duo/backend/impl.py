@@ -19,8 +19,10 @@ allocates only inside the captured region; the builder fills every persistent in
 An fp8 KV cache (``--kv-cache-dtype fp8``) holds e4m3 K / k_scale and V / v_scale with the layer's
 per-tensor scales, as FLASH_ATTN's: ``write_kv`` quantizes, ``paged_decode`` and the window kernel
 dequantize on load (the scales are read on the device), retrieval chunks with cached context go
-through FA3's fp8 path with the query quantized by q_scale as FLASH_ATTN does, and fresh prompts
-attend their own K/V before quantization.
+through FA3's fp8 path with the query quantized by q_scale as FLASH_ATTN does, and so do fresh
+prompts: FA3 on their own Q/K/V quantized as the cache holds them (FLASH_ATTN reads them from the
+cache), so pattern='full' computes what FLASH_ATTN computes. The window kernel reads a chunk's
+own keys in the model's dtype and earlier ones from the fp8 cache.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             whole = fresh and attn_metadata.max_query_len <= self.opts.sink_size + self.opts.prefill_window
             runs = [(slice(0, self.num_kv_heads), slice(0, self.num_heads))] if whole else self._retrieval_runs
             if fresh and runs:
-                self._prefill_fresh(query, key, value, output, attn_metadata, nd, ndt, n, runs)
+                self._prefill_fresh(layer, query, key, value, output, attn_metadata, nd, ndt, n, runs)
             if not whole:
                 self._prefill_per_slot(layer, query, output, metas, attn_metadata, nd, ndt, n,
                                        retrieval=not fresh, streaming=not window_kernel)
@@ -186,23 +188,30 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
         return k_cache, v_cache
 
-    def _prefill_fresh(self, query, key, value, output, meta: DuoMetadata, nd: int, ndt: int, n: int,
-                       runs: list[tuple[slice, slice]]) -> None:
+    def _prefill_fresh(self, layer, query, key, value, output, meta: DuoMetadata, nd: int, ndt: int,
+                       n: int, runs: list[tuple[slice, slice]]) -> None:
         """Prompt chunks that all start at position 0 see only their own keys: FA3 varlen calls on
         this step's K/V, one per run of adjacent KV heads (the retrieval heads, or every head when
         causal attention is exact for all), instead of one paged call per retrieval slot. Each call
         reads and writes head-slice views: gathering the heads into one call instead copied the
         step's Q/K/V and output (22 of 133 ms of prompt attention for 64 x 1K-token prompts on the
-        H200, torch profiler, 2026-11-30)."""
+        H200, torch profiler, 2026-11-30). With an fp8 cache each call gets e4m3 copies and the
+        layer's scales, as FLASH_ATTN computes over its fp8 cache and quantized queries."""
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         qsl = meta.query_start_loc[nd:]
         cu = qsl - qsl[:1]
         for kv, heads in runs:
+            q, k, v, descales = query[ndt:n, heads], key[ndt:n, kv], value[ndt:n, kv], {}
+            if self.fp8:  # FLASH_ATTN's fp8 attention: e4m3 Q/K/V (as the cache holds K/V), descaled
+                q, k, v = (quantize_fp8(x, getattr(layer, f"_{name}_scale"))
+                           for x, name in ((q, "q"), (k, "k"), (v, "v")))
+                shape = (cu.numel() - 1, k.shape[1])  # (sequences, KV heads of the run)
+                descales = {f"{x}_descale": getattr(layer, f"_{x}_scale").expand(shape) for x in "qkv"}
             flash_attn_varlen_func(
-                q=query[ndt:n, heads], k=key[ndt:n, kv], v=value[ndt:n, kv], out=output[ndt:n, heads],
+                q=q, k=k, v=v, out=output[ndt:n, heads],
                 max_seqlen_q=meta.max_query_len, cu_seqlens_q=cu, max_seqlen_k=meta.max_query_len,
-                cu_seqlens_k=cu, softmax_scale=self.scale, causal=True, fa_version=self.fa_version)
+                cu_seqlens_k=cu, softmax_scale=self.scale, causal=True, fa_version=self.fa_version, **descales)
 
     def _prefill_per_slot(self, layer, query, output, metas, meta: DuoMetadata, nd: int, ndt: int, n: int,
                           retrieval: bool, streaming: bool) -> None:
