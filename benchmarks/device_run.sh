@@ -82,6 +82,7 @@ for stage in "$@"; do
     niah-grid-fp8) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
       --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT/niah_fp8" --quiet $NIAH_ARGS ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
+    bench-admitted) run_for 580 python -m vllm_duo.cli.main bench --only a --a-admitted --streaming-prefill window --quiet ;;
     bench-fp8) run_for 580 python -m vllm_duo.cli.main bench --only a --kv-cache-dtype fp8 --quiet ;;
     identify-*) flags=IDENTIFY_ARGS_${stage#identify-}
       run_for 590 python -m vllm_duo.cli.main identify /tmp/models/smollm2-135m-instruct \

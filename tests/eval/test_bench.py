@@ -11,7 +11,7 @@ from vllm_duo.cli import bench_cmd, needs
 from vllm_duo.cli.main import main
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.eval import bench_run
-from vllm_duo.eval.bench import decode_window, percentiles, random_prompts, ratio
+from vllm_duo.eval.bench import decode_window, decode_window_at_peak, percentiles, random_prompts, ratio
 
 
 def _staggered(batch: int, tokens: int, prefill_dt: float, decode_dt: float):
@@ -47,6 +47,33 @@ def test_decode_window_errors_and_helpers():
     p = random_prompts(3, 10, seed=1)
     assert len(p) == 3 and all(len(x) == 10 and all(1000 <= t < 100000 for t in x) for x in p)
     assert p == random_prompts(3, 10, seed=1)
+
+
+def test_decode_window_at_peak_times_the_largest_batch_admitted():
+    """Six requests submitted, four admitted: the first four decode together (10 ms steps after
+    their staggered prefills at 0.5 s), the last two only after them. The window is the four's
+    pure-decode run; the plain window (last first token to first finish) would be empty."""
+    first = _staggered(batch=4, tokens=50, prefill_dt=0.5, decode_dt=0.01)
+    t_end = max(ts for _, ts, _ in first)
+    later = [(f"q{r}", t_end + 0.5 + 0.01 * k, 1) for r in range(2) for k in range(50)]
+    w = decode_window_at_peak(first + later)
+    assert w["batch_in_window"] == [4, 4] and w["requests"] == 6
+    assert w["decode_tokens_per_s"] == pytest.approx(4 / 0.01) and w["window_steps"] == 50 - 4
+    with pytest.raises(ValueError, match="no tokens"):
+        decode_window_at_peak([("a", 1.0, 0)])
+    with pytest.raises(ValueError, match="one step only"):
+        decode_window_at_peak([("a", 1.0, 1), ("b", 1.0, 1), ("a", 2.0, 1)])
+
+
+def test_admitted_reaches_part_a_and_refuses_a_fixed_batch(capsys, monkeypatch):
+    from vllm_duo.eval.methods import Method
+
+    (_, spec), = bench_run.job_specs(_args("--only", "a", "--a-admitted"), "a", "/m", "/m_long",
+                                     Method("full", "FLASH_ATTN"))
+    assert spec["a"]["admitted"] is True and spec["a"]["batch"] is None
+    monkeypatch.setattr(needs, "cuda_devices", lambda: 1)
+    assert main(["bench", "--a-admitted", "--a-batch", "4"]) == 2
+    assert "drop --a-batch" in capsys.readouterr().err
 
 
 def test_parse_parts():

@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
     p.add_argument("--a-prompt", type=int, default=65536, help="a: tokens per request prompt")
     p.add_argument("--a-decode", type=int, default=256, help="a: tokens generated per request")
     p.add_argument("--a-batch", type=int, default=None, help="a: batch (default floor(vLLM's max concurrency))")
+    p.add_argument("--a-admitted", action="store_true",
+                   help="a: submit 1.5x vLLM's max concurrency and time the largest batch the scheduler "
+                        "admits (vLLM's figure counts each duo request at its prefill peak)")
     p.add_argument("--b-prompt", type=int, default=1024)
     p.add_argument("--b-batch", type=int, default=64)
     p.add_argument("--b-output", type=int, default=128)
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     require_cuda()
     parts = parse_parts(args.only)
+    if args.a_admitted and args.a_batch is not None:
+        raise DuoConfigError("--a-admitted sets part a's batch to what the scheduler admits; drop --a-batch")
     if args.kv_cache_dtype != "auto" and "duo" in args.methods:
         check_kv_cache_options(SimpleNamespace(cache_dtype=args.kv_cache_dtype), args.streaming_prefill or "window")
     pattern = args.pattern

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         decay_steps=args.decay_steps, min_length=args.min_length, max_length=args.max_length,
         num_lengths=args.num_lengths, num_passkeys=args.num_passkeys, passkey_length=args.passkey_length,
         passkey_kinds=args.passkey_kinds, fillers=args.fillers,
-        sink_size=args.sink, recent_size=args.recent, dense_prompt=args.dense_prompt, batch_size=args.batch, seed=args.seed,
+        sink_size=args.sink, recent_size=args.recent, dense_prompt=args.dense_prompt,
+        batch_size=args.batch, seed=args.seed,
         save_steps=args.save_steps, grad_ckpt=not args.no_grad_ckpt, query_chunk=args.query_chunk,
         dtype=args.dtype)
     settings.validate()

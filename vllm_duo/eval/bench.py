@@ -9,7 +9,11 @@ its length. One prefill per run, no subtraction of two runs. TTFT and end-to-end
 from the per-request stats (vLLM's own ``first_token_latency``).
 
 Parts (each selectable; a and b share one engine per backend, c starts its own):
-  a: batch = floor(vLLM's reported max concurrency) of long requests, decode tokens/s;
+  a: batch = floor(vLLM's reported max concurrency) of long requests, decode tokens/s. With
+     ``admitted``, 1.5x that many are submitted and the scheduler admits what fits (vLLM's figure
+     counts each duo request at its prefill peak, which it holds only while prefilling); the
+     window is then the longest run of steps in which the most requests decode, and the batch
+     is that count;
   b: a batch of short prompts, end-to-end throughput;
   c: the longest single context: ``max_model_len=-1`` makes vLLM fit the largest context its
      KV pool holds for one request (``max_num_seqs=1``), up to the model's
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 
 VOCAB_RANGE = (1000, 100000)  # token ids drawn for dummy-weight prompts (< Llama-3's vocab)
+ADMIT_OVERSUBSCRIBE = 1.5  # part a with ``admitted``: requests submitted per vLLM's concurrency
 
 
 def random_prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -69,6 +74,44 @@ def decode_window(events: list[tuple[str, float, int]]) -> dict[str, Any]:
         "batch_in_window": [min(per_step.values()), max(per_step.values())] if per_step else None,
         "step_ms": percentiles(list(np.diff([start] + steps)), 1000.0) if steps else None,
         "itl_ms": percentiles(itl, 1000.0),
+    }
+
+
+def decode_window_at_peak(events: list[tuple[str, float, int]]) -> dict[str, Any]:
+    """Decode rate over the longest run of consecutive steps in which the most requests produce
+    a token (more requests submitted than fit: the largest batch the scheduler admitted)."""
+    per_step: dict[float, int] = defaultdict(int)
+    tokens_at: dict[float, int] = defaultdict(int)
+    for _, ts, n in events:
+        if n > 0:
+            per_step[ts] += 1
+            tokens_at[ts] += n
+    if not per_step:
+        raise ValueError("no tokens were generated")
+    steps = sorted(per_step)
+    peak = max(per_step.values())
+    best, run = (0, -1), None  # (first, last) step index of the longest run at the peak
+    for i, ts in enumerate(steps):
+        if per_step[ts] == peak:
+            run = (run[0] if run else i, i)
+            if run[1] - run[0] > best[1] - best[0]:
+                best = run
+        else:
+            run = None
+    first, last = best  # the run's first step also finished the last prefill: it starts the window
+    if last <= first:
+        raise ValueError(f"the peak batch ({peak} requests) decoded together for one step only")
+    window = steps[first + 1:last + 1]
+    seconds = window[-1] - steps[first]
+    tokens = sum(tokens_at[ts] for ts in window)
+    return {
+        "decode_tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+        "window_seconds": round(seconds, 4),
+        "window_steps": len(window),
+        "window_tokens": tokens,
+        "requests": len({rid for rid, _, n in events if n > 0}),
+        "batch_in_window": [peak, peak],
+        "step_ms": percentiles(list(np.diff([steps[first]] + window)), 1000.0),
     }
 
 
@@ -165,17 +208,23 @@ def _decode_at_capacity(llm, a: dict[str, Any], figures: dict[str, float]) -> di
         if concurrency is None:
             raise RuntimeError("vLLM reported no maximum concurrency (cache_config.kv_cache_max_concurrency); "
                                "pass --a-batch to set the batch by hand")
-        batch = math.floor(concurrency)
+        batch = math.ceil(ADMIT_OVERSUBSCRIBE * concurrency) if a.get("admitted") else math.floor(concurrency)
     capped = batch > a["max_num_seqs"]
     batch = min(batch, a["max_num_seqs"])
     if batch < 1:
         raise RuntimeError(f"the KV cache holds {concurrency} requests of {a['prompt_tokens']} tokens; "
                            f"lower --a-prompt or raise --gpu-memory-utilization")
     run = _timed(llm, random_prompts(batch, a["prompt_tokens"], seed=1), a["decode_tokens"], "a: decode")
-    dec = decode_window(run["events"])
+    submitted = batch
+    if a.get("admitted"):
+        dec = decode_window_at_peak(run["events"])
+        batch = dec["batch_in_window"][1]
+    else:
+        dec = decode_window(run["events"])
     tps = dec["decode_tokens_per_s"]
     return {
-        "batch": batch, "max_concurrency": concurrency, "batch_capped_by_max_num_seqs": capped,
+        "batch": batch, "submitted": submitted, "max_concurrency": concurrency,
+        "batch_capped_by_max_num_seqs": capped,
         "prompt_tokens": a["prompt_tokens"], "decode_tokens": a["decode_tokens"],
         "wall_s": round(run["wall_s"], 3), "decode": dec,
         "decode_tokens_per_s_per_seq": round(tps / batch, 2) if tps else None,

@@ -34,7 +34,7 @@ def job_specs(args: argparse.Namespace, parts: str, model_ab: str, model_c: str,
         engine = dict(base, max_model_len=max_len, max_num_seqs=seqs, enforce_eager=args.enforce_eager)
         specs.append((ab, dict(model=model_ab, engine=engine, parts=ab,
                                a=dict(prompt_tokens=args.a_prompt, decode_tokens=args.a_decode, batch=args.a_batch,
-                                      max_num_seqs=engine["max_num_seqs"]),
+                                      admitted=args.a_admitted, max_num_seqs=engine["max_num_seqs"]),
                                b=dict(prompt_tokens=args.b_prompt, batch=args.b_batch, output_tokens=args.b_output,
                                       repeats=args.b_repeats))))
     if "c" in parts:
