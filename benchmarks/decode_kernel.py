@@ -13,7 +13,7 @@ large device-to-device copy measured in the same run.
 Writes results/decode_kernel_<device>_<date>.json and the summary entries
 decode_kernel_ratio_64k_b16_s050 / _s075 / _s000 (duo time / FA3 time, the wrapper's own plan).
 ``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only); ``--variants r1 r2
-r2n2`` also times the kernel with half the lanes per token (rows only); ``--hybrid`` also
+r2n2 c1 c2`` also times the kernel with half the lanes per token or a cp.async ring (rows only); ``--hybrid`` also
 times FA3 per retrieval slot with duo's kernel for the streaming slots (rows only). ``--kv-cache-dtype
 fp8``: both read e4m3 caches (FA3 with fp8 queries and descales, as vLLM's FLASH_ATTN; duo with
 per-tensor scales), the file is decode_kernel_fp8_<device>_<date>.json and the keys end in _fp8.
@@ -22,18 +22,20 @@ per-tensor scales), the file is decode_kernel_fp8_<device>_<date>.json and the k
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.summary import device_name, save_result  # noqa: E402
+from benchmarks.summary import RESULTS, device_name, save_result  # noqa: E402
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
 FP8 = torch.float8_e4m3fn
@@ -210,12 +212,18 @@ def main() -> None:
                     help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="fp8: e4m3 caches for both (default: bf16)")
-    ap.add_argument("--variants", nargs="+", default=["r1"], choices=["r1", "r2", "r2n2"],
+    ap.add_argument("--variants", nargs="+", default=["r1"], choices=["r1", "r2", "r2n2", "c1", "c2"],
                     help="duo kernel variants to time (VLLM_DUO_DECODE_VARIANT; lanes per token, "
                          "csrc/paged_decode.cu); the figures are r1's, the shipped kernel")
     ap.add_argument("--hybrid", action="store_true",
                     help="also time FA3 per retrieval slot + duo's kernel over streaming slots (rows only)")
+    ap.add_argument("--best-variant", action="store_true",
+                    help="print the variant of the newest bf16 results file with the lowest mean time / FA3 at "
+                         ">= 64K keys and 50%% streaming, and exit")
     args = ap.parse_args()
+    if args.best_variant:
+        print(best_variant())
+        return
     fp8 = args.kv_cache_dtype == "fp8"
     if not torch.cuda.is_available():
         sys.exit("decode_kernel: needs a CUDA GPU")
@@ -272,6 +280,18 @@ def main() -> None:
                    copy_bandwidth_gbps=copy_gbps, rows=rows)
     fname = save_result(f"decode_kernel_{'fp8_' if fp8 else ''}{slug}", payload, figures)
     print(f"wrote benchmarks/results/{fname}" + (f" and summary keys {sorted(figures)}" if figures else ""))
+
+
+def best_variant() -> str:
+    """The kernel variant to run end to end: lowest mean duo/FA3 over the newest bf16 run's rows at
+    >= 64K keys and 50 % streaming (r1, the shipped one, when no run has variants)."""
+    files = sorted(Path(RESULTS).glob("decode_kernel_nvidia*.json"), key=lambda f: f.stat().st_mtime)
+    rows = [r for r in json.loads(files[-1].read_text())["rows"] if r["context"] >= 65536
+            and r["streaming"] == 0.5 and r.get("ratio_duo_over_fa3")] if files else []
+    by_variant: dict[str, list[float]] = {}
+    for r in rows:
+        by_variant.setdefault(r.get("variant", "r1"), []).append(r["ratio_duo_over_fa3"])
+    return min(by_variant, key=lambda v: sum(by_variant[v]) / len(by_variant[v])) if by_variant else "r1"
 
 
 def _fmt(x: float | None, spec: str) -> str:
