@@ -12,8 +12,7 @@ large device-to-device copy measured in the same run.
 
 Writes results/decode_kernel_<device>_<date>.json and the summary entries
 decode_kernel_ratio_64k_b16_s050 / _s075 / _s000 (duo time / FA3 time, the wrapper's own plan).
-``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only); ``--variants r1 r2
-r2n2 c1 c2`` also times the kernel with half the lanes per token or a cp.async ring (rows only); ``--hybrid`` also
+``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only); ``--hybrid`` also
 times FA3 per retrieval slot with duo's kernel for the streaming slots (rows only). ``--kv-cache-dtype
 fp8``: both read e4m3 caches (FA3 with fp8 queries and descales, as vLLM's FLASH_ATTN; duo with
 per-tensor scales), the file is decode_kernel_fp8_<device>_<date>.json and the keys end in _fp8.
@@ -22,20 +21,18 @@ per-tensor scales), the file is decode_kernel_fp8_<device>_<date>.json and the k
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
 import sys
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.summary import RESULTS, device_name, save_result  # noqa: E402
+from benchmarks.summary import device_name, save_result  # noqa: E402
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
 FP8 = torch.float8_e4m3fn
@@ -212,18 +209,9 @@ def main() -> None:
                     help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="fp8: e4m3 caches for both (default: bf16)")
-    ap.add_argument("--variants", nargs="+", default=["r1"], choices=["r1", "r2", "r2n2", "c1", "c2"],
-                    help="duo kernel variants to time (VLLM_DUO_DECODE_VARIANT; lanes per token, "
-                         "csrc/paged_decode.cu); the figures are r1's, the shipped kernel")
     ap.add_argument("--hybrid", action="store_true",
                     help="also time FA3 per retrieval slot + duo's kernel over streaming slots (rows only)")
-    ap.add_argument("--best-variant", action="store_true",
-                    help="print the variant of the newest bf16 results file with the lowest mean time / FA3 at "
-                         ">= 64K keys and 50%% streaming, and exit")
     args = ap.parse_args()
-    if args.best_variant:
-        print(best_variant())
-        return
     fp8 = args.kv_cache_dtype == "fp8"
     if not torch.cuda.is_available():
         sys.exit("decode_kernel: needs a CUDA GPU")
@@ -232,7 +220,7 @@ def main() -> None:
     flush = None if args.no_flush else torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"device: {device_name()}   copy bandwidth (read+write): {copy_gbps:.0f} GB/s")
     print(f"{'ctx':>7} {'batch':>5} {'strm':>5} {'duo us':>9} {'fa3 us':>9} {'duo/fa3':>8} "
-          f"{'duo GB/s':>9} {'%copy':>6} {'fa3 GB/s':>9} {'%copy':>6} {'part':>5} {'kern':>5}")
+          f"{'duo GB/s':>9} {'%copy':>6} {'fa3 GB/s':>9} {'%copy':>6} {'part':>5}")
     rows, figures = [], {}
     for ctx in args.contexts:
         for batch in args.batches:
@@ -246,20 +234,17 @@ def main() -> None:
             fa3_us = time_us(fa3, args.repeats, args.warmup, flush) if fa3 else None
             fa3_gbps = (batch * ctx * HKV * token_bytes(fp8) + qo_bytes) / fa3_us / 1e3 if fa3_us else None
             del fa3  # free its cache before duo's
-            for s, part, variant in [(s, p, v) for s in args.streaming for p in args.partition_sizes
-                                     for v in args.variants]:
-                os.environ["VLLM_DUO_DECODE_VARIANT"] = variant  # read by the op on every call
+            for s, part in [(s, p) for s in args.streaming for p in args.partition_sizes]:
                 duo, kv_bytes = duo_decode(ctx, batch, s, q, seq_lens, args.sink, args.window, part or None, fp8)
                 duo_us = time_us(duo, args.repeats, args.warmup, flush)
                 del duo
-                os.environ.pop("VLLM_DUO_DECODE_VARIANT")
                 duo_gbps = (kv_bytes + qo_bytes) / duo_us / 1e3
                 ratio = duo_us / fa3_us if fa3_us else None
                 hybrid = hybrid_decode(ctx, batch, s, q, seq_lens, args.sink, args.window, fp8) \
-                    if args.hybrid and not part and variant == "r1" else None
+                    if args.hybrid and not part else None
                 hybrid_us = time_us(hybrid, args.repeats, args.warmup, flush) if hybrid else None
                 del hybrid
-                rows.append(dict(context=ctx, batch=batch, streaming=s, partition_size=part or "planned", variant=variant,
+                rows.append(dict(context=ctx, batch=batch, streaming=s, partition_size=part or "planned",
                                  duo_us=duo_us, fa3_us=fa3_us,
                                  ratio_duo_over_fa3=ratio, duo_gbps=duo_gbps, fa3_gbps=fa3_gbps,
                                  duo_frac_of_copy=duo_gbps / copy_gbps, hybrid_us=hybrid_us,
@@ -268,9 +253,8 @@ def main() -> None:
                 print(f"{ctx:>7} {batch:>5} {s:>5.2f} {duo_us:>9.1f} {_fmt(fa3_us, '9.1f')} "
                       f"{_fmt(ratio, '8.3f')} {duo_gbps:>9.0f} {duo_gbps / copy_gbps:>6.0%} "
                       f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')} {part or '-':>5}"
-                      f" {variant:>5}"
                       + (f"   hybrid {hybrid_us:.1f} us = {hybrid_us / fa3_us:.3f} of fa3" if hybrid_us and fa3_us else ""))
-                if ctx == 65536 and batch == 16 and not part and variant == "r1" and ratio is not None:
+                if ctx == 65536 and batch == 16 and not part and ratio is not None:
                     figures[f"decode_kernel_ratio_64k_b16_s{round(s * 100):03d}{'_fp8' if fp8 else ''}"] = ratio
             torch.cuda.empty_cache()
     slug = re.sub(r"[^a-z0-9]+", "_", device_name().lower()).strip("_")
@@ -280,18 +264,6 @@ def main() -> None:
                    copy_bandwidth_gbps=copy_gbps, rows=rows)
     fname = save_result(f"decode_kernel_{'fp8_' if fp8 else ''}{slug}", payload, figures)
     print(f"wrote benchmarks/results/{fname}" + (f" and summary keys {sorted(figures)}" if figures else ""))
-
-
-def best_variant() -> str:
-    """The kernel variant to run end to end: lowest mean duo/FA3 over the newest bf16 run's rows at
-    >= 64K keys and 50 % streaming (r1, the shipped one, when no run has variants)."""
-    files = sorted(Path(RESULTS).glob("decode_kernel_nvidia*.json"), key=lambda f: f.stat().st_mtime)
-    rows = [r for r in json.loads(files[-1].read_text())["rows"] if r["context"] >= 65536
-            and r["streaming"] == 0.5 and r.get("ratio_duo_over_fa3")] if files else []
-    by_variant: dict[str, list[float]] = {}
-    for r in rows:
-        by_variant.setdefault(r.get("variant", "r1"), []).append(r["ratio_duo_over_fa3"])
-    return min(by_variant, key=lambda v: sum(by_variant[v]) / len(by_variant[v])) if by_variant else "r1"
 
 
 def _fmt(x: float | None, spec: str) -> str:

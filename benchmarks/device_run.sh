@@ -65,14 +65,6 @@ for stage in "$@"; do
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     decode-fp8) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --kv-cache-dtype fp8 ;;
     decode-hybrid) run_for 300 python benchmarks/decode_kernel.py --repeats 20 --contexts 65536 131072 --batches 16 64 --hybrid ;;
-    decode-variants) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --contexts 1024 65536 131072 \
-      --batches 16 64 --variants r1 r2 r2n2 c1 c2 $DECODE_ARGS ;;  # DECODE_ARGS="--kv-cache-dtype fp8" for fp8
-    decode-variants-fp8) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --contexts 1024 65536 131072 \
-      --batches 16 64 --variants r1 r2 r2n2 c1 c2 --kv-cache-dtype fp8 ;;
-    bench-variant) v=${BENCH_VARIANT:-$(python benchmarks/decode_kernel.py --best-variant)}  # default: the newest decode-variants run's
-      echo "bench-variant: VLLM_DUO_DECODE_VARIANT=$v"
-      VLLM_DUO_DECODE_VARIANT=$v run_for 580 python -m vllm_duo.cli.main bench --only a b --a-admitted \
-        --streaming-prefill window --quiet ;;
     decode-sweep) run_for 400 python benchmarks/decode_kernel.py --repeats 10 --contexts 1024 4096 65536 131072 \
       --batches 16 64 --partition-sizes 0 1024 2048 4096 ;;
     max-context) run_for 590 python benchmarks/max_context.py ;;

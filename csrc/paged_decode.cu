@@ -10,18 +10,11 @@
 // One-partition rows are written directly; longer rows go through tmp_out/tmp_lse and a
 // log-sum-exp combine kernel. The grid depends only on (partitions, slots, sequences), so the
 // launch is CUDA-graph safe; per-row lengths are read on the device.
-// Experiment (VLLM_DUO_DECODE_VARIANT=c1/c2): the K/V rows go through a per-thread ring of S
-// stages in shared memory filled by cp.async, so S - 1 tiles stay in flight while one is used,
-// where the register path has one tile in flight and none while it computes.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "common.cuh"
@@ -79,29 +72,7 @@ __device__ __forceinline__ int row_partitions(const DecodeParams& p, int n, int*
 // T: q/out type; C: cache element type, T or fp8 e4m3. R: vectors of kVec elements each thread
 // owns of a K/V row (R = 1: D/8 threads per token; R = 2 halves the lanes per token, so each
 // score takes one shuffle fewer and each exp2 is repeated on half as many lanes).
-// Asynchronous 16-byte (fp8: 8-byte) copy global -> shared; zero-filled when !valid (nothing read).
-template <typename C>
-__device__ __forceinline__ void cp_async_vec(CacheVec<C>* dst, const C* src, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  const int n = valid ? int(sizeof(CacheVec<C>)) : 0;
-  if constexpr (sizeof(CacheVec<C>) == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Bytes of the cp.async ring (S stages of NT tokens' K and V slices, per thread); 0 when S = 0.
-template <typename C, int NT, int R, int S>
-constexpr int ring_bytes() {
-  return S * NT * 2 * R * kThreads * int(sizeof(CacheVec<C>));
-}
-
-template <typename T, typename C, int D, int GMAX, int NT, int R, int S>
+template <typename T, typename C, int D, int GMAX, int NT, int R>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeParams p) {
   constexpr bool kFp8 = std::is_same_v<C, __nv_fp8_e4m3>;
   constexpr int EPT = R * kVec;             // elements of a row per thread
@@ -170,9 +141,21 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
 #pragma unroll
   for (int j = 0; j < NT; ++j) off[j] = locate(v_begin + grp + j * NGROUPS);
 
-  // One tile: NT tokens of this thread group, raw K/V slices in registers, zeros where !valid.
-  auto consume = [&](const CacheVec<C> (&kraw)[NT][R], const CacheVec<C> (&vraw)[NT][R],
-                     const bool (&valid)[NT]) {
+  for (int base = v_begin; base < v_end; base += STEP) {
+    CacheVec<C> kraw[NT][R], vraw[NT][R];
+    bool valid[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      valid[j] = off[j] >= 0;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        kraw[j][r] = valid[j] ? load_vec(kv + off[j] + r * kVec) : CacheVec<C>{};
+        vraw[j][r] = valid[j] ? load_vec(kv + off[j] + D + r * kVec) : CacheVec<C>{};
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) off[j] = locate(base + STEP + grp + j * NGROUPS);
+
     float s[NT][GMAX];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -216,72 +199,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
           for (int i = 0; i < kVec; ++i) acc[g][r * kVec + i] = fmaf(pj, vf[r][i], acc[g][r * kVec + i]);
       }
     }
-  };
-
-  if constexpr (S == 0) {  // register path: a tile's loads, then its math
-    for (int base = v_begin; base < v_end; base += STEP) {
-      CacheVec<C> kraw[NT][R], vraw[NT][R];
-      bool valid[NT];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        valid[j] = off[j] >= 0;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          kraw[j][r] = valid[j] ? load_vec(kv + off[j] + r * kVec) : CacheVec<C>{};
-          vraw[j][r] = valid[j] ? load_vec(kv + off[j] + D + r * kVec) : CacheVec<C>{};
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) off[j] = locate(base + STEP + grp + j * NGROUPS);
-      consume(kraw, vraw, valid);
-    }
-  } else {  // cp.async ring: each thread copies exactly the slices it reads, so no barrier
-    extern __shared__ __align__(16) unsigned char ring_raw[];
-    CacheVec<C>* ring = reinterpret_cast<CacheVec<C>*>(ring_raw);
-    auto at = [&](int stage, int j, int kvi, int r) {  // [S][NT][2][R][kThreads]: conflict-free
-      return ring + (((stage * NT + j) * 2 + kvi) * R + r) * kThreads + threadIdx.x;
-    };
-    const int ntiles = ceil_div(v_end - v_begin, STEP);
-    auto issue = [&](int tile) {  // copies tile `tile` (off[] holds its offsets), then looks ahead
-      const int stage = tile % S;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const bool ok = off[j] >= 0;
-        const C* src = ok ? kv + off[j] : kv;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          cp_async_vec<C>(at(stage, j, 0, r), src + r * kVec, ok);
-          cp_async_vec<C>(at(stage, j, 1, r), src + D + r * kVec, ok);
-        }
-      }
-      cp_async_commit();
-#pragma unroll
-      for (int j = 0; j < NT; ++j) off[j] = locate(v_begin + (tile + 1) * STEP + grp + j * NGROUPS);
-    };
-#pragma unroll
-    for (int t = 0; t < S - 1; ++t) {
-      if (t < ntiles) issue(t);
-      else cp_async_commit();  // empty group: the wait count below stays uniform
-    }
-    for (int tile = 0; tile < ntiles; ++tile) {
-      if (tile + S - 1 < ntiles) issue(tile + S - 1);
-      else cp_async_commit();
-      cp_async_wait<S - 1>();  // this thread's copies of `tile` have landed
-      const int stage = tile % S, base = v_begin + tile * STEP;
-      CacheVec<C> kraw[NT][R], vraw[NT][R];
-      bool valid[NT];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        valid[j] = base + grp + j * NGROUPS < v_end;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          kraw[j][r] = *at(stage, j, 0, r);
-          vraw[j][r] = *at(stage, j, 1, r);
-        }
-      }
-      consume(kraw, vraw, valid);
-    }
-    cp_async_wait<0>();
   }
 
   // Merge the token groups: first inside each warp with shuffles, then across warps in smem.
@@ -377,22 +294,10 @@ constexpr int tokens_in_flight() {
   return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
 }
 
-template <typename T, typename C, int D, int GMAX, int NT, int R, int S = 0>
+template <typename T, typename C, int D, int GMAX, int NT, int R>
 void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
-  constexpr int smem = ring_bytes<C, NT, R, S>();
-  auto* kernel = paged_decode_kernel<T, C, D, GMAX, NT, R, S>;
-  if constexpr (smem > 48 * 1024) {  // opt in past 48 KB, once per device and instantiation
-    static std::atomic<uint64_t> opted{0};
-    int dev = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    const uint64_t bit = uint64_t(1) << (dev & 63);
-    if (!(opted.load() & bit)) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      opted.fetch_or(bit);
-    }
-  }
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  paged_decode_kernel<T, C, D, GMAX, NT, R><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_partitions > 1) {
     const size_t smem = (p.num_partitions + D / kWarp) * sizeof(float);
@@ -401,49 +306,23 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   }
 }
 
-// Kernel variants (the kernel benchmark compares them; the result decides the default), read
-// per call so one process can time them all. VLLM_DUO_DECODE_VARIANT unset or "r1": D/8 lanes
-// per token, loads into registers; "r2": D/16 lanes, the same tokens in flight per lane (twice
-// the bytes); "r2n2": D/16 lanes, half the tokens in flight (the same bytes); "c1" / "c2": D/8 /
-// D/16 lanes through a 4-stage cp.async ring of 128 bytes (bf16) or 64 bytes (fp8) of K and V
-// per thread and stage. R = 2 variants need head_dim 128 and G <= 4 (others run r1 / c1).
-enum class Variant { kR1, kR2, kR2N2, kC1, kC2 };
-
-Variant decode_variant() {
-  const char* v = std::getenv("VLLM_DUO_DECODE_VARIANT");
-  if (v == nullptr || std::strcmp(v, "r1") == 0) return Variant::kR1;
-  if (std::strcmp(v, "r2") == 0) return Variant::kR2;
-  if (std::strcmp(v, "r2n2") == 0) return Variant::kR2N2;
-  if (std::strcmp(v, "c1") == 0) return Variant::kC1;
-  if (std::strcmp(v, "c2") == 0) return Variant::kC2;
-  TORCH_CHECK(false, "VLLM_DUO_DECODE_VARIANT=", v, " is unknown; use r1, r2, r2n2, c1 or c2");
-}
-
-constexpr int kStages = 4;
-
+// Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
+// score takes one shuffle fewer, each exp2 runs on half as many lanes) took 0.95x the time of
+// D/8 lanes in bf16 and 0.82x in fp8 (H200, 64K keys, batch 16, 50 % streaming heads;
+// docs/results.md, eighth session). Elsewhere D/8: G 8 with R = 2 spills (ptxas), and G <= 2
+// and other head dims were not measured.
 template <typename T, typename C, int D, int GMAX>
-void launch_variant(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
-  constexpr int NT = tokens_in_flight<GMAX>();
-  constexpr int NTC = std::min(NT, 4);  // ring path: 4 tokens of 16-byte slices per stage
-  const Variant v = decode_variant();
-  if constexpr (D == 128 && GMAX <= 4) {  // GMAX 8 with R = 2 spills (ptxas)
-    if (v == Variant::kR2) return launch<T, C, D, GMAX, NT, 2>(p, num_seqs, num_slots, stream);
-    if (v == Variant::kR2N2)
-      return launch<T, C, D, GMAX, (NT > 1 ? NT / 2 : 1), 2>(p, num_seqs, num_slots, stream);
-    if (v == Variant::kC2)
-      return launch<T, C, D, GMAX, NTC / 2, 2, kStages>(p, num_seqs, num_slots, stream);
-  }
-  if (v == Variant::kC1 || v == Variant::kC2)
-    return launch<T, C, D, GMAX, NTC, 1, kStages>(p, num_seqs, num_slots, stream);
-  launch<T, C, D, GMAX, NT, 1>(p, num_seqs, num_slots, stream);
+void launch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
+  constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
+  launch<T, C, D, GMAX, tokens_in_flight<GMAX>(), R>(p, num_seqs, num_slots, stream);
 }
 
 template <typename T, typename C, int D>
 void dispatch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
-  if (p.group <= 1) return launch_variant<T, C, D, 1>(p, num_seqs, num_slots, stream);
-  if (p.group <= 2) return launch_variant<T, C, D, 2>(p, num_seqs, num_slots, stream);
-  if (p.group <= 4) return launch_variant<T, C, D, 4>(p, num_seqs, num_slots, stream);
-  launch_variant<T, C, D, kMaxGroup>(p, num_seqs, num_slots, stream);
+  if (p.group <= 1) return launch_group<T, C, D, 1>(p, num_seqs, num_slots, stream);
+  if (p.group <= 2) return launch_group<T, C, D, 2>(p, num_seqs, num_slots, stream);
+  if (p.group <= 4) return launch_group<T, C, D, 4>(p, num_seqs, num_slots, stream);
+  launch_group<T, C, D, kMaxGroup>(p, num_seqs, num_slots, stream);
 }
 
 template <typename T, typename C>

@@ -273,38 +273,3 @@ def test_fp8_opcheck() -> None:
             torch.empty(3, 8, parts, 128, device="cuda"), torch.empty(3, 8, parts, device="cuda"),
             case.k_scale, case.v_scale)
     torch.library.opcheck(torch.ops.vllm_duo.paged_decode.default, args)
-
-
-VARIANT_SHAPES = [(v, g, 128) for v in ("r2", "r2n2", "c1", "c2") for g in (1, 3, 4)] + \
-    [("c1", 8, 128), ("c1", 3, 64), ("c2", 8, 128)]  # c2 at G 8 runs c1
-
-
-@pytest.mark.parametrize("cache", ["bf16", "fp8"])
-@pytest.mark.parametrize("variant,group,head_dim", VARIANT_SHAPES)
-def test_kernel_variants(variant: str, group: int, head_dim: int, cache: str, evidence,
-                         monkeypatch) -> None:
-    """VLLM_DUO_DECODE_VARIANT (r2/r2n2/c2: half the lanes per token, head_dim 128, G <= 4;
-    c1/c2: the cp.async ring): the same checks as the default kernel: ragged rows on
-    sink/window/block edges and a long row, planned and 128-key partitions, bf16 and fp8 caches.
-    Control: the same variant with half of row 0's retrieval keys skipped."""
-    monkeypatch.setenv("VLLM_DUO_DECODE_VARIANT", variant)
-    lens = [1, 63, 64, 65, 319, 320, 321, 1000, 4097, 0, 20000]
-    kwargs = dict(num_kv_heads=4, group=group, head_dim=head_dim, dtype=torch.bfloat16, block_size=16,
-                  streaming_heads=[False, True, False, True], pad_slots=1, seed=group)
-    case = fp8_case(lens, kv_std=3.0, **kwargs) if cache == "fp8" else make_case(lens, **kwargs)
-    ref = reference_decode(case)
-    for partition_size in (None, 128):
-        label = f"{variant} G{group} D{head_dim} {cache} partition {partition_size}"
-        gap = scaled_error(run_op(case, max(lens), partition_size), ref)
-        wrong = run_op(half_keys_skipped(case, len(lens) - 1), max(lens), partition_size)
-        evidence(FP8_COMPARES if cache == "fp8" else COMPARES, METRIC, gap,
-                 "the variant with half of the long row's retrieval keys skipped",
-                 scaled_error(wrong, ref), label=label)
-
-
-def test_unknown_kernel_variant_is_refused(monkeypatch) -> None:
-    monkeypatch.setenv("VLLM_DUO_DECODE_VARIANT", "r3")
-    case = make_case([10], num_kv_heads=1, group=1, head_dim=128, dtype=torch.bfloat16, block_size=16,
-                     streaming_heads=[False], seed=0)
-    with pytest.raises(RuntimeError, match="VLLM_DUO_DECODE_VARIANT=r3 is unknown; use r1, r2, r2n2, c1 or c2"):
-        run_op(case, 10)
