@@ -69,11 +69,14 @@ __device__ __forceinline__ int row_partitions(const DecodeParams& p, int n, int*
   return max(1, ceil_div(n, *psize));
 }
 
-// T: q/out type; C: cache element type, T or fp8 e4m3.
-template <typename T, typename C, int D, int GMAX, int NT>
+// T: q/out type; C: cache element type, T or fp8 e4m3. R: vectors of kVec elements each thread
+// owns of a K/V row (R = 1: D/8 threads per token; R = 2 halves the lanes per token, so each
+// score takes one shuffle fewer and each exp2 is repeated on half as many lanes).
+template <typename T, typename C, int D, int GMAX, int NT, int R>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodeParams p) {
   constexpr bool kFp8 = std::is_same_v<C, __nv_fp8_e4m3>;
-  constexpr int TPT = D / kVec;             // threads sharing one token's K/V row
+  constexpr int EPT = R * kVec;             // elements of a row per thread
+  constexpr int TPT = D / EPT;              // threads sharing one token's K/V row
   constexpr int NGROUPS = kThreads / TPT;   // tokens the CTA reads side by side
   constexpr int STEP = NGROUPS * NT;        // tokens per loop iteration
   const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
@@ -94,18 +97,21 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   const int lane_t = threadIdx.x % TPT, grp = threadIdx.x / TPT;
   float q_scale = p.scale_log2;
   if constexpr (kFp8) q_scale *= __ldg(p.k_scale);  // score = (q . k_fp8) * k_scale * scale
-  float q[GMAX][kVec];
+  float q[GMAX][R][kVec];
   const T* qp = static_cast<const T*>(p.q) + seq * p.q_stride_seq + qh0 * p.q_stride_head +
-                lane_t * kVec;
+                lane_t * EPT;
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
-    if (g < G) {
-      to_float8<T>(load16(qp + g * p.q_stride_head), q[g]);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) q[g][i] *= q_scale;
-    } else {
+    for (int r = 0; r < R; ++r) {
+      if (g < G) {
+        to_float8<T>(load16(qp + g * p.q_stride_head + r * kVec), q[g][r]);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) q[g][i] = 0.f;  // padded head: computed, never stored
+        for (int i = 0; i < kVec; ++i) q[g][r][i] *= q_scale;
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) q[g][r][i] = 0.f;  // padded head: computed, never stored
+      }
     }
   }
 
@@ -119,16 +125,16 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
     if (v >= v_end) return -1;
     const int pos = v < r.sink_end ? v : v - r.sink_end + r.win_start;
     const int64_t block = __ldg(bt + (pos >> p.block_shift));  // global, read-only path
-    return ((block << p.block_shift) + (pos & p.block_mask)) * (2 * D) + lane_t * kVec;
+    return ((block << p.block_shift) + (pos & p.block_mask)) * (2 * D) + lane_t * EPT;
   };
 
-  float m[GMAX], l[GMAX], acc[GMAX][kVec];
+  float m[GMAX], l[GMAX], acc[GMAX][EPT];
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
     m[g] = kNoScore;
     l[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) acc[g][i] = 0.f;
+    for (int i = 0; i < EPT; ++i) acc[g][i] = 0.f;
   }
 
   int64_t off[NT];  // block-table lookups run one iteration ahead of the K/V loads
@@ -136,13 +142,16 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   for (int j = 0; j < NT; ++j) off[j] = locate(v_begin + grp + j * NGROUPS);
 
   for (int base = v_begin; base < v_end; base += STEP) {
-    CacheVec<C> kraw[NT], vraw[NT];
+    CacheVec<C> kraw[NT][R], vraw[NT][R];
     bool valid[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       valid[j] = off[j] >= 0;
-      kraw[j] = valid[j] ? load_vec(kv + off[j]) : CacheVec<C>{};
-      vraw[j] = valid[j] ? load_vec(kv + off[j] + D) : CacheVec<C>{};
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        kraw[j][r] = valid[j] ? load_vec(kv + off[j] + r * kVec) : CacheVec<C>{};
+        vraw[j][r] = valid[j] ? load_vec(kv + off[j] + D + r * kVec) : CacheVec<C>{};
+      }
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) off[j] = locate(base + STEP + grp + j * NGROUPS);
@@ -150,13 +159,16 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
     float s[NT][GMAX];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      float kf[kVec];
-      to_float8<C>(kraw[j], kf);
+      float kf[R][kVec];
+#pragma unroll
+      for (int r = 0; r < R; ++r) to_float8<C>(kraw[j][r], kf[r]);
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) dot = fmaf(q[g][i], kf[i], dot);
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) dot = fmaf(q[g][r][i], kf[r][i], dot);
         dot = group_sum<TPT>(dot);  // every lane shuffles, valid or not
         s[j][g] = valid[j] ? dot : -INFINITY;
       }
@@ -170,18 +182,21 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
       m[g] = mx;
       l[g] *= alpha;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[g][i] *= alpha;
+      for (int i = 0; i < EPT; ++i) acc[g][i] *= alpha;
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      float vf[kVec];
-      to_float8<C>(vraw[j], vf);
+      float vf[R][kVec];
+#pragma unroll
+      for (int r = 0; r < R; ++r) to_float8<C>(vraw[j][r], vf[r]);
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         const float pj = exp2f(s[j][g] - m[g]);
         l[g] += pj;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[g][i] = fmaf(pj, vf[i], acc[g][i]);
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[g][r * kVec + i] = fmaf(pj, vf[r][i], acc[g][r * kVec + i]);
       }
     }
   }
@@ -200,16 +215,17 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
 #pragma unroll
     for (int o = TPT; o < kWarp; o <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, o);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
+    for (int i = 0; i < EPT; ++i) {
       float x = acc[g][i] * a;
 #pragma unroll
       for (int o = TPT; o < kWarp; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
       acc[g][i] = x;
     }
     if (lane < TPT) {
-      float4* dst = reinterpret_cast<float4*>(&s_acc[warp][g][lane * kVec]);
-      dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-      dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+      float4* dst = reinterpret_cast<float4*>(&s_acc[warp][g][lane * EPT]);
+#pragma unroll
+      for (int i = 0; i < EPT / 4; ++i)
+        dst[i] = make_float4(acc[g][4 * i], acc[g][4 * i + 1], acc[g][4 * i + 2], acc[g][4 * i + 3]);
     }
     if (lane == 0) {
       s_m[warp][g] = mw;
@@ -278,10 +294,10 @@ constexpr int tokens_in_flight() {
   return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
 }
 
-template <typename T, typename C, int D, int GMAX>
+template <typename T, typename C, int D, int GMAX, int NT, int R>
 void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
-  paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>()><<<grid, kThreads, 0, stream>>>(p);
+  paged_decode_kernel<T, C, D, GMAX, NT, R><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_partitions > 1) {
     const size_t smem = (p.num_partitions + D / kWarp) * sizeof(float);
@@ -290,12 +306,23 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   }
 }
 
+// Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
+// score takes one shuffle fewer, each exp2 runs on half as many lanes) took 0.95x the time of
+// D/8 lanes in bf16 and 0.82x in fp8 (H200, 64K keys, batch 16, 50 % streaming heads;
+// docs/results.md, eighth session). Elsewhere D/8: G 8 with R = 2 spills (ptxas), and G <= 2
+// and other head dims were not measured.
+template <typename T, typename C, int D, int GMAX>
+void launch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
+  constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
+  launch<T, C, D, GMAX, tokens_in_flight<GMAX>(), R>(p, num_seqs, num_slots, stream);
+}
+
 template <typename T, typename C, int D>
 void dispatch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
-  if (p.group <= 1) return launch<T, C, D, 1>(p, num_seqs, num_slots, stream);
-  if (p.group <= 2) return launch<T, C, D, 2>(p, num_seqs, num_slots, stream);
-  if (p.group <= 4) return launch<T, C, D, 4>(p, num_seqs, num_slots, stream);
-  launch<T, C, D, kMaxGroup>(p, num_seqs, num_slots, stream);
+  if (p.group <= 1) return launch_group<T, C, D, 1>(p, num_seqs, num_slots, stream);
+  if (p.group <= 2) return launch_group<T, C, D, 2>(p, num_seqs, num_slots, stream);
+  if (p.group <= 4) return launch_group<T, C, D, 4>(p, num_seqs, num_slots, stream);
+  launch_group<T, C, D, kMaxGroup>(p, num_seqs, num_slots, stream);
 }
 
 template <typename T, typename C>
