@@ -294,10 +294,16 @@ constexpr int tokens_in_flight() {
   return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
 }
 
-template <typename T, typename C, int D, int GMAX, int NT, int R>
+// Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
+// score takes one shuffle fewer, each exp2 runs on half as many lanes) took 0.95x the time of
+// D/8 lanes in bf16 and 0.82x in fp8 (H200, 64K keys, batch 16, 50 % streaming heads;
+// docs/results.md, eighth session). Elsewhere D/8: G 8 with R = 2 spills (ptxas), and G <= 2
+// and other head dims were not measured.
+template <typename T, typename C, int D, int GMAX>
 void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
+  constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
-  paged_decode_kernel<T, C, D, GMAX, NT, R><<<grid, kThreads, 0, stream>>>(p);
+  paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_partitions > 1) {
     const size_t smem = (p.num_partitions + D / kWarp) * sizeof(float);
@@ -306,23 +312,12 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   }
 }
 
-// Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
-// score takes one shuffle fewer, each exp2 runs on half as many lanes) took 0.95x the time of
-// D/8 lanes in bf16 and 0.82x in fp8 (H200, 64K keys, batch 16, 50 % streaming heads;
-// docs/results.md, eighth session). Elsewhere D/8: G 8 with R = 2 spills (ptxas), and G <= 2
-// and other head dims were not measured.
-template <typename T, typename C, int D, int GMAX>
-void launch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
-  constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
-  launch<T, C, D, GMAX, tokens_in_flight<GMAX>(), R>(p, num_seqs, num_slots, stream);
-}
-
 template <typename T, typename C, int D>
 void dispatch_group(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
-  if (p.group <= 1) return launch_group<T, C, D, 1>(p, num_seqs, num_slots, stream);
-  if (p.group <= 2) return launch_group<T, C, D, 2>(p, num_seqs, num_slots, stream);
-  if (p.group <= 4) return launch_group<T, C, D, 4>(p, num_seqs, num_slots, stream);
-  launch_group<T, C, D, kMaxGroup>(p, num_seqs, num_slots, stream);
+  if (p.group <= 1) return launch<T, C, D, 1>(p, num_seqs, num_slots, stream);
+  if (p.group <= 2) return launch<T, C, D, 2>(p, num_seqs, num_slots, stream);
+  if (p.group <= 4) return launch<T, C, D, 4>(p, num_seqs, num_slots, stream);
+  launch<T, C, D, kMaxGroup>(p, num_seqs, num_slots, stream);
 }
 
 template <typename T, typename C>

@@ -51,6 +51,12 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def fa3_descales(layer, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """FA3's q/k/v descale arguments for an fp8 call: the layer's per-tensor scales, expanded to
+    ``shape`` = (sequences, KV heads of the call), as FLASH_ATTN passes them."""
+    return {f"{x}_descale": getattr(layer, f"_{x}_scale").expand(shape) for x in "qkv"}
+
+
 class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes, sliding_window, kv_cache_dtype: str, logits_soft_cap=None,
@@ -214,8 +220,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             if self.fp8:  # FLASH_ATTN's fp8 attention: e4m3 Q/K/V (as the cache holds K/V), descaled
                 q, k, v = (quantize_fp8(x, getattr(layer, f"_{name}_scale"))
                            for x, name in ((q, "q"), (k, "k"), (v, "v")))
-                shape = (cu.numel() - 1, k.shape[1])  # (sequences, KV heads of the run)
-                descales = {f"{x}_descale": getattr(layer, f"_{x}_scale").expand(shape) for x in "qkv"}
+                descales = fa3_descales(layer, (cu.numel() - 1, k.shape[1]))  # (sequences, KV heads of the run)
             flash_attn_varlen_func(
                 q=q, k=k, v=v, out=output[rows, heads],
                 max_seqlen_q=part.max_query_len, cu_seqlens_q=cu, max_seqlen_k=part.max_query_len,
@@ -241,8 +246,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         descales = {}
         if self.fp8 and retrieval:  # FA3 reads an fp8 cache with fp8 queries, as FLASH_ATTN does
             q = quantize_fp8(q, layer._q_scale)
-            shape = (seq_lens.numel(), 1)  # (sequences, KV heads of one slot)
-            descales = {f"{x}_descale": getattr(layer, f"_{x}_scale").expand(shape) for x in "qkv"}
+            descales = fa3_descales(layer, (seq_lens.numel(), 1))  # (sequences, KV heads of one slot)
         for slot, heads, k_cache, v_cache in self._views:
             is_retrieval = slot.kind == RETRIEVAL
             if not (retrieval if is_retrieval else streaming):
