@@ -7,7 +7,7 @@
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS, CHAT_ARGS,
-# CAPACITY_ARGS, ADMIT_ARGS (capacity-admit, say --requests 25), SUITE_ARGS, IDENTIFY_ARGS, NIAH_ARGS (both niah-grid stages): extra flags of those stages
+# CAPACITY_ARGS, ADMIT_ARGS (capacity-admit, say --requests 25), SUITE_ARGS, IDENTIFY_ARGS, NIAH_ARGS (both niah-grid stages), NIAH_FP8_ARGS (niah-grid-fp8 only), WINDOW_ARGS (window-configs: replace its lengths/batches, add --window): extra flags of those stages
 # (PATTERN_OUT: identify's folder). Variants, several per call: identify-NAME trains with IDENTIFY_ARGS_NAME into
 # /tmp/patterns/NAME; niah-suite-NAME runs the suite with SUITE_ARGS_NAME (say --pattern /tmp/patterns/NAME),
 # writing niah_suite_NAME_<date>.json and the figure niah_suite_smollm2_NAME.
@@ -57,7 +57,7 @@ for stage in "$@"; do
     server) gpu_test 560 tests/e2e/test_server_gpu.py ;;
     prefix-cache) gpu_test 580 tests/e2e/test_prefix_cache_gpu.py $PREFIX_ARGS ;;
     prefill-attention) run_for 300 python benchmarks/prefill.py --part attention --lengths 32768 131072 --chunks 16384 0 ;;
-    window-configs) run_for 300 python benchmarks/prefill.py --part window-configs --lengths 1024 32768 --batches 64 1 ;;
+    window-configs) run_for 300 python benchmarks/prefill.py --part window-configs ${WINDOW_ARGS:---lengths 1024 32768 --batches 64 1} ;;
     prefill-model) run_for 580 python benchmarks/prefill.py --part model --lengths 32768 131072 --sparsities 0.5 0.75 ;;
     prefill-256k) run_for 580 python benchmarks/prefill.py --part model --lengths 262144 --sparsities 0.5 0.75 --repeats 2 ;;
     capacity) run_for 580 python benchmarks/capacity.py $CAPACITY_ARGS ;;
@@ -78,7 +78,7 @@ for stage in "$@"; do
     niah-grid) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
       --record niah_smollm2 --out "$OUT/niah" --quiet $NIAH_ARGS ;;
     niah-grid-fp8) run_for 500 python -m vllm_duo.cli.main niah --pattern smollm2-135m-instruct --samples 2 \
-      --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT/niah_fp8" --quiet $NIAH_ARGS ;;
+      --kv-cache-dtype fp8 --record niah_smollm2_fp8 --out "$OUT/niah_fp8" --quiet $NIAH_ARGS $NIAH_FP8_ARGS ;;
     bench-window) run_for 580 python -m vllm_duo.cli.main bench --only a b --streaming-prefill window --quiet ;;
     bench-admitted) run_for 580 python -m vllm_duo.cli.main bench --only a --a-admitted --streaming-prefill window --quiet ;;
     bench-fp8) run_for 580 python -m vllm_duo.cli.main bench --only a --kv-cache-dtype fp8 --quiet ;;

@@ -202,7 +202,7 @@ WINDOW_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, pack GQA heads);
     (64, 64, 8, 2, False), (64, 64, 8, 1, False), (64, 64, 8, 3, False), (64, 32, 4, 2, False),
     (64, 32, 8, 2, False), (32, 64, 4, 2, False), (128, 32, 8, 2, False), (128, 64, 8, 2, False),
     (64, 64, 8, 2, True), (128, 32, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 2, True),
-    (64, 32, 8, 2, True)]
+    (64, 32, 8, 2, True), (128, 64, 8, 3, True), (128, 128, 8, 2, False), (64, 128, 8, 2, False)]
 
 
 def window_configs_part(args) -> tuple[list[dict], dict[str, float]]:
