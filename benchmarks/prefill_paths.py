@@ -4,14 +4,15 @@ Drives ``benchmarks/mixed_traffic.py``'s requests (1,000 prompts of 64..32K toke
 16..512, all submitted at once) through vLLM's real scheduler and KV-cache manager with duo's
 specs (Llama-3-8B shape, 50 % streaming, tail-only slots, async scheduling, vLLM's full-prompt
 admission; fake model), and classifies every step with prompt chunks as ``backend/impl.py``
-does:
+does: the step's prompt chunks split into maximal runs of fresh chunks (starting at position 0)
+and continuing ones, in the scheduler's order (running requests first, then new ones; vLLM's
+model runner may order them otherwise, which only adds runs), each run taking
 
-- ``whole``: every prompt chunk starts at position 0 and none is longer than sink + prefill
-  window: one FA3 call over all heads (FLASH_ATTN's work);
-- ``fresh``: every chunk starts at 0, some is longer: FA3 over the retrieval heads' runs plus the
-  window kernel over the streaming heads;
-- ``per_slot``: some chunk continues a prompt: paged FA3 per retrieval slot plus the window
-  kernel, for every chunk of the step (short fresh prompts included).
+- ``whole``: fresh, none longer than sink + prefill window: one FA3 call over all heads
+  (FLASH_ATTN's work);
+- ``fresh``: fresh, some longer: FA3 over the retrieval heads' runs plus the window kernel over
+  the streaming heads;
+- ``per_slot``: continuing: paged FA3 per retrieval slot plus the window kernel.
 
 It also sums the keys each streaming-head query visits outside the ``whole`` path (the window
 kernel's work, in query x key pairs) against causal attention's (FLASH_ATTN's). Steps and
@@ -60,11 +61,22 @@ def causal_keys(start: int, length: int) -> int:
     return length * start + length * (length + 1) // 2
 
 
-def classify(rows: list[tuple[int, int]], sink: int, window: int) -> str:
-    """impl.py's choice for a step's prompt chunks ``(start, length)``."""
-    if all(start == 0 for start, _ in rows):
-        return "whole" if max(n for _, n in rows) <= sink + window else "fresh"
-    return "per_slot"
+def classify(rows: list[tuple[int, int]], sink: int, window: int) -> list[tuple[str, list[int]]]:
+    """impl.py's choice for a step's prompt chunks ``(start, length)``: (path, row indices) per
+    maximal run of fresh or continuing chunks."""
+    runs: list[list[int]] = []
+    for i, (start, _) in enumerate(rows):
+        if runs and (rows[runs[-1][0]][0] == 0) == (start == 0):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    out = []
+    for run in runs:
+        if rows[run[0]][0] != 0:
+            out.append(("per_slot", run))
+        else:
+            out.append(("whole" if max(rows[i][1] for i in run) <= sink + window else "fresh", run))
+    return out
 
 
 def run(window: int, requests: list[tuple[list[int], int]], num_blocks: int, budget: int,
@@ -80,8 +92,8 @@ def run(window: int, requests: list[tuple[list[int], int]], num_blocks: int, bud
     known = {r.request_id: r.num_prompt_tokens for r in reqs}  # tokens the fake runner has seen
     for r in reqs:
         scheduler.add_request(r)
-    stats = dict(steps=0, decode_rows=0, steps_whole=0, steps_fresh=0, steps_per_slot=0, tokens_whole=0,
-                 tokens_fresh=0, tokens_per_slot=0, short_fresh_tokens_per_slot=0,
+    stats = dict(steps=0, decode_rows=0, runs_whole=0, runs_fresh=0, runs_per_slot=0, tokens_whole=0,
+                 tokens_fresh=0, tokens_per_slot=0, short_fresh_tokens_off_whole=0,
                  streaming_keys_window_kernel=0, causal_keys=0)
     pending: deque = deque()
     bar = tqdm(total=len(reqs), desc=f"window {window}", unit="req")
@@ -96,15 +108,15 @@ def run(window: int, requests: list[tuple[list[int], int]], num_blocks: int, bud
             else:
                 stats["decode_rows"] += 1
         if rows:
-            path = classify([(s, n) for s, n, _ in rows], sink, window)
-            stats[f"steps_{path}"] += 1
-            stats[f"tokens_{path}"] += sum(n for _, n, _ in rows)
-            for s, n, prompt in rows:
-                stats["causal_keys"] += causal_keys(s, n)
-                if path != "whole":
-                    stats["streaming_keys_window_kernel"] += window_keys(s, n, sink, window)
-                if path == "per_slot" and s == 0 and prompt <= sink + window:
-                    stats["short_fresh_tokens_per_slot"] += n
+            for path, run in classify([(s, n) for s, n, _ in rows], sink, window):
+                stats[f"runs_{path}"] += 1
+                for s, n, prompt in (rows[i] for i in run):
+                    stats[f"tokens_{path}"] += n
+                    stats["causal_keys"] += causal_keys(s, n)
+                    if path != "whole":
+                        stats["streaming_keys_window_kernel"] += window_keys(s, n, sink, window)
+                    if path != "whole" and s == 0 and prompt <= sink + window:
+                        stats["short_fresh_tokens_off_whole"] += n
         ids = list(out.num_scheduled_tokens)
         sampled = []
         for rid in ids:  # a step that reaches the known tokens samples one more

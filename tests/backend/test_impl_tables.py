@@ -244,7 +244,8 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
     by the layer's scales and their descales, as FLASH_ATTN reads its fp8 cache."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
-    from vllm_duo.backend.builder import fresh_prefill
+    from vllm_duo.backend.builder import prefill_parts
+    from vllm_duo.backend.metadata import PrefillPart
 
     Hk, n_tok = 3, 5 + longest
     whole = longest <= SINK + WIN
@@ -279,11 +280,14 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
             max_query_len=longest, max_seq_len=40, block_table_tensor=table, slot_mapping=torch.arange(n_tok),
             seq_lens_cpu_upper_bound=bound)
 
-    assert fresh_prefill(cm(seq_lens), 1) and not fresh_prefill(cm(None), 1)
-    assert not fresh_prefill(cm(torch.tensor([40, 4, longest + 3], dtype=torch.int32)), 1)  # after a cached prefix
-    assert not fresh_prefill(cm(seq_lens), 3)  # no prompt chunk at all
+    fresh = PrefillPart(r0=1, r1=3, t0=1, t1=n_tok, fresh=True, max_query_len=longest)
+    assert prefill_parts(cm(seq_lens), 1) == (fresh,)
+    assert prefill_parts(cm(None), 1) == (PrefillPart(1, 3, 1, n_tok, False, longest),)  # no host bound
+    assert prefill_parts(cm(torch.tensor([40, 4, longest + 3], dtype=torch.int32)), 1) == (  # after a cached prefix
+        PrefillPart(1, 2, 1, 5, True, 4), PrefillPart(2, 3, 5, n_tok, False, longest))
+    assert prefill_parts(cm(seq_lens), 3) == ()  # no prompt chunk at all
     metas = {name: b.build(0, cm(seq_lens)) for name, b in zip(names, builders)}
-    assert all(m.fresh_prefill for m in metas.values())
+    assert all(m.prefill_parts == (fresh,) for m in metas.values())
     monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
     q, out = torch.randn(n_tok, Hk * G, D), torch.full((n_tok, Hk * G, D), float("nan"))
     k, v = torch.randn(n_tok, Hk, D), torch.randn(n_tok, Hk, D)
@@ -377,3 +381,64 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_mixed_step_sends_fresh_and_continuing_chunks_to_their_own_paths(monkeypatch):
+    """One decode, a continuing chunk, two fresh prompts (no longer than sink + prefill window),
+    another continuing chunk: the fresh prompts take one FA3 call over every head on the step's
+    own K/V (their rows equal causal attention), and each continuing chunk its own per-slot FA3
+    call and window-kernel launch with its rows of the query offsets, lengths and tables. Before
+    the split, one continuing chunk sent every chunk of the step down the per-slot path."""
+    import vllm.v1.attention.backends.fa_utils as fa_utils
+
+    caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
+    names, builders, slots = _two_slot_layer(caches)
+    impl = _impl(slots)
+    fa, window = [], []
+
+    def fa3(**kw):
+        fa.append(kw)
+        if kw.get("block_table") is None:  # fresh: causal over the call's own K/V
+            kw["out"].copy_(_causal_varlen(kw["q"], kw["k"], kw["v"], kw["cu_seqlens_q"], kw["softmax_scale"]))
+
+    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: window.append((a, k)))
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)
+    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    # rows: decode | continuing 3 tokens at 20.. | fresh 5 | fresh SINK + WIN | continuing 2 at 30..
+    lens = [1, 3, 5, SINK + WIN, 2]
+    qsl = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor([40, 23, 5, SINK + WIN, 32], dtype=torch.int32)
+    n_tok = int(qsl[-1])
+    tables = [torch.arange(5 * WIDTH, dtype=torch.int32).view(5, WIDTH) + 1 + 20 * i for i in range(2)]
+    metas = {name: b.build(0, CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=5, num_actual_tokens=n_tok,
+        max_query_len=max(lens), max_seq_len=40, block_table_tensor=t, slot_mapping=torch.arange(n_tok),
+        seq_lens_cpu_upper_bound=seq_lens))
+        for name, b, t in zip(names, builders, tables)}
+    parts = metas["l0"].prefill_parts
+    assert [(p.r0, p.r1, p.fresh) for p in parts] == [(1, 2, False), (2, 4, True), (4, 5, False)]
+    monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
+    q, out = torch.randn(n_tok, H * G, D), torch.full((n_tok, H * G, D), float("nan"))
+    k, v = torch.randn(n_tok, H, D), torch.randn(n_tok, H, D)
+    impl.forward(None, q, k, v, None, metas["l0"], output=out)
+
+    fresh = [c for c in fa if c.get("block_table") is None]
+    paged = [c for c in fa if c.get("block_table") is not None]
+    assert len(fresh) == 1 and len(paged) == 2 and len(window) == 2
+    a, b = int(qsl[2]), int(qsl[4])  # the fresh prompts' tokens
+    assert fresh[0]["q"].data_ptr() == q[a:b].data_ptr() and fresh[0]["cu_seqlens_q"].tolist() == [0, 5, 5 + SINK + WIN]
+    want = _causal_varlen(q[a:b], k[a:b], v[a:b], torch.tensor([0, 5, 5 + SINK + WIN]), D ** -0.5)
+    torch.testing.assert_close(out[a:b], want.to(out.dtype), atol=1e-5, rtol=1e-5)
+    for call, part in zip(paged, (parts[0], parts[2])):  # the retrieval slot over each continuing chunk
+        assert call["block_table"].data_ptr() == tables[0][part.r0].data_ptr()
+        assert call["block_table"].shape[0] == part.r1 - part.r0
+        assert call["q"].shape[0] == part.t1 - part.t0 and call["out"].data_ptr() == out[part.t0:part.t1, 0:G].data_ptr()
+        assert call["cu_seqlens_q"].tolist() == [0, part.t1 - part.t0]
+        assert call["seqused_k"].tolist() == seq_lens[part.r0:part.r1].tolist()
+    for (args, kw), part in zip(window, (parts[0], parts[2])):  # the streaming slots over each continuing chunk
+        assert args[0].data_ptr() == q[part.t0:part.t1].data_ptr() and kw["out"].data_ptr() == out[part.t0:part.t1].data_ptr()
+        assert args[7].tolist() == qsl[part.r0:part.r1 + 1].tolist() and args[8].tolist() == seq_lens[part.r0:part.r1].tolist()
+        assert kw["block_table_row0"] == part.r0 and kw["max_query_len"] == part.max_query_len

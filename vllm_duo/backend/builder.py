@@ -14,22 +14,33 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuil
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_duo.backend.metadata import DuoMetadata
+from vllm_duo.backend.metadata import DuoMetadata, PrefillPart
 from vllm_duo.backend.step_tables import StepTables
 from vllm_duo.block_manager import DuoStreamingSpec
 
 NULL_BLOCK_ID = 0  # vLLM's BlockPool reserves block 0 as the null block
 
 
-def fresh_prefill(cm: CommonAttentionMetadata, num_decodes: int) -> bool:
-    """Whether the step has prompt chunks and every one starts at position 0 (nothing cached
-    before it), from host values vLLM already holds (no device sync). vLLM's CPU upper bound
-    on ``seq_lens`` is exact for prefill rows."""
-    bound = getattr(cm, "seq_lens_cpu_upper_bound", None)  # absent: no fast path
-    if bound is None or num_decodes >= cm.num_reqs:
-        return False
-    qsl = cm.query_start_loc_cpu[num_decodes:cm.num_reqs + 1]
-    return bool(torch.equal(bound[num_decodes:cm.num_reqs].to(qsl.dtype), qsl[1:] - qsl[:-1]))
+def prefill_parts(cm: CommonAttentionMetadata, num_decodes: int) -> tuple[PrefillPart, ...]:
+    """The step's prompt chunks (requests ``num_decodes..``) as maximal runs of fresh chunks
+    (starting at position 0: nothing cached before them) and continuing ones, from host values
+    vLLM already holds (no device sync): its CPU upper bound on ``seq_lens`` is exact for prefill
+    rows. Without that bound every chunk counts as continuing (the path that is right for both)."""
+    num_reqs = cm.num_reqs
+    if num_decodes >= num_reqs:
+        return ()
+    qsl = cm.query_start_loc_cpu[num_decodes:num_reqs + 1].tolist()
+    lens = [b - a for a, b in zip(qsl[:-1], qsl[1:])]
+    bound = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    fresh = [False] * len(lens) if bound is None else \
+        [int(s) == n for s, n in zip(bound[num_decodes:num_reqs].tolist(), lens)]
+    parts, start = [], 0
+    for i in range(1, len(lens) + 1):
+        if i == len(lens) or fresh[i] != fresh[start]:
+            parts.append(PrefillPart(r0=num_decodes + start, r1=num_decodes + i, t0=qsl[start], t1=qsl[i],
+                                     fresh=fresh[start], max_query_len=max(lens[start:i])))
+            start = i
+    return tuple(parts)
 
 
 class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
@@ -65,7 +76,7 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
             query_start_loc=cm.query_start_loc[:num_reqs + 1], seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs], slot_mapping=cm.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
-            tables=self.tables, group_row=self.row, fresh_prefill=fresh_prefill(cm, num_decodes))
+            tables=self.tables, group_row=self.row, prefill_parts=prefill_parts(cm, num_decodes))
         if not self.streaming:
             self.tables.set_block_table(self.row, cm.block_table_tensor)
             return meta

@@ -4,11 +4,11 @@ Per step and layer:
 - one ``write_kv`` launch stores the step's K/V into every slot cache;
 - one ``paged_decode`` launch (csrc split-head kernel) attends every decode token over every
   slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
-- prompt chunks: retrieval slots one FA3 paged varlen call each (as FLASH_ATTN) or, when every
-  chunk of the step starts at position 0 (fresh prompts), one FA3 varlen call per run of adjacent
-  retrieval KV heads on views of the step's own Q/K/V/output (no copies); fresh prompts no longer
-  than sink + prefill window are causal attention in every head: one FA3 call for the layer;
-  streaming slots
+- prompt chunks, in runs of adjacent fresh (starting at position 0) and continuing ones: for a
+  continuing run, retrieval slots one FA3 paged varlen call each (as FLASH_ATTN); for a fresh
+  run, one FA3 varlen call per run of adjacent retrieval KV heads on views of the step's own
+  Q/K/V/output (no copies), or, when none of its prompts is longer than sink + prefill window,
+  one FA3 call over every head (causal attention is then exact for all); streaming slots
   by the ``streaming_prefill`` option: ``"window"`` (default) one vllm-duo Triton launch for all
   streaming slots that visits only the sink and window tiles, O(sink + window); ``"rswa"``
   vLLM's Triton unified attention per slot with its exact sink + window mask, O(context).
@@ -34,7 +34,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
 from vllm_duo import ops
-from vllm_duo.backend.metadata import DuoMetadata
+from vllm_duo.backend.metadata import DuoMetadata, PrefillPart
 from vllm_duo.backend.step_tables import SlotTensors, StepTables
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.model_check import is_fp8
@@ -118,23 +118,12 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
                              scale=self.scale, out=output[:ndt],
                              graph_slots=max(1, t.num_long_slots) if graph else None, check=False,
                              **scales)
-        if nd < attn_metadata.num_reqs:
+        if attn_metadata.prefill_parts:
             metas = get_forward_context().attn_metadata
             if isinstance(metas, list):
                 metas = metas[0]
-            window_kernel = self.opts.streaming_prefill == "window"
-            fresh = attn_metadata.fresh_prefill
-            # Fresh prompts no longer than sink + prefill window: a streaming query at t < sink + W
-            # sees every key p <= t, so the whole layer is plain causal attention.
-            whole = fresh and attn_metadata.max_query_len <= self.opts.sink_size + self.opts.prefill_window
-            runs = [(slice(0, self.num_kv_heads), slice(0, self.num_heads))] if whole else self._retrieval_runs
-            if fresh and runs:
-                self._prefill_fresh(layer, query, key, value, output, attn_metadata, nd, ndt, n, runs)
-            if not whole:
-                self._prefill_per_slot(layer, query, output, metas, attn_metadata, nd, ndt, n,
-                                       retrieval=not fresh, streaming=not window_kernel)
-                if window_kernel:
-                    self._prefill_streaming(query, key, value, output, t, attn_metadata, nd, ndt, n, scales)
+            for part in attn_metadata.prefill_parts:
+                self._prefill_part(layer, query, key, value, output, metas, attn_metadata, t, part, scales)
         return output
 
     def _compile_window_kernel(self, layer, query, key, value, output) -> None:
@@ -194,8 +183,27 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
         return k_cache, v_cache
 
-    def _prefill_fresh(self, layer, query, key, value, output, meta: DuoMetadata, nd: int, ndt: int,
-                       n: int, runs: list[tuple[slice, slice]]) -> None:
+    def _prefill_part(self, layer, query, key, value, output, metas, meta: DuoMetadata, t: SlotTensors,
+                      part: PrefillPart, scales: dict) -> None:
+        """One run of adjacent prompt chunks. Fresh chunks attend their own K/V through FA3 (one
+        call per run of retrieval heads, or over every head when none is longer than sink +
+        prefill window: a streaming query at t < sink + W sees every key p <= t, so the part is
+        plain causal attention); continuing chunks read the caches per slot. A step mixing both
+        kinds sends each to its own path, rather than every chunk down the per-slot one."""
+        whole = part.fresh and part.max_query_len <= self.opts.sink_size + self.opts.prefill_window
+        runs = [(slice(0, self.num_kv_heads), slice(0, self.num_heads))] if whole else self._retrieval_runs
+        if part.fresh and runs:
+            self._prefill_fresh(layer, query, key, value, output, meta, part, runs)
+        if whole:
+            return
+        window_kernel = self.opts.streaming_prefill == "window"
+        self._prefill_per_slot(layer, query, output, metas, meta, part, retrieval=not part.fresh,
+                               streaming=not window_kernel)
+        if window_kernel:
+            self._prefill_streaming(query, key, value, output, t, meta, part, scales)
+
+    def _prefill_fresh(self, layer, query, key, value, output, meta: DuoMetadata, part: PrefillPart,
+                       runs: list[tuple[slice, slice]]) -> None:
         """Prompt chunks that all start at position 0 see only their own keys: FA3 varlen calls on
         this step's K/V, one per run of adjacent KV heads (the retrieval heads, or every head when
         causal attention is exact for all), instead of one paged call per retrieval slot. Each call
@@ -205,30 +213,36 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         layer's scales, as FLASH_ATTN computes over its fp8 cache and quantized queries."""
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        qsl = meta.query_start_loc[nd:]
-        cu = qsl - qsl[:1]
+        cu = self._cu_seqlens(meta, part)
+        rows = slice(part.t0, part.t1)
         for kv, heads in runs:
-            q, k, v, descales = query[ndt:n, heads], key[ndt:n, kv], value[ndt:n, kv], {}
+            q, k, v, descales = query[rows, heads], key[rows, kv], value[rows, kv], {}
             if self.fp8:  # FLASH_ATTN's fp8 attention: e4m3 Q/K/V (as the cache holds K/V), descaled
                 q, k, v = (quantize_fp8(x, getattr(layer, f"_{name}_scale"))
                            for x, name in ((q, "q"), (k, "k"), (v, "v")))
                 descales = fa3_descales(layer, (cu.numel() - 1, k.shape[1]))  # (sequences, KV heads of the run)
             flash_attn_varlen_func(
-                q=q, k=k, v=v, out=output[ndt:n, heads],
-                max_seqlen_q=meta.max_query_len, cu_seqlens_q=cu, max_seqlen_k=meta.max_query_len,
+                q=q, k=k, v=v, out=output[rows, heads],
+                max_seqlen_q=part.max_query_len, cu_seqlens_q=cu, max_seqlen_k=part.max_query_len,
                 cu_seqlens_k=cu, softmax_scale=self.scale, causal=True, fa_version=self.fa_version, **descales)
 
-    def _prefill_per_slot(self, layer, query, output, metas, meta: DuoMetadata, nd: int, ndt: int, n: int,
+    @staticmethod
+    def _cu_seqlens(meta: DuoMetadata, part: PrefillPart) -> torch.Tensor:
+        """The part's query offsets from 0: its rows of vLLM's ``query_start_loc``, rebased."""
+        qsl = meta.query_start_loc[part.r0:part.r1 + 1]
+        return qsl - qsl[:1]
+
+    def _prefill_per_slot(self, layer, query, output, metas, meta: DuoMetadata, part: PrefillPart,
                           retrieval: bool, streaming: bool) -> None:
-        """Prompt chunks (requests ``nd..``) one slot at a time: when ``retrieval``, retrieval
-        slots through FA3, and, when ``streaming``, streaming slots through vLLM's Triton R-SWA.
-        Every group shares the step's query offsets and lengths; only the block table is the
-        slot's group's."""
+        """The part's prompt chunks one slot at a time: when ``retrieval``, retrieval slots
+        through FA3, and, when ``streaming``, streaming slots through vLLM's Triton R-SWA. Every
+        group shares the step's query offsets and lengths; only the block table is the slot's
+        group's."""
         if not (retrieval or streaming):
             return
-        qsl = meta.query_start_loc[nd:]
-        cu_seqlens_q, seq_lens = qsl - qsl[:1], meta.seq_lens[nd:]
-        q = query[ndt:n]
+        cu_seqlens_q, seq_lens = self._cu_seqlens(meta, part), meta.seq_lens[part.r0:part.r1]
+        rows = slice(part.t0, part.t1)
+        q = query[rows]
         descales = {}
         if self.fp8 and retrieval:  # FA3 reads an fp8 cache with fp8 queries, as FLASH_ATTN does
             q = quantize_fp8(q, layer._q_scale)
@@ -238,48 +252,51 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             if not (retrieval if is_retrieval else streaming):
                 continue
             if is_retrieval:
-                self._retrieval(q[:, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name], nd,
+                self._retrieval(q[:, heads], k_cache, v_cache, output[rows, heads], metas[slot.name], part,
                                 cu_seqlens_q, seq_lens, descales)
             else:
-                self._streaming(query[ndt:n, heads], k_cache, v_cache, output[ndt:n, heads], metas[slot.name],
-                                nd, cu_seqlens_q, seq_lens)
+                self._streaming(query[rows, heads], k_cache, v_cache, output[rows, heads], metas[slot.name],
+                                part, cu_seqlens_q, seq_lens)
 
     def _prefill_streaming(self, query, key, value, output, t: SlotTensors, meta: DuoMetadata,
-                           nd: int, ndt: int, n: int, scales: dict) -> None:
-        """Prompt chunks of every streaming slot: one launch, sink + prefill window only; keys of
-        the chunk itself come from this step's K/V (the cache may hold only the chunk's tail)."""
+                           part: PrefillPart, scales: dict) -> None:
+        """The part's prompt chunks in every streaming slot: one launch, sink + prefill window
+        only; keys of a chunk itself come from this step's K/V (the cache may hold only the
+        chunk's tail)."""
         if t.stream_kv_ptrs.numel() == 0:
             return
+        rows = slice(part.t0, part.t1)
         ops.streaming_prefill(
-            query[ndt:n], key[ndt:n], value[ndt:n], t.stream_kv_ptrs, t.stream_bt_ptrs,
+            query[rows], key[rows], value[rows], t.stream_kv_ptrs, t.stream_bt_ptrs,
             t.stream_bt_strides, t.stream_kv_head,
-            meta.query_start_loc[nd:], meta.seq_lens[nd:], max_query_len=meta.max_query_len,
-            num_kv_heads=self.num_kv_heads, block_size=self.block_size,
+            meta.query_start_loc[part.r0:part.r1 + 1], meta.seq_lens[part.r0:part.r1],
+            max_query_len=part.max_query_len, num_kv_heads=self.num_kv_heads, block_size=self.block_size,
             sink_size=self.opts.sink_size, window=self.opts.prefill_window, scale=self.scale,
-            block_table_row0=nd, out=output[ndt:n], **scales)
+            block_table_row0=part.r0, out=output[rows], **scales)
 
-    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
+    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, part: PrefillPart, cu_seqlens_q,
                    seq_lens, descales: dict) -> None:
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         flash_attn_varlen_func(
             q=q, k=k_cache, v=v_cache, out=out,
-            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=meta.max_query_len,
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=part.max_query_len,
             seqused_k=seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
-            causal=True, block_table=meta.block_table[r0:], fa_version=self.fa_version, **descales)
+            causal=True, block_table=meta.block_table[part.r0:part.r1], fa_version=self.fa_version,
+            **descales)
 
-    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, r0: int, cu_seqlens_q,
+    def _streaming(self, q, k_cache, v_cache, out, meta: DuoMetadata, part: PrefillPart, cu_seqlens_q,
                    seq_lens) -> None:
         """Exact sink + window mask with the prefill window (decodes went through the kernel)."""
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
         unified_attention(
             q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=cu_seqlens_q,
-            max_seqlen_q=meta.max_query_len, seqused_k=seq_lens,
+            max_seqlen_q=part.max_query_len, seqused_k=seq_lens,
             max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale, causal=True,
-            window_size=(-1, -1), block_table=meta.block_table[r0:], softcap=0,
+            window_size=(-1, -1), block_table=meta.block_table[part.r0:part.r1], softcap=0,
             q_descale=None, k_descale=None, v_descale=None,
-            rswa_prefix_lens=meta.sink_lens[r0:], rswa_window=meta.prefill_window)
+            rswa_prefix_lens=meta.sink_lens[part.r0:part.r1], rswa_window=meta.prefill_window)
 
 
 # Window-kernel variants compiled in this process by a profile run (see _compile_window_kernel).

@@ -9,6 +9,20 @@ import torch
 from vllm_duo.backend.step_tables import StepTables
 
 
+@dataclass(frozen=True)
+class PrefillPart:
+    """Adjacent prompt chunks of a step that take one attention path: requests ``r0..r1-1``,
+    tokens ``t0..t1-1`` (host values). ``fresh``: every chunk starts at position 0, so it
+    attends only its own keys; otherwise each continues a prompt whose keys are cached."""
+
+    r0: int
+    r1: int
+    t0: int
+    t1: int
+    fresh: bool
+    max_query_len: int
+
+
 @dataclass
 class DuoMetadata:
     """Built once per step per KV-cache group; the batch is ordered decodes first.
@@ -30,8 +44,8 @@ class DuoMetadata:
     num_decode_tokens: int
     tables: StepTables  # all groups' slot mappings and block-table addresses (persistent)
     group_row: int  # this group's row in ``tables``
-    # Every prompt chunk of the step starts at position 0: it attends only its own keys.
-    fresh_prefill: bool = False
+    # The step's prompt chunks, split into runs of fresh and continuing ones.
+    prefill_parts: tuple[PrefillPart, ...] = ()
     # Streaming groups: sink length per request (vLLM's R-SWA prefix), and the windows.
     sink_lens: torch.Tensor | None = None
     decode_window: int = 0
