@@ -29,17 +29,19 @@ LaunchConfig = tuple[int, int, int, int, bool]
 
 
 def launch_config(head_dim: int, group: int, fp8: bool = False) -> LaunchConfig:
-    """Per head_dim, GQA group G and cache type: the fastest tiles timed on the H200 that compile
-    for sm_90 without register spills (ptxas -v, Triton 3.6;
-    tests/kernels/test_streaming_prefill_compile.py). head_dim 128 with G a power of two: packed
-    128 x 32 tiles, 0.60x of the 64 x 64 tiles' time on 64 x 1K and 0.59x on 64 x 32K fresh
-    prompts (G=4, bf16; ``benchmarks/prefill.py --part window-configs``); other G spill with them."""
+    """Per head_dim, GQA group G and cache type: the fastest tiles timed on the H200
+    (``benchmarks/prefill.py --part window-configs``, G=4, bf16, fresh prompts). head_dim 128:
+    128 x 64 tiles, packed when G is a power of two, else one query head per tile. At the default
+    prefill window (8192) they take 0.78x / 0.84x of the packed 128 x 32 tiles' time on 2 x 32K /
+    2 x 16K prompts, and the unpacked ones 0.62x of 64 x 64 (2 x 32K); at window 256 they are as
+    fast or faster. They spill up to 152 bytes per thread on sm_90 (ptxas -v, Triton 3.6),
+    within tests/kernels/test_streaming_prefill_compile.py's bound."""
     if head_dim <= 64:
         return 64, 64, 4, 2, False
     if head_dim <= 128:
         if group >= 2 and group & (group - 1) == 0:
-            return 128, 32, 8, 3, True
-        return 64, 64, 8, 2, False
+            return 128, 64, 8, 3, True
+        return 128, 64, 8, 2, False
     # fp8 -> bf16 conversion needs registers
     return (32, 16, 8, 2, False) if fp8 else (32, 32, 8, 2, False)
 
