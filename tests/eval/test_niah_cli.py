@@ -110,23 +110,3 @@ def test_niah_kv_cache_gib_gives_every_engine_a_fixed_cache(smol, fake_engine, t
                  "--out", str(tmp_path / "out"), "--kv-cache-gib", "4"]) == 0
     assert {(s["engine"]["kv_cache_memory_bytes"], s["engine"]["gpu_memory_utilization"]) for s in fake_engine} \
         == {(4 << 30, 0.08)}
-
-
-def test_niah_calculate_kv_scales_reaches_every_engine_with_fp8(smol, fake_engine, tmp_path, capsys, monkeypatch):
-    """--calculate-kv-scales: every engine (FLASH_ATTN and duo) gets vLLM's calculate_kv_scales,
-    and the JSON says so; refused without an fp8 cache, and on a vLLM without the option."""
-    from vllm_duo.cli import niah_cmd
-
-    model, pattern = smol
-    base = ["niah", "--model", model, "--pattern", pattern, "--lengths", "300", "--depths", "0", "--quiet",
-            "--calculate-kv-scales"]
-    monkeypatch.setattr(niah_cmd, "_engine_has", lambda option: True)
-    assert main(base + ["--out", str(tmp_path / "o1")]) == 2
-    assert "add --kv-cache-dtype fp8" in capsys.readouterr().err
-    assert main(base + ["--out", str(tmp_path / "o2"), "--kv-cache-dtype", "fp8"]) == 0
-    assert len(fake_engine) == 4 and all(s["engine"]["calculate_kv_scales"] for s in fake_engine)
-    assert json.loads((tmp_path / "o2" / "niah.json").read_text())["calculate_kv_scales"] is True
-    monkeypatch.setattr(niah_cmd, "_engine_has", lambda option: False)
-    assert main(base + ["--out", str(tmp_path / "o3"), "--kv-cache-dtype", "fp8"]) == 2
-    assert "no calculate_kv_scales engine option" in capsys.readouterr().err
-    assert len(fake_engine) == 4

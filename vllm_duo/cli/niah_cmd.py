@@ -56,9 +56,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="pass-key seed")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="KV cache of every method's engine (fp8: e4m3 with per-tensor scales)")
-    p.add_argument("--calculate-kv-scales", action="store_true",
-                   help="fp8: vLLM computes each layer's k/v scales from the first batch instead of "
-                        "using 1.0 (vLLM 0.26's engine option; 0.33 has none)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="a fixed KV cache per engine, so the run can share a GPU (default: "
@@ -83,22 +80,11 @@ def _check_grid(args: argparse.Namespace, max_positions: int) -> None:
     for d in args.depths:
         if not 0 <= d <= 1:
             raise DuoConfigError(f"--depths are fractions in [0, 1] (0.5, not 50); got {d}")
-    if args.calculate_kv_scales and args.kv_cache_dtype != "fp8":
-        raise DuoConfigError("--calculate-kv-scales sets fp8 cache scales; add --kv-cache-dtype fp8")
-    if args.calculate_kv_scales and not _engine_has("calculate_kv_scales"):
-        raise DuoConfigError("--calculate-kv-scales: this vLLM has no calculate_kv_scales engine option "
-                             "(0.26 has it, 0.33 does not); drop the flag")
     need = max(args.lengths) + args.max_tokens
     if max_positions and need > max_positions:
         raise DuoConfigError(f"the longest prompt ({max(args.lengths)}) plus --max-tokens ({args.max_tokens}) "
                              f"is {need} tokens, beyond the model's {max_positions} positions; "
                              f"lower --lengths")
-
-
-def _engine_has(option: str) -> bool:
-    from vllm.engine.arg_utils import EngineArgs
-
-    return option in EngineArgs.__dataclass_fields__
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     engine_base = dict(max_model_len=max(args.lengths) + args.max_tokens, seed=0,
                        **memory_kwargs(args.gpu_memory_utilization, args.kv_cache_gib), max_num_seqs=args.max_num_seqs,
                        enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-                       kv_cache_dtype=args.kv_cache_dtype,
-                       **({"calculate_kv_scales": True} if args.calculate_kv_scales else {}))
+                       kv_cache_dtype=args.kv_cache_dtype)
     results = run_methods(args.model, methods, prompts, codec, args.lengths, args.depths, engine_base,
                           max_tokens=args.max_tokens, out_dir=out_dir, log_path=log_path, echo=not args.quiet,
                           timeout=args.timeout, caption=f"{os.path.basename(os.path.normpath(args.model))}, "
@@ -142,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, "lengths": args.lengths, "depths": args.depths, "samples": args.samples,
         "chat_template": args.chat_template, "sink": args.sink, "recent": args.recent,
         "prefill_recent": args.prefill_recent, "pattern": args.pattern, "max_tokens": args.max_tokens,
-        "seed": args.seed, "kv_cache_dtype": args.kv_cache_dtype, "calculate_kv_scales": args.calculate_kv_scales,
-        "grid_layout": "grid[depth index][length index] = fraction correct",
+        "seed": args.seed, "grid_layout": "grid[depth index][length index] = fraction correct",
         "accuracy": {k: v.get("accuracy") for k, v in results.items()}, "methods": results,
     }
     _print_grids(results, args.lengths, args.depths)
