@@ -75,7 +75,7 @@ def main() -> None:
         device = devices.pop()
         fname = save_result("mixed_traffic", {"rows": rows, "figures": figures, "requests": parts[0]["requests"],
                                               "parts": commands}, figures, device=device,
-                            command=" and ".join(commands) + ", one GPU each at once; then --combine")
+                            command=" and ".join(commands) + "; then --combine")
         plot(rows, parts[0]["requests"], device, fname)
         return
     if "duo" in args.backends:
