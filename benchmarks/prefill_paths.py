@@ -40,6 +40,7 @@ from vllm.v1.request import Request  # noqa: E402
 from benchmarks.summary import save_result  # noqa: E402
 from tests.conftest import use_cpu_platform  # noqa: E402
 from tests.reliability.sim import SoakConfig, make_scheduler, write_model_dir  # noqa: E402
+from vllm_duo.backend.metadata import PrefillPart, runs  # noqa: E402
 from vllm_duo.eval.traffic import mixed_requests  # noqa: E402
 from vllm_duo.options import DEFAULT_SINK  # noqa: E402
 
@@ -63,19 +64,12 @@ def causal_keys(start: int, length: int) -> int:
 
 def classify(rows: list[tuple[int, int]], sink: int, window: int) -> list[tuple[str, list[int]]]:
     """impl.py's choice for a step's prompt chunks ``(start, length)``: (path, row indices) per
-    maximal run of fresh or continuing chunks."""
-    runs: list[list[int]] = []
-    for i, (start, _) in enumerate(rows):
-        if runs and (rows[runs[-1][0]][0] == 0) == (start == 0):
-            runs[-1].append(i)
-        else:
-            runs.append([i])
+    maximal run of fresh or continuing chunks, by the builder's runs and ``PrefillPart.path``."""
+    fresh = [start == 0 for start, _ in rows]
     out = []
-    for run in runs:
-        if rows[run[0]][0] != 0:
-            out.append(("per_slot", run))
-        else:
-            out.append(("whole" if max(rows[i][1] for i in run) <= sink + window else "fresh", run))
+    for a, b in runs(fresh):
+        part = PrefillPart(r0=a, r1=b, t0=0, t1=0, fresh=fresh[a], max_query_len=max(n for _, n in rows[a:b]))
+        out.append((part.path(sink, window), list(range(a, b))))
     return out
 
 

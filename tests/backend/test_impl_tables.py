@@ -442,3 +442,19 @@ def test_mixed_step_sends_fresh_and_continuing_chunks_to_their_own_paths(monkeyp
         assert args[0].data_ptr() == q[part.t0:part.t1].data_ptr() and kw["out"].data_ptr() == out[part.t0:part.t1].data_ptr()
         assert args[7].tolist() == qsl[part.r0:part.r1 + 1].tolist() and args[8].tolist() == seq_lens[part.r0:part.r1].tolist()
         assert kw["block_table_row0"] == part.r0 and kw["max_query_len"] == part.max_query_len
+
+
+def test_prefill_part_path_and_runs() -> None:
+    """The path rule the impl acts on and benchmarks/prefill_paths.py counts: fresh parts up to
+    sink + prefill window take one call over every head, longer fresh ones the split path,
+    continuing ones the slot caches; runs split a step's chunks where freshness changes."""
+    from vllm_duo.backend.metadata import FRESH, PER_SLOT, WHOLE, PrefillPart, runs
+
+    def part(fresh: bool, longest: int) -> PrefillPart:
+        return PrefillPart(r0=0, r1=1, t0=0, t1=longest, fresh=fresh, max_query_len=longest)
+
+    assert part(True, SINK + WIN).path(SINK, WIN) == WHOLE
+    assert part(True, SINK + WIN + 1).path(SINK, WIN) == FRESH
+    assert part(False, 1).path(SINK, WIN) == PER_SLOT
+    assert runs([]) == [] and runs([False]) == [(0, 1)]
+    assert runs([True, True, False, True]) == [(0, 2), (2, 3), (3, 4)]

@@ -14,7 +14,7 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadataBuil
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_duo.backend.metadata import DuoMetadata, PrefillPart
+from vllm_duo.backend.metadata import DuoMetadata, PrefillPart, runs
 from vllm_duo.backend.step_tables import StepTables
 from vllm_duo.block_manager import DuoStreamingSpec
 
@@ -34,13 +34,8 @@ def prefill_parts(cm: CommonAttentionMetadata, num_decodes: int) -> tuple[Prefil
     bound = getattr(cm, "seq_lens_cpu_upper_bound", None)
     fresh = [False] * len(lens) if bound is None else \
         [int(s) == n for s, n in zip(bound[num_decodes:num_reqs].tolist(), lens)]
-    parts, start = [], 0
-    for i in range(1, len(lens) + 1):
-        if i == len(lens) or fresh[i] != fresh[start]:
-            parts.append(PrefillPart(r0=num_decodes + start, r1=num_decodes + i, t0=qsl[start], t1=qsl[i],
-                                     fresh=fresh[start], max_query_len=max(lens[start:i])))
-            start = i
-    return tuple(parts)
+    return tuple(PrefillPart(r0=num_decodes + a, r1=num_decodes + b, t0=qsl[a], t1=qsl[b], fresh=fresh[a],
+                             max_query_len=max(lens[a:b])) for a, b in runs(fresh))
 
 
 class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):

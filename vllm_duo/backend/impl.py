@@ -34,7 +34,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
 from vllm_duo import ops
-from vllm_duo.backend.metadata import DuoMetadata, PrefillPart
+from vllm_duo.backend.metadata import WHOLE, DuoMetadata, PrefillPart
 from vllm_duo.backend.step_tables import SlotTensors, StepTables
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.model_check import is_fp8
@@ -190,7 +190,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         prefill window: a streaming query at t < sink + W sees every key p <= t, so the part is
         plain causal attention); continuing chunks read the caches per slot. A step mixing both
         kinds sends each to its own path, rather than every chunk down the per-slot one."""
-        whole = part.fresh and part.max_query_len <= self.opts.sink_size + self.opts.prefill_window
+        whole = part.path(self.opts.sink_size, self.opts.prefill_window) == WHOLE
         runs = [(slice(0, self.num_kv_heads), slice(0, self.num_heads))] if whole else self._retrieval_runs
         if part.fresh and runs:
             self._prefill_fresh(layer, query, key, value, output, meta, part, runs)

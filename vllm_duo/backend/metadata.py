@@ -9,6 +9,13 @@ import torch
 from vllm_duo.backend.step_tables import StepTables
 
 
+# A part's prompt-attention path (``DuoAttentionImpl._prefill_part``): one FA3 call over every
+# head (fresh, none longer than sink + prefill window: causal attention is exact for all heads);
+# FA3 over the retrieval heads plus the streaming path (fresh, some longer); the slot caches
+# (continuing chunks).
+WHOLE, FRESH, PER_SLOT = "whole", "fresh", "per_slot"
+
+
 @dataclass(frozen=True)
 class PrefillPart:
     """Adjacent prompt chunks of a step that take one attention path: requests ``r0..r1-1``,
@@ -21,6 +28,23 @@ class PrefillPart:
     t1: int
     fresh: bool
     max_query_len: int
+
+    def path(self, sink: int, prefill_window: int) -> str:
+        """WHOLE, FRESH or PER_SLOT; the one decision the impl acts on and the CPU replay in
+        ``benchmarks/prefill_paths.py`` counts."""
+        if not self.fresh:
+            return PER_SLOT
+        return WHOLE if self.max_query_len <= sink + prefill_window else FRESH
+
+
+def runs(fresh: list[bool]) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of equal ``fresh`` flags: a step's prompt chunks in order."""
+    out, start = [], 0
+    for i in range(1, len(fresh) + 1):
+        if i == len(fresh) or fresh[i] != fresh[start]:
+            out.append((start, i))
+            start = i
+    return out
 
 
 @dataclass
