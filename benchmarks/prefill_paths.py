@@ -12,9 +12,11 @@ model runner may order them otherwise, which only adds runs), each run taking
   (FLASH_ATTN's work);
 - ``fresh``: fresh, some longer: FA3 over the retrieval heads' runs plus the window kernel over
   the streaming heads;
-- ``per_slot``: continuing: paged FA3 per retrieval slot plus the window kernel.
+- ``causal_slots``: continuing, every chunk ending within sink + prefill window: paged FA3 per
+  slot, streaming slots included (causal attention is exact there);
+- ``per_slot``: continuing, some longer: paged FA3 per retrieval slot plus the window kernel.
 
-It also sums the keys each streaming-head query visits outside the ``whole`` path (the window
+It also sums the keys each streaming-head query visits on the window kernel's paths (the window
 kernel's work, in query x key pairs) against causal attention's (FLASH_ATTN's). Steps and
 scheduled decode rows show whether admission differs between windows. No timing: a GPU run
 says what the work costs.
@@ -40,7 +42,7 @@ from vllm.v1.request import Request  # noqa: E402
 from benchmarks.summary import save_result  # noqa: E402
 from tests.conftest import use_cpu_platform  # noqa: E402
 from tests.reliability.sim import SoakConfig, make_scheduler, write_model_dir  # noqa: E402
-from vllm_duo.backend.metadata import PrefillPart, runs  # noqa: E402
+from vllm_duo.backend.metadata import FRESH, PER_SLOT, WHOLE, PrefillPart, runs  # noqa: E402
 from vllm_duo.eval.traffic import mixed_requests  # noqa: E402
 from vllm_duo.options import DEFAULT_SINK  # noqa: E402
 
@@ -68,7 +70,8 @@ def classify(rows: list[tuple[int, int]], sink: int, window: int) -> list[tuple[
     fresh = [start == 0 for start, _ in rows]
     out = []
     for a, b in runs(fresh):
-        part = PrefillPart(r0=a, r1=b, t0=0, t1=0, fresh=fresh[a], max_query_len=max(n for _, n in rows[a:b]))
+        part = PrefillPart(r0=a, r1=b, t0=0, t1=0, fresh=fresh[a], max_query_len=max(n for _, n in rows[a:b]),
+                           max_seq_len=max(s + n for s, n in rows[a:b]))
         out.append((part.path(sink, window), list(range(a, b))))
     return out
 
@@ -86,8 +89,9 @@ def run(window: int, requests: list[tuple[list[int], int]], num_blocks: int, bud
     known = {r.request_id: r.num_prompt_tokens for r in reqs}  # tokens the fake runner has seen
     for r in reqs:
         scheduler.add_request(r)
-    stats = dict(steps=0, decode_rows=0, runs_whole=0, runs_fresh=0, runs_per_slot=0, tokens_whole=0,
-                 tokens_fresh=0, tokens_per_slot=0, short_fresh_tokens_off_whole=0,
+    stats = dict(steps=0, decode_rows=0, runs_whole=0, runs_fresh=0, runs_causal_slots=0, runs_per_slot=0,
+                 tokens_whole=0, tokens_fresh=0, tokens_causal_slots=0, tokens_per_slot=0,
+                 short_fresh_tokens_off_whole=0,
                  streaming_keys_window_kernel=0, causal_keys=0)
     pending: deque = deque()
     bar = tqdm(total=len(reqs), desc=f"window {window}", unit="req")
@@ -107,9 +111,9 @@ def run(window: int, requests: list[tuple[list[int], int]], num_blocks: int, bud
                 for s, n, prompt in (rows[i] for i in run):
                     stats[f"tokens_{path}"] += n
                     stats["causal_keys"] += causal_keys(s, n)
-                    if path != "whole":
+                    if path in (FRESH, PER_SLOT):
                         stats["streaming_keys_window_kernel"] += window_keys(s, n, sink, window)
-                    if path != "whole" and s == 0 and prompt <= sink + window:
+                    if path != WHOLE and s == 0 and prompt <= sink + window:
                         stats["short_fresh_tokens_off_whole"] += n
         ids = list(out.num_scheduled_tokens)
         sampled = []

@@ -280,11 +280,11 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
             max_query_len=longest, max_seq_len=40, block_table_tensor=table, slot_mapping=torch.arange(n_tok),
             seq_lens_cpu_upper_bound=bound)
 
-    fresh = PrefillPart(r0=1, r1=3, t0=1, t1=n_tok, fresh=True, max_query_len=longest)
+    fresh = PrefillPart(r0=1, r1=3, t0=1, t1=n_tok, fresh=True, max_query_len=longest, max_seq_len=longest)
     assert prefill_parts(cm(seq_lens), 1) == (fresh,)
-    assert prefill_parts(cm(None), 1) == (PrefillPart(1, 3, 1, n_tok, False, longest),)  # no host bound
+    assert prefill_parts(cm(None), 1) == (PrefillPart(1, 3, 1, n_tok, False, longest, 40),)  # no host bound
     assert prefill_parts(cm(torch.tensor([40, 4, longest + 3], dtype=torch.int32)), 1) == (  # after a cached prefix
-        PrefillPart(1, 2, 1, 5, True, 4), PrefillPart(2, 3, 5, n_tok, False, longest))
+        PrefillPart(1, 2, 1, 5, True, 4, 4), PrefillPart(2, 3, 5, n_tok, False, longest, longest + 3))
     assert prefill_parts(cm(seq_lens), 3) == ()  # no prompt chunk at all
     metas = {name: b.build(0, cm(seq_lens)) for name, b in zip(names, builders)}
     assert all(m.prefill_parts == (fresh,) for m in metas.values())
@@ -445,16 +445,90 @@ def test_mixed_step_sends_fresh_and_continuing_chunks_to_their_own_paths(monkeyp
 
 
 def test_prefill_part_path_and_runs() -> None:
-    """The path rule the impl acts on and benchmarks/prefill_paths.py counts: fresh parts up to
-    sink + prefill window take one call over every head, longer fresh ones the split path,
-    continuing ones the slot caches; runs split a step's chunks where freshness changes."""
-    from vllm_duo.backend.metadata import FRESH, PER_SLOT, WHOLE, PrefillPart, runs
+    """The path rule the impl acts on and benchmarks/prefill_paths.py counts: parts whose chunks
+    all end within sink + prefill window are causal attention (fresh: one call over every head;
+    continuing: FA3 over every slot's cache), longer fresh ones take the split path, longer
+    continuing ones the slot caches and the streaming path; runs split a step's chunks where
+    freshness changes."""
+    from vllm_duo.backend.metadata import CAUSAL_SLOTS, FRESH, PER_SLOT, WHOLE, PrefillPart, runs
 
-    def part(fresh: bool, longest: int) -> PrefillPart:
-        return PrefillPart(r0=0, r1=1, t0=0, t1=longest, fresh=fresh, max_query_len=longest)
+    def part(fresh: bool, end: int) -> PrefillPart:
+        return PrefillPart(r0=0, r1=1, t0=0, t1=1, fresh=fresh, max_query_len=end if fresh else 1, max_seq_len=end)
 
     assert part(True, SINK + WIN).path(SINK, WIN) == WHOLE
     assert part(True, SINK + WIN + 1).path(SINK, WIN) == FRESH
-    assert part(False, 1).path(SINK, WIN) == PER_SLOT
+    assert part(False, SINK + WIN).path(SINK, WIN) == CAUSAL_SLOTS
+    assert part(False, SINK + WIN + 1).path(SINK, WIN) == PER_SLOT
     assert runs([]) == [] and runs([False]) == [(0, 1)]
     assert runs([True, True, False, True]) == [(0, 2), (2, 3), (3, 4)]
+
+
+def _paged_causal(q, k_cache, v_cache, table, cu, seq_lens, scale):
+    """float32 FA3 paged varlen, causal, one KV head (caches [blocks, BS, 1, D]): rows of request
+    i at positions ending at seq_lens[i] - 1 attend keys p <= t through its block-table row."""
+    out = torch.empty_like(q, dtype=torch.float32)
+    for i in range(seq_lens.numel()):
+        a, b, L = int(cu[i]), int(cu[i + 1]), int(seq_lens[i])
+        pos = torch.arange(L)
+        rows = table[i, pos // BS].long() * BS + pos % BS
+        k, v = (c.reshape(-1, D)[rows].float() for c in (k_cache, v_cache))
+        t = torch.arange(L - (b - a), L)
+        s = torch.einsum("rhd,pd->rhp", q[a:b].float(), k) * scale
+        s = s.masked_fill(pos[None, None, :] > t[:, None, None], float("-inf"))
+        out[a:b] = torch.softmax(s, dim=-1) @ v
+    return out
+
+
+def test_continuing_chunks_within_sink_and_window_take_fa3_in_every_slot(monkeypatch):
+    """Continuing chunks that all end within sink + prefill window: a streaming query there sees
+    every key p <= t, and the block manager nulls no block of that range, so every slot (the
+    streaming one too) takes one FA3 paged causal call over its own cache and table, and the
+    window kernel is not launched; the rows equal causal attention over each cache. The same
+    chunks one token past sink + window go back to the window kernel (the control)."""
+    import vllm.v1.attention.backends.fa_utils as fa_utils
+
+    caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
+    names, builders, slots = _two_slot_layer(caches)
+    impl = _impl(slots)
+    fa, window = [], []
+
+    def fa3(**kw):
+        fa.append(kw)
+        kw["out"].copy_(_paged_causal(kw["q"], kw["k"], kw["v"], kw["block_table"], kw["cu_seqlens_q"],
+                                      kw["seqused_k"], kw["softmax_scale"]))
+
+    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: window.append(k))
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)
+    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
+    tables = [torch.randperm(POOL)[:3 * WIDTH].to(torch.int32).view(3, WIDTH) for _ in range(2)]
+    for extra, causal in ((0, True), (1, False)):
+        fa.clear(), window.clear()
+        lens = [1, 3, 5]  # a decode, then continuing chunks ending at SINK + WIN - 2 and SINK + WIN (+ extra)
+        seq_lens = torch.tensor([20, SINK + WIN - 2, SINK + WIN + extra], dtype=torch.int32)
+        qsl = torch.tensor([0, 1, 4, 9], dtype=torch.int32)
+        metas = {name: b.build(0, CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=3, num_actual_tokens=9,
+            max_query_len=max(lens), max_seq_len=20, block_table_tensor=t, slot_mapping=torch.arange(9),
+            seq_lens_cpu_upper_bound=seq_lens))
+            for name, b, t in zip(names, builders, tables)}
+        (part,) = metas["l0"].prefill_parts
+        assert (part.r0, part.r1, part.fresh, part.max_seq_len) == (1, 3, False, SINK + WIN + extra)
+        q, out = torch.randn(9, H * G, D), torch.full((9, H * G, D), float("nan"))
+        impl.forward(None, q, torch.randn(9, H, D), torch.randn(9, H, D), None, metas["l0"], output=out)
+        if not causal:
+            assert len(fa) == 1 and len(window) == 1  # retrieval slot by FA3, streaming by the window kernel
+            continue
+        assert len(fa) == 2 and not window
+        for call, h in zip(fa, (0, 1)):  # slot order: retrieval (KV head 0), streaming (KV head 1)
+            # the slot's group's table; the streaming group's null-gapped copy has no gap here
+            assert call["block_table"].data_ptr() == metas[names[h]].block_table[1].data_ptr() and call["causal"]
+            assert call["block_table"].tolist() == tables[h][1:].tolist()
+            assert call["out"].data_ptr() == out[1:, h * G:(h + 1) * G].data_ptr()
+            k_cache, v_cache = caches[h][..., :D].transpose(1, 2), caches[h][..., D:].transpose(1, 2)
+            want = _paged_causal(q[1:, h * G:(h + 1) * G], k_cache, v_cache, tables[h][1:], torch.tensor([0, 3, 8]),
+                                 seq_lens[1:], D ** -0.5)
+            torch.testing.assert_close(out[1:, h * G:(h + 1) * G], want, atol=1e-5, rtol=1e-5)

@@ -130,3 +130,25 @@ def test_abort_mid_prefill_returns_every_block(model_config) -> None:
         driver.step(CHUNK)
     manager.free(driver.request)
     assert_pool_empty(manager)
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("chunk", [CHUNK, 1000])
+def test_tail_only_prompt_within_sink_and_window_keeps_every_block(model_config, chunk: int, lag: int) -> None:
+    """A prompt ending within sink + prefill window: tail-only streaming groups keep every block
+    of it real, at every step, so a continuing chunk there can attend its own and all earlier
+    keys from the cache (the impl's causal FA3 path for streaming slots). With a prompt
+    three chunks longer, early blocks past the sink are freed (the control)."""
+    window = 1024
+    config = make_vllm_config(model_config, max_model_len=8192, max_num_batched_tokens=chunk,
+                              async_scheduling=bool(lag))
+    for prompt, all_real in ((SINK + window, True), (SINK + window + 3 * chunk, False)):
+        manager = kv_cache_manager(config, kv_cache_config(config, duo_specs(random_mask(), window, 1 + lag), 2000))
+        driver = Driver(manager, make_request("r", prompt, 10), Window(SINK, RECENT, window, True), lag)
+        kept = True
+        while driver.request.num_computed_tokens < prompt:
+            driver.step(min(chunk, prompt - driver.request.num_computed_tokens))
+            end = cdiv(driver.request.num_computed_tokens, BLOCK)
+            kept &= all(pos == set(range(end)) for _, pos in held(manager, "r"))
+        assert kept == all_real
+        manager.free(driver.request)

@@ -25,17 +25,19 @@ def prefill_parts(cm: CommonAttentionMetadata, num_decodes: int) -> tuple[Prefil
     """The step's prompt chunks (requests ``num_decodes..``) as maximal runs of fresh chunks
     (starting at position 0: nothing cached before them) and continuing ones, from host values
     vLLM already holds (no device sync): its CPU upper bound on ``seq_lens`` is exact for prefill
-    rows. Without that bound every chunk counts as continuing (the path that is right for both)."""
+    rows. Without that bound every chunk counts as continuing (the path that is right for both),
+    ending at the step's ``max_seq_len``."""
     num_reqs = cm.num_reqs
     if num_decodes >= num_reqs:
         return ()
     qsl = cm.query_start_loc_cpu[num_decodes:num_reqs + 1].tolist()
     lens = [b - a for a, b in zip(qsl[:-1], qsl[1:])]
     bound = getattr(cm, "seq_lens_cpu_upper_bound", None)
-    fresh = [False] * len(lens) if bound is None else \
-        [int(s) == n for s, n in zip(bound[num_decodes:num_reqs].tolist(), lens)]
+    ends = [cm.max_seq_len] * len(lens) if bound is None else bound[num_decodes:num_reqs].tolist()
+    fresh = [False] * len(lens) if bound is None else [int(s) == n for s, n in zip(ends, lens)]
     return tuple(PrefillPart(r0=num_decodes + a, r1=num_decodes + b, t0=qsl[a], t1=qsl[b], fresh=fresh[a],
-                             max_query_len=max(lens[a:b])) for a, b in runs(fresh))
+                             max_query_len=max(lens[a:b]), max_seq_len=int(max(ends[a:b])))
+                 for a, b in runs(fresh))
 
 
 class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):

@@ -5,7 +5,9 @@ Per step and layer:
 - one ``paged_decode`` launch (csrc split-head kernel) attends every decode token over every
   slot: retrieval slots over all their blocks, streaming slots over sink + recent blocks only;
 - prompt chunks, in runs of adjacent fresh (starting at position 0) and continuing ones: for a
-  continuing run, retrieval slots one FA3 paged varlen call each (as FLASH_ATTN); for a fresh
+  continuing run, retrieval slots one FA3 paged varlen call each (as FLASH_ATTN), and streaming
+  slots too when every chunk ends within sink + prefill window (causal attention is then exact
+  for them, and their caches hold every key); for a fresh
   run, one FA3 varlen call per run of adjacent retrieval KV heads on views of the step's own
   Q/K/V/output (no copies), or, when none of its prompts is longer than sink + prefill window,
   one FA3 call over every head (causal attention is then exact for all); streaming slots
@@ -34,7 +36,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
 from vllm_duo import ops
-from vllm_duo.backend.metadata import WHOLE, DuoMetadata, PrefillPart
+from vllm_duo.backend.metadata import CAUSAL_SLOTS, FRESH, PER_SLOT, WHOLE, DuoMetadata, PrefillPart
 from vllm_duo.backend.step_tables import SlotTensors, StepTables
 from vllm_duo.errors import DuoConfigError
 from vllm_duo.model_check import is_fp8
@@ -175,29 +177,35 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         return self._tables[1]
 
     def _kv_views(self, slot) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V views of a slot cache for the prefill kernels (FA3: TMA-friendly strides)."""
+        """K and V views of a slot cache for the prefill kernels (FA3: TMA-friendly strides; every
+        slot, as streaming slots take FA3 too when a part is causal)."""
         k_cache, v_cache = slot.layer.kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         if self.fp8:  # vLLM allocates fp8 caches as uint8
             k_cache, v_cache = k_cache.view(FP8_DTYPE), v_cache.view(FP8_DTYPE)
-        if slot.kind == RETRIEVAL:
-            return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
-        return k_cache, v_cache
+        return canonicalize_singleton_dim_strides(k_cache), canonicalize_singleton_dim_strides(v_cache)
 
     def _prefill_part(self, layer, query, key, value, output, metas, meta: DuoMetadata, t: SlotTensors,
                       part: PrefillPart, scales: dict) -> None:
-        """One run of adjacent prompt chunks. Fresh chunks attend their own K/V through FA3 (one
-        call per run of retrieval heads, or over every head when none is longer than sink +
-        prefill window: a streaming query at t < sink + W sees every key p <= t, so the part is
-        plain causal attention); continuing chunks read the caches per slot. A step mixing both
-        kinds sends each to its own path, rather than every chunk down the per-slot one."""
-        whole = part.path(self.opts.sink_size, self.opts.prefill_window) == WHOLE
-        runs = [(slice(0, self.num_kv_heads), slice(0, self.num_heads))] if whole else self._retrieval_runs
-        if part.fresh and runs:
-            self._prefill_fresh(layer, query, key, value, output, meta, part, runs)
-        if whole:
+        """One run of adjacent prompt chunks, by ``PrefillPart.path``. Fresh chunks attend their
+        own K/V through FA3 (one call per run of retrieval heads, or over every head when none is
+        longer than sink + prefill window: a streaming query at t < sink + W sees every key
+        p <= t, so the part is plain causal attention); continuing chunks read the caches per
+        slot, streaming slots through FA3 too when every chunk ends within sink + W. A step
+        mixing both kinds sends each to its own path, rather than every chunk down the per-slot
+        one."""
+        path = part.path(self.opts.sink_size, self.opts.prefill_window)
+        if path == WHOLE:
+            self._prefill_fresh(layer, query, key, value, output, meta, part,
+                                [(slice(0, self.num_kv_heads), slice(0, self.num_heads))])
             return
+        if path == CAUSAL_SLOTS:
+            self._prefill_per_slot(layer, query, output, metas, meta, part, retrieval=True, streaming=True,
+                                   streaming_causal=True)
+            return
+        if path == FRESH and self._retrieval_runs:
+            self._prefill_fresh(layer, query, key, value, output, meta, part, self._retrieval_runs)
         window_kernel = self.opts.streaming_prefill == "window"
-        self._prefill_per_slot(layer, query, output, metas, meta, part, retrieval=not part.fresh,
+        self._prefill_per_slot(layer, query, output, metas, meta, part, retrieval=path == PER_SLOT,
                                streaming=not window_kernel)
         if window_kernel:
             self._prefill_streaming(query, key, value, output, t, meta, part, scales)
@@ -233,11 +241,12 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         return qsl - qsl[:1]
 
     def _prefill_per_slot(self, layer, query, output, metas, meta: DuoMetadata, part: PrefillPart,
-                          retrieval: bool, streaming: bool) -> None:
+                          retrieval: bool, streaming: bool, streaming_causal: bool = False) -> None:
         """The part's prompt chunks one slot at a time: when ``retrieval``, retrieval slots
-        through FA3, and, when ``streaming``, streaming slots through vLLM's Triton R-SWA. Every
-        group shares the step's query offsets and lengths; only the block table is the slot's
-        group's."""
+        through FA3, and, when ``streaming``, streaming slots through vLLM's Triton R-SWA, or
+        (``streaming_causal``: every chunk ends within sink + prefill window) through FA3's
+        causal attention like retrieval slots. Every group shares the step's query offsets and
+        lengths; only the block table is the slot's group's."""
         if not (retrieval or streaming):
             return
         cu_seqlens_q, seq_lens = self._cu_seqlens(meta, part), meta.seq_lens[part.r0:part.r1]
@@ -251,7 +260,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             is_retrieval = slot.kind == RETRIEVAL
             if not (retrieval if is_retrieval else streaming):
                 continue
-            if is_retrieval:
+            if is_retrieval or streaming_causal:
                 self._retrieval(q[:, heads], k_cache, v_cache, output[rows, heads], metas[slot.name], part,
                                 cu_seqlens_q, seq_lens, descales)
             else:

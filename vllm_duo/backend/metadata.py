@@ -9,18 +9,22 @@ import torch
 from vllm_duo.backend.step_tables import StepTables
 
 
-# A part's prompt-attention path (``DuoAttentionImpl._prefill_part``): one FA3 call over every
-# head (fresh, none longer than sink + prefill window: causal attention is exact for all heads);
-# FA3 over the retrieval heads plus the streaming path (fresh, some longer); the slot caches
-# (continuing chunks).
-WHOLE, FRESH, PER_SLOT = "whole", "fresh", "per_slot"
+# A part's prompt-attention path (``DuoAttentionImpl._prefill_part``). A query at t < sink +
+# prefill window sees every key p <= t on every head, so parts whose chunks all end there are
+# causal attention: WHOLE (fresh chunks) one FA3 call over every head on the step's K/V;
+# CAUSAL_SLOTS (continuing chunks) FA3 over every slot's cache, which then holds every key
+# (the block manager nulls nothing inside sink + window). Longer chunks: FRESH, FA3 over the
+# retrieval heads plus the streaming path; PER_SLOT, retrieval slots' caches plus the
+# streaming path.
+WHOLE, CAUSAL_SLOTS, FRESH, PER_SLOT = "whole", "causal_slots", "fresh", "per_slot"
 
 
 @dataclass(frozen=True)
 class PrefillPart:
     """Adjacent prompt chunks of a step that take one attention path: requests ``r0..r1-1``,
     tokens ``t0..t1-1`` (host values). ``fresh``: every chunk starts at position 0, so it
-    attends only its own keys; otherwise each continues a prompt whose keys are cached."""
+    attends only its own keys; otherwise each continues a prompt whose keys are cached.
+    ``max_seq_len``: a host upper bound on the chunks' ends (their ``seq_lens``)."""
 
     r0: int
     r1: int
@@ -28,13 +32,15 @@ class PrefillPart:
     t1: int
     fresh: bool
     max_query_len: int
+    max_seq_len: int
 
     def path(self, sink: int, prefill_window: int) -> str:
-        """WHOLE, FRESH or PER_SLOT; the one decision the impl acts on and the CPU replay in
+        """The one decision the impl acts on and the CPU replay in
         ``benchmarks/prefill_paths.py`` counts."""
-        if not self.fresh:
-            return PER_SLOT
-        return WHOLE if self.max_query_len <= sink + prefill_window else FRESH
+        causal = self.max_seq_len <= sink + prefill_window
+        if self.fresh:
+            return WHOLE if causal else FRESH
+        return CAUSAL_SLOTS if causal else PER_SLOT
 
 
 def runs(fresh: list[bool]) -> list[tuple[int, int]]:
