@@ -79,6 +79,10 @@ def _jobs(models: dict[str, str]) -> tuple[dict, dict]:
     # The default windows: these prompts prefill densely, decode reads sink + recent.
     gen["llama3/duo_mixed_default"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS,
                                            engine=_duo(retrieval_mask=mixed_mask("llama3")))
+    # The same in chunks of 256: every continuing chunk ends within sink + 8192, so every slot,
+    # streaming ones included, attends it through FA3's causal path over its cache.
+    gen["llama3/duo_mixed_default_chunked"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS, engine=dict(
+        _duo(retrieval_mask=mixed_mask("llama3")), max_num_batched_tokens=256))
     fa = dict(agreement.ENGINE, attention_backend="FLASH_ATTN")
     gen["llama3/fa_fp8"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS, engine=_fp8(fa))
     gen["llama3/duo_full_fp8"] = dict(model=llama3, prompts=PROMPTS, max_tokens=STEPS,
@@ -207,6 +211,24 @@ def test_default_windows_equal_float32_reference(runs) -> None:
           METRIC, agreement.tolerance(noise),
           agreement.gap(PROMPTS, runs["llama3/duo_mixed_default"],
                         _reference_scores(runs, "llama3", "duo_mixed_default", mixed, dense_prompt=True)),
+          "duo mixed, prefill window 256, scored by the dense-prefill reference",
+          agreement.gap(PROMPTS, runs["llama3/duo_mixed"],
+                        _reference_scores(runs, "llama3", "duo_mixed", mixed, dense_prompt=True)))
+
+
+def test_default_windows_in_chunks_equal_float32_reference(runs) -> None:
+    """As the default-windows test, with the prompts in chunks of 256 tokens: each continuing
+    chunk ends within sink + 8192, so the streaming slots attend it through FA3's causal path
+    over their caches (which then hold every key) instead of the window kernel. Control: the
+    prefill window pinned to 256, scored by this reference."""
+    mixed = mixed_mask("llama3")
+    full = [[1] * len(row) for row in mixed]
+    noise = agreement.gap(BOTH, runs["llama3/fa"], _reference_scores(runs, "llama3", "fa", full))
+    check("agreement::default_windows_in_chunks_equal_float32_reference[llama3]",
+          "duo mixed mask, default windows, chunks of 256 (causal FA3 in every slot) vs float32 reference "
+          "(llama3)", METRIC, agreement.tolerance(noise),
+          agreement.gap(PROMPTS, runs["llama3/duo_mixed_default_chunked"],
+                        _reference_scores(runs, "llama3", "duo_mixed_default_chunked", mixed, dense_prompt=True)),
           "duo mixed, prefill window 256, scored by the dense-prefill reference",
           agreement.gap(PROMPTS, runs["llama3/duo_mixed"],
                         _reference_scores(runs, "llama3", "duo_mixed", mixed, dense_prompt=True)))
