@@ -78,6 +78,10 @@ CPU_CASES = [
          window=1, block_size=32),
     dict(q_lens=[64, 1], ctx_lens=[17, 200], kv_heads=[1], num_kv_heads=2, group=3, head_dim=64, sink=5,
          window=70),
+    # A window of many tiles: most key tiles are seen by every query of a program and skip the
+    # mask, in the cache part and in the chunk part; tile edges not aligned to the window.
+    dict(q_lens=[300, 45], ctx_lens=[230, 0], kv_heads=[0, 1], num_kv_heads=2, group=2, head_dim=64, sink=10,
+         window=150, block_size=8),
 ]
 
 

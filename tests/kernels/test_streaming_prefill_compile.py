@@ -1,7 +1,8 @@
 """``streaming_prefill`` compiles for Hopper (sm_90) with at most small register spills, on any
 machine (tests/kernels/sm90.py). The bound is a guard against tiles that spill kilobytes (128 x 128
-tiles at head_dim 128: 1.6 KB per thread); the 128 x 64 tiles spill 116-152 bytes and are the
-fastest timed on the H200 (``ops.prefill.launch_config``)."""
+tiles at head_dim 128: 1.6 KB per thread); the 128 x 64 tiles spill 112-188 bytes (unpacked, bf16:
+188 with the unmasked interior tiles) and are the fastest timed on the H200
+(``ops.prefill.launch_config``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SIGNATURE = {
 }
 
 
-SPILL_LIMIT_BYTES = 160
+SPILL_LIMIT_BYTES = 192
 
 
 @pytest.mark.parametrize("fp8", [False, True])

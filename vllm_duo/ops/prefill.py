@@ -8,7 +8,9 @@ step's K/V tensors, so the cache only has to hold what later steps read (the blo
 the rest of a long chunk to the null block) and chunked prefill sees exactly what one long
 prefill sees. A Triton kernel: FA3's local
 window cannot express the sink, and a two-call window + sink merge gave wrong rows on H100
-(withdrawn; in git history, `git log -- docs/wip`); this one applies the exact mask inside each tile.
+(withdrawn; in git history, `git log -- docs/wip`); this one applies the exact mask inside each tile
+where a tile holds keys some query of the program must not see, and no mask on the whole tiles
+that every query sees (at the default window, almost all of them).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def launch_config(head_dim: int, group: int, fp8: bool = False) -> LaunchConfig:
     128 x 64 tiles, packed when G is a power of two, else one query head per tile. At the default
     prefill window (8192) they take 0.78x / 0.84x of the packed 128 x 32 tiles' time on 2 x 32K /
     2 x 16K prompts, and the unpacked ones 0.62x of 64 x 64 (2 x 32K); at window 256 they are as
-    fast or faster. They spill up to 152 bytes per thread on sm_90 (ptxas -v, Triton 3.6),
+    fast or faster. They spill up to 188 bytes per thread on sm_90 (ptxas -v, Triton 3.6),
     within tests/kernels/test_streaming_prefill_compile.py's bound."""
     if head_dim <= 64:
         return 64, 64, 4, 2, False
@@ -49,32 +51,45 @@ def launch_config(head_dim: int, group: int, fp8: bool = False) -> LaunchConfig:
 @triton.jit
 def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, lo, hi, t,
             sink, window, scale_log2, k_scale, v_scale, FRESH: tl.constexpr, FP8: tl.constexpr,
-            BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+            BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over keys [lo, hi): from the slot cache, or
     (``FRESH``, keys of this chunk: p >= ctx) from the step's K/V rows tok0 + p - ctx. An ``FP8``
-    cache holds K/V divided by their per-tensor scales: K's goes into the scores, V's into V."""
+    cache holds K/V divided by their per-tensor scales: K's goes into the scores, V's into V.
+    Without ``MASK`` the caller guarantees whole tiles that every row of the program sees."""
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         p = start + tl.arange(0, BLOCK_N)
         p_ok = p < hi
         if FRESH:
             tok = (tok0 + p - ctx).to(tl.int64)
-            k = tl.load(k_new + tok[None, :] * stride_kt + offs_d[:, None], mask=p_ok[None, :], other=0.0)
-            v = tl.load(v_new + tok[:, None] * stride_vt + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+            k_ptr = k_new + tok[None, :] * stride_kt + offs_d[:, None]
+            v_ptr = v_new + tok[:, None] * stride_vt + offs_d[None, :]
         else:
-            blk = tl.load(bt + p // BLOCK_SIZE, mask=p_ok, other=0).to(tl.int64)
+            blk_ptr = bt + p // BLOCK_SIZE
+            if MASK:
+                blk = tl.load(blk_ptr, mask=p_ok, other=0).to(tl.int64)
+            else:
+                blk = tl.load(blk_ptr).to(tl.int64)
             row = (blk * BLOCK_SIZE + p % BLOCK_SIZE) * (2 * D)
-            k = tl.load(kv + row[None, :] + offs_d[:, None], mask=p_ok[None, :], other=0.0)
-            v = tl.load(kv + row[:, None] + D + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+            k_ptr = kv + row[None, :] + offs_d[:, None]
+            v_ptr = kv + row[:, None] + D + offs_d[None, :]
+        if MASK:
+            k = tl.load(k_ptr, mask=p_ok[None, :], other=0.0)
+            v = tl.load(v_ptr, mask=p_ok[:, None], other=0.0)
+        else:  # whole tiles inside [lo, hi)
+            k = tl.load(k_ptr)
+            v = tl.load(v_ptr)
+        if not FRESH:
             if FP8:
                 k = k.to(q.dtype)  # e4m3 values are exact in bf16/fp16
                 v = (v.to(tl.float32) * v_scale).to(q.dtype)
         s = tl.dot(q, k) * scale_log2
         if FP8 and not FRESH:
             s = s * k_scale
-        seen = p_ok[None, :] & (p[None, :] <= t[:, None]) & \
-            ((p[None, :] < sink) | (p[None, :] > t[:, None] - window))
-        s = tl.where(seen, s, float("-inf"))
+        if MASK:
+            seen = p_ok[None, :] & (p[None, :] <= t[:, None]) & \
+                ((p[None, :] < sink) | (p[None, :] > t[:, None] - window))
+            s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -82,6 +97,25 @@ def _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, 
         l_i = l_i * alpha + tl.sum(w, 1)
         acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_window(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, lo, hi, t,
+                   t_lo, t_hi, sink, window, scale_log2, k_scale, v_scale, FRESH: tl.constexpr,
+                   FP8: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Window keys [lo, hi) (all >= sink) of queries [t_lo, t_hi): the whole tiles inside
+    [t_hi - window, t_lo] are seen by every query, so they skip the mask (at the default window
+    almost every tile); the tiles before and after apply it. Tiles stay aligned at lo."""
+    a = lo + tl.cdiv(tl.maximum(t_hi - window - lo, 0), BLOCK_N) * BLOCK_N
+    a = tl.minimum(a, hi)
+    b = a + (tl.maximum(tl.minimum(hi, t_lo + 1) - a, 0) // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, lo, a, t,
+                            sink, window, scale_log2, k_scale, v_scale, FRESH, FP8, BLOCK_SIZE, D, BLOCK_N, True)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, a, b, t,
+                            sink, window, scale_log2, k_scale, v_scale, FRESH, FP8, BLOCK_SIZE, D, BLOCK_N, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, tok0, ctx, b, hi, t,
+                            sink, window, scale_log2, k_scale, v_scale, FRESH, FP8, BLOCK_SIZE, D, BLOCK_N, True)
     return acc, m_i, l_i
 
 
@@ -147,18 +181,18 @@ def _streaming_prefill_kernel(
     cache_end = tl.minimum(sink_end, ctx)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
                             0, cache_end, t, sink, window, scale_log2, k_scale, v_scale, False, FP8,
-                            BLOCK_SIZE, D, BLOCK_N)
+                            BLOCK_SIZE, D, BLOCK_N, True)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
                             ctx, sink_end, t, sink, window, scale_log2, k_scale, v_scale, True, FP8,
-                            BLOCK_SIZE, D, BLOCK_N)
+                            BLOCK_SIZE, D, BLOCK_N, True)
     cache_end = tl.minimum(t_hi, ctx)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
-                            win_lo, cache_end, t, sink, window, scale_log2, k_scale, v_scale, False, FP8,
-                            BLOCK_SIZE, D, BLOCK_N)
+    acc, m_i, l_i = _attend_window(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
+                                   win_lo, cache_end, t, t_lo, t_hi, sink, window, scale_log2, k_scale,
+                                   v_scale, False, FP8, BLOCK_SIZE, D, BLOCK_N)
     fresh_lo = tl.maximum(win_lo, ctx)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
-                            fresh_lo, t_hi, t, sink, window, scale_log2, k_scale, v_scale, True, FP8,
-                            BLOCK_SIZE, D, BLOCK_N)
+    acc, m_i, l_i = _attend_window(acc, m_i, l_i, q, kv, bt, k_new, v_new, stride_kt, stride_vt, q_start, ctx,
+                                   fresh_lo, t_hi, t, t_lo, t_hi, sink, window, scale_log2, k_scale,
+                                   v_scale, True, FP8, BLOCK_SIZE, D, BLOCK_N)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(dtype), mask=m_ok[:, None])
