@@ -5,7 +5,8 @@ Drives ``benchmarks/mixed_traffic.py``'s requests (1,000 prompts of 64..32K toke
 specs (Llama-3-8B shape, 50 % streaming, tail-only slots, async scheduling, vLLM's full-prompt
 admission; fake model), and classifies every step with prompt chunks as ``backend/impl.py``
 does: the step's prompt chunks split into maximal runs of fresh chunks (starting at position 0)
-and continuing ones, in the scheduler's order (running requests first, then new ones; vLLM's
+and continuing ones, also split where chunks start or stop ending within sink + prefill window,
+in the scheduler's order (running requests first, then new ones; vLLM's
 model runner may order them otherwise, which only adds runs), each run taking
 
 - ``whole``: fresh, none longer than sink + prefill window: one FA3 call over all heads
@@ -66,10 +67,12 @@ def causal_keys(start: int, length: int) -> int:
 
 def classify(rows: list[tuple[int, int]], sink: int, window: int) -> list[tuple[str, list[int]]]:
     """impl.py's choice for a step's prompt chunks ``(start, length)``: (path, row indices) per
-    maximal run of fresh or continuing chunks, by the builder's runs and ``PrefillPart.path``."""
+    maximal run of fresh or continuing chunks ending within sink + prefill window or past it (a
+    streaming group's runs), by the builder's runs and ``PrefillPart.path``."""
     fresh = [start == 0 for start, _ in rows]
+    keys = [(f, s + n <= sink + window) for f, (s, n) in zip(fresh, rows)]
     out = []
-    for a, b in runs(fresh):
+    for a, b in runs(keys):
         part = PrefillPart(r0=a, r1=b, t0=0, t1=0, fresh=fresh[a], max_query_len=max(n for _, n in rows[a:b]),
                            max_seq_len=max(s + n for s, n in rows[a:b]))
         out.append((part.path(sink, window), list(range(a, b))))

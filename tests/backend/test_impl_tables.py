@@ -235,8 +235,8 @@ def _causal_varlen(q, k, v, cu, scale):
 @pytest.mark.parametrize("longest", [SINK + WIN + 1, SINK + WIN], ids=["past-window", "within-window"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, runs, longest, fp8):
-    """A step whose prompt chunks all start at position 0 (one decode, prompts of 4 and
-    ``longest`` tokens): FA3 varlen calls on views of the step's own Q/K/V and of the output (no
+    """A step whose prompt chunks all start at position 0 (one decode, prompts of ``short`` and
+    ``longest`` tokens, both on one side of sink + prefill window): FA3 varlen calls on views of the step's own Q/K/V and of the output (no
     copies), one per run of adjacent retrieval KV heads, whose rows equal causal attention over each
     prompt, the streaming heads' rows left to the window kernel. When no prompt is longer than
     sink + prefill window, streaming heads see every earlier key too: one call over every head,
@@ -247,8 +247,9 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
     from vllm_duo.backend.builder import prefill_parts
     from vllm_duo.backend.metadata import PrefillPart
 
-    Hk, n_tok = 3, 5 + longest
     whole = longest <= SINK + WIN
+    short = 4 if whole else SINK + WIN + 2  # one run also in streaming groups (they split at SINK + WIN)
+    Hk, n_tok = 3, 1 + short + longest
     config, specs = _config_and_specs()
     names = ["l0", "l0.duo_s0", "l0.duo_s1"]
     builders = [DuoMetadataBuilder(specs[0 if k == RETRIEVAL else 1], [name], config, torch.device("cpu"))
@@ -270,21 +271,23 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
     monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)
     monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    qsl = torch.tensor([0, 1, 5, n_tok], dtype=torch.int32)  # one decode, then prompts of 4 and `longest`
-    seq_lens = torch.tensor([40, 4, longest], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 1 + short, n_tok], dtype=torch.int32)  # one decode, then two prompts
+    seq_lens = torch.tensor([40, short, longest], dtype=torch.int32)
     table = torch.arange(3 * WIDTH, dtype=torch.int32).view(3, WIDTH) + 1
 
     def cm(bound):
         return CommonAttentionMetadata(
             query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=3, num_actual_tokens=n_tok,
-            max_query_len=longest, max_seq_len=40, block_table_tensor=table, slot_mapping=torch.arange(n_tok),
+            max_query_len=max(short, longest), max_seq_len=40, block_table_tensor=table, slot_mapping=torch.arange(n_tok),
             seq_lens_cpu_upper_bound=bound)
 
-    fresh = PrefillPart(r0=1, r1=3, t0=1, t1=n_tok, fresh=True, max_query_len=longest, max_seq_len=longest)
-    assert prefill_parts(cm(seq_lens), 1) == (fresh,)
-    assert prefill_parts(cm(None), 1) == (PrefillPart(1, 3, 1, n_tok, False, longest, 40),)  # no host bound
-    assert prefill_parts(cm(torch.tensor([40, 4, longest + 3], dtype=torch.int32)), 1) == (  # after a cached prefix
-        PrefillPart(1, 2, 1, 5, True, 4, 4), PrefillPart(2, 3, 5, n_tok, False, longest, longest + 3))
+    top = max(short, longest)
+    fresh = PrefillPart(r0=1, r1=3, t0=1, t1=n_tok, fresh=True, max_query_len=top, max_seq_len=top)
+    assert prefill_parts(cm(seq_lens), 1) == (fresh,) == prefill_parts(cm(seq_lens), 1, SINK + WIN)
+    assert prefill_parts(cm(None), 1) == (PrefillPart(1, 3, 1, n_tok, False, top, 40),)  # no host bound
+    assert prefill_parts(cm(torch.tensor([40, short, longest + 3], dtype=torch.int32)), 1) == (  # a cached prefix
+        PrefillPart(1, 2, 1, 1 + short, True, short, short),
+        PrefillPart(2, 3, 1 + short, n_tok, False, longest, longest + 3))
     assert prefill_parts(cm(seq_lens), 3) == ()  # no prompt chunk at all
     metas = {name: b.build(0, cm(seq_lens)) for name, b in zip(names, builders)}
     assert all(m.prefill_parts == (fresh,) for m in metas.values())
@@ -294,7 +297,7 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
     impl.forward(layer, q, k, v, None, metas["l0"], output=out)
     runs = [(0, Hk)] if whole else runs
     assert len(calls) == len(runs) and len(window) == (0 if whole or STREAMING not in kinds else 1)
-    cu = [0, 4, 4 + longest]
+    cu = [0, short, short + longest]
     for call, (a, b) in zip(calls, runs):
         assert call.get("block_table") is None and call["cu_seqlens_k"].tolist() == cu  # the step's K/V
         assert call["out"].data_ptr() == out[1:, a * G:b * G].data_ptr()
@@ -483,8 +486,9 @@ def test_continuing_chunks_within_sink_and_window_take_fa3_in_every_slot(monkeyp
     """Continuing chunks that all end within sink + prefill window: a streaming query there sees
     every key p <= t, and the block manager nulls no block of that range, so every slot (the
     streaming one too) takes one FA3 paged causal call over its own cache and table, and the
-    window kernel is not launched; the rows equal causal attention over each cache. The same
-    chunks one token past sink + window go back to the window kernel (the control)."""
+    window kernel is not launched; the rows equal causal attention over each cache. With the
+    second chunk one token past sink + window (the control), the streaming group's runs split
+    there: that chunk alone goes back to the window kernel."""
     import vllm.v1.attention.backends.fa_utils as fa_utils
 
     caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
@@ -519,8 +523,11 @@ def test_continuing_chunks_within_sink_and_window_take_fa3_in_every_slot(monkeyp
         assert (part.r0, part.r1, part.fresh, part.max_seq_len) == (1, 3, False, SINK + WIN + extra)
         q, out = torch.randn(9, H * G, D), torch.full((9, H * G, D), float("nan"))
         impl.forward(None, q, torch.randn(9, H, D), torch.randn(9, H, D), None, metas["l0"], output=out)
-        if not causal:
-            assert len(fa) == 1 and len(window) == 1  # retrieval slot by FA3, streaming by the window kernel
+        if not causal:  # the streaming group's runs split at SINK + WIN: the first chunk stays causal
+            from vllm_duo.backend.metadata import CAUSAL_SLOTS, PER_SLOT
+
+            assert [p.path(SINK, WIN) for p in metas[names[1]].prefill_parts] == [CAUSAL_SLOTS, PER_SLOT]
+            assert len(fa) == 3 and len(window) == 1 and window[0]["block_table_row0"] == 2
             continue
         assert len(fa) == 2 and not window
         for call, h in zip(fa, (0, 1)):  # slot order: retrieval (KV head 0), streaming (KV head 1)

@@ -21,12 +21,15 @@ from vllm_duo.block_manager import DuoStreamingSpec
 NULL_BLOCK_ID = 0  # vLLM's BlockPool reserves block 0 as the null block
 
 
-def prefill_parts(cm: CommonAttentionMetadata, num_decodes: int) -> tuple[PrefillPart, ...]:
+def prefill_parts(cm: CommonAttentionMetadata, num_decodes: int,
+                  causal_end: int | None = None) -> tuple[PrefillPart, ...]:
     """The step's prompt chunks (requests ``num_decodes..``) as maximal runs of fresh chunks
     (starting at position 0: nothing cached before them) and continuing ones, from host values
     vLLM already holds (no device sync): its CPU upper bound on ``seq_lens`` is exact for prefill
     rows. Without that bound every chunk counts as continuing (the path that is right for both),
-    ending at the step's ``max_seq_len``."""
+    ending at the step's ``max_seq_len``. With ``causal_end`` (sink + prefill window, known to
+    streaming groups) runs also split where chunks start or stop ending within it, so one long
+    prompt does not take the others off the causal paths."""
     num_reqs = cm.num_reqs
     if num_decodes >= num_reqs:
         return ()
@@ -35,9 +38,10 @@ def prefill_parts(cm: CommonAttentionMetadata, num_decodes: int) -> tuple[Prefil
     bound = getattr(cm, "seq_lens_cpu_upper_bound", None)
     ends = [cm.max_seq_len] * len(lens) if bound is None else bound[num_decodes:num_reqs].tolist()
     fresh = [False] * len(lens) if bound is None else [int(s) == n for s, n in zip(ends, lens)]
+    keys = [(f, causal_end is not None and e <= causal_end) for f, e in zip(fresh, ends)]
     return tuple(PrefillPart(r0=num_decodes + a, r1=num_decodes + b, t0=qsl[a], t1=qsl[b], fresh=fresh[a],
                              max_query_len=max(lens[a:b]), max_seq_len=int(max(ends[a:b])))
-                 for a, b in runs(fresh))
+                 for a, b in runs(keys))
 
 
 class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
@@ -50,6 +54,8 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.streaming = isinstance(kv_cache_spec, DuoStreamingSpec)
+        # Streaming groups split prompt runs at sink + prefill window (impl.py reads their parts).
+        self.causal_end = kv_cache_spec.sink_size + kv_cache_spec.sliding_window if self.streaming else None
         self.tables = StepTables.for_runner(vllm_config, device)
         self.row = self.tables.add_group(layer_names)
         self.max_model_len = vllm_config.model_config.max_model_len
@@ -73,7 +79,8 @@ class DuoMetadataBuilder(AttentionMetadataBuilder[DuoMetadata]):
             query_start_loc=cm.query_start_loc[:num_reqs + 1], seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs], slot_mapping=cm.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
-            tables=self.tables, group_row=self.row, prefill_parts=prefill_parts(cm, num_decodes))
+            tables=self.tables, group_row=self.row,
+            prefill_parts=prefill_parts(cm, num_decodes, self.causal_end))
         if not self.streaming:
             self.tables.set_block_table(self.row, cm.block_table_tensor)
             return meta

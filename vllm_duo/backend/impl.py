@@ -85,11 +85,14 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
         self._views: list = []  # (slot, its query heads, K view, V view) of each real slot
         # (KV heads, query heads) of each run of adjacent retrieval KV heads
         self._retrieval_runs: list[tuple[slice, slice]] = []
+        self._streaming_name: str | None = None
 
     def set_slots(self, slots: list, opts: DuoOptions, cache_block_size: int) -> None:
         """``cache_block_size`` is the configured one, for the profile run's warm-up: vLLM's config
         is not current while the model runs."""
         self.slots, self.opts, self.cache_block_size = slots, opts, cache_block_size
+        # A streaming slot's group: its metadata's prompt runs split at sink + prefill window.
+        self._streaming_name = next((s.name for s in slots if s.kind != RETRIEVAL), None)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: DuoMetadata, output: torch.Tensor | None = None,
@@ -124,7 +127,10 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             metas = get_forward_context().attn_metadata
             if isinstance(metas, list):
                 metas = metas[0]
-            for part in attn_metadata.prefill_parts:
+            # A streaming group's parts also split at sink + prefill window (the same chunks).
+            parts = metas[self._streaming_name].prefill_parts if self._streaming_name else \
+                attn_metadata.prefill_parts
+            for part in parts:
                 self._prefill_part(layer, query, key, value, output, metas, attn_metadata, t, part, scales)
         return output
 

@@ -43,11 +43,12 @@ class PrefillPart:
         return CAUSAL_SLOTS if causal else PER_SLOT
 
 
-def runs(fresh: list[bool]) -> list[tuple[int, int]]:
-    """Maximal runs ``[start, end)`` of equal ``fresh`` flags: a step's prompt chunks in order."""
+def runs(keys: list) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of equal keys (freshness, and whether a chunk ends within
+    sink + prefill window): a step's prompt chunks in order."""
     out, start = [], 0
-    for i in range(1, len(fresh) + 1):
-        if i == len(fresh) or fresh[i] != fresh[start]:
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
             out.append((start, i))
             start = i
     return out
