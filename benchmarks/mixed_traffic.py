@@ -6,8 +6,9 @@ FULL_AND_PIECEWISE CUDA graphs). Output tokens/s = all output tokens / wall time
 finish; TTFT and TPOT p50/p99 from vLLM's request stats (``vllm_duo.eval.traffic``). Both
 backends get the same requests, one engine each in a fresh process, in one run.
 
-The issue's 1,000 requests hold 5.3M prompt tokens: at an estimated 20K prompt tokens/s per
-backend on one H200 (not measured), too long for one 9-minute device call with both backends. ``--backends`` runs one
+The issue's 1,000 requests hold 5.3M prompt tokens: on one H200 each backend serves them in
+about 190 s after a 40-90 s engine start (2026-11-30), so both rarely fit one 9-minute device
+call with the rest of a session's work. ``--backends`` runs one
 backend and writes its row (``--part-out``); ``--combine A.json B.json`` then computes the
 figures from two such rows (same requests: same --requests and --seed). Default: both backends,
 300 requests (about 1.6M prompt tokens).

@@ -40,7 +40,7 @@ from vllm.v1.request import Request  # noqa: E402
 from benchmarks.summary import save_result  # noqa: E402
 from tests.conftest import use_cpu_platform  # noqa: E402
 from tests.reliability.sim import SoakConfig, make_scheduler, write_model_dir  # noqa: E402
-from vllm_duo.backend.metadata import PrefillPart, runs  # noqa: E402
+from vllm_duo.backend.metadata import WHOLE, PrefillPart, runs  # noqa: E402
 from vllm_duo.eval.traffic import mixed_requests  # noqa: E402
 from vllm_duo.options import DEFAULT_SINK  # noqa: E402
 
@@ -107,9 +107,9 @@ def run(window: int, requests: list[tuple[list[int], int]], num_blocks: int, bud
                 for s, n, prompt in (rows[i] for i in run):
                     stats[f"tokens_{path}"] += n
                     stats["causal_keys"] += causal_keys(s, n)
-                    if path != "whole":
+                    if path != WHOLE:
                         stats["streaming_keys_window_kernel"] += window_keys(s, n, sink, window)
-                    if path != "whole" and s == 0 and prompt <= sink + window:
+                    if path != WHOLE and s == 0 and prompt <= sink + window:
                         stats["short_fresh_tokens_off_whole"] += n
         ids = list(out.num_scheduled_tokens)
         sampled = []

@@ -214,6 +214,19 @@ def test_prompt_chunks_reach_the_prefill_kernels_with_their_groups_tables(monkey
     assert calls["decode"]["max_seq_len"] == 60 and calls["decode"]["graph_slots"] is None
 
 
+def _prefill_stubs(monkeypatch, fa3, window) -> None:
+    """CPU stand-ins for a prompt step's GPU ops: ``write_kv`` and ``paged_decode`` do nothing,
+    ``streaming_prefill`` is ``window``, FA3's varlen call is ``fa3``."""
+    import vllm.v1.attention.backends.fa_utils as fa_utils
+
+    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
+    monkeypatch.setattr(impl_module.ops, "streaming_prefill", window)
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)  # defined only with CUDA
+    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+
 def _causal_varlen(q, k, v, cu, scale):
     """FA3's non-paged varlen causal attention in float32 (GQA: q heads grouped per KV head)."""
     out = torch.empty(q.shape, dtype=torch.float32)
@@ -242,8 +255,6 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
     sink + prefill window, streaming heads see every earlier key too: one call over every head,
     and the window kernel is not launched. With an fp8 cache each call gets e4m3 Q/K/V quantized
     by the layer's scales and their descales, as FLASH_ATTN reads its fp8 cache."""
-    import vllm.v1.attention.backends.fa_utils as fa_utils
-
     from vllm_duo.backend.builder import prefill_parts
     from vllm_duo.backend.metadata import PrefillPart
 
@@ -264,12 +275,7 @@ def test_fresh_prompts_take_one_fa3_call_per_run_of_heads(monkeypatch, kinds, ru
         q, k, v = (kw[x].float() * (kw[f"{x}_descale"][0, 0] if fp8 else 1) for x in "qkv")
         return kw["out"].copy_(_causal_varlen(q, k, v, kw["cu_seqlens_q"], kw["softmax_scale"]))
 
-    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
-    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
-    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: window.append(k))
-    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)
-    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    _prefill_stubs(monkeypatch, fa3, lambda *a, **k: window.append(k))
     qsl = torch.tensor([0, 1, 5, n_tok], dtype=torch.int32)  # one decode, then prompts of 4 and `longest`
     seq_lens = torch.tensor([40, 4, longest], dtype=torch.int32)
     table = torch.arange(3 * WIDTH, dtype=torch.int32).view(3, WIDTH) + 1
@@ -389,8 +395,6 @@ def test_mixed_step_sends_fresh_and_continuing_chunks_to_their_own_paths(monkeyp
     own K/V (their rows equal causal attention), and each continuing chunk its own per-slot FA3
     call and window-kernel launch with its rows of the query offsets, lengths and tables. Before
     the split, one continuing chunk sent every chunk of the step down the per-slot path."""
-    import vllm.v1.attention.backends.fa_utils as fa_utils
-
     caches = [torch.randn(POOL, 1, BS, 2 * D) for _ in range(2)]
     names, builders, slots = _two_slot_layer(caches)
     impl = _impl(slots)
@@ -401,12 +405,7 @@ def test_mixed_step_sends_fresh_and_continuing_chunks_to_their_own_paths(monkeyp
         if kw.get("block_table") is None:  # fresh: causal over the call's own K/V
             kw["out"].copy_(_causal_varlen(kw["q"], kw["k"], kw["v"], kw["cu_seqlens_q"], kw["softmax_scale"]))
 
-    monkeypatch.setattr(impl_module.ops, "write_kv", lambda *a, **k: None)
-    monkeypatch.setattr(impl_module.ops, "paged_decode", lambda *a, **k: None)
-    monkeypatch.setattr(impl_module.ops, "streaming_prefill", lambda *a, **k: window.append((a, k)))
-    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", fa3, raising=False)
-    monkeypatch.setattr(impl_module.ops, "require_extension", lambda: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    _prefill_stubs(monkeypatch, fa3, lambda *a, **k: window.append((a, k)))
     # rows: decode | continuing 3 tokens at 20.. | fresh 5 | fresh SINK + WIN | continuing 2 at 30..
     lens = [1, 3, 5, SINK + WIN, 2]
     qsl = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)

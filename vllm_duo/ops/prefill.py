@@ -35,9 +35,10 @@ def launch_config(head_dim: int, group: int, fp8: bool = False) -> LaunchConfig:
     (``benchmarks/prefill.py --part window-configs``, G=4, bf16, fresh prompts). head_dim 128:
     128 x 64 tiles, packed when G is a power of two, else one query head per tile. At the default
     prefill window (8192) they take 0.78x / 0.84x of the packed 128 x 32 tiles' time on 2 x 32K /
-    2 x 16K prompts, and the unpacked ones 0.62x of 64 x 64 (2 x 32K); at window 256 they are as
-    fast or faster. They spill up to 188 bytes per thread on sm_90 (ptxas -v, Triton 3.6),
-    within tests/kernels/test_streaming_prefill_compile.py's bound."""
+    2 x 16K prompts, and the unpacked ones 0.62x of 64 x 64 (2 x 32K). At window 256 (3 stages not
+    timed there) packed 128 x 64 tiles with 2 stages were within 1 % of 128 x 32, and unpacked ones
+    0.69x of 64 x 64 (64 x 1K) and 0.68x (64 x 32K). They spill up to 188 bytes per thread on
+    sm_90 (ptxas -v, Triton 3.6), within tests/kernels/test_streaming_prefill_compile.py's bound."""
     if head_dim <= 64:
         return 64, 64, 4, 2, False
     if head_dim <= 128:
