@@ -38,6 +38,7 @@ def write_json(path: str, payload: dict[str, Any]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+        f.write("\n")
     return path
 
 
@@ -71,6 +72,7 @@ def save_result(name: str, payload: dict[str, Any], figures: dict[str, Any], dev
                         "command": payload["command"], "source": fname}
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
+        f.write("\n")
     return fname
 
 
