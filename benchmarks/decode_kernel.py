@@ -12,6 +12,8 @@ large device-to-device copy measured in the same run.
 
 Writes results/decode_kernel_<device>_<date>.json and the summary entries
 decode_kernel_ratio_64k_b16_s050 / _s075 / _s000 (duo time / FA3 time, the wrapper's own plan).
+``--kernels tensor_core scalar`` times duo's two decode kernels of 2-byte caches side by side
+(``VLLM_DUO_DECODE_KERNEL``; the figures come from the first listed, default the tensor-core one).
 ``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only); ``--hybrid`` also
 times FA3 per retrieval slot with duo's kernel for the streaming slots (rows only). ``--kv-cache-dtype
 fp8``: both read e4m3 caches (FA3 with fp8 queries and descales, as vLLM's FLASH_ATTN; duo with
@@ -205,6 +207,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between calls")
+    ap.add_argument("--kernels", nargs="+", choices=["tensor_core", "scalar"], default=["tensor_core"],
+                    help="duo decode kernels to time (2-byte caches at head_dim 64/128; fp8 always scalar)")
     ap.add_argument("--partition-sizes", type=int, nargs="+", default=[0],
                     help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
@@ -220,7 +224,7 @@ def main() -> None:
     flush = None if args.no_flush else torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"device: {device_name()}   copy bandwidth (read+write): {copy_gbps:.0f} GB/s")
     print(f"{'ctx':>7} {'batch':>5} {'strm':>5} {'duo us':>9} {'fa3 us':>9} {'duo/fa3':>8} "
-          f"{'duo GB/s':>9} {'%copy':>6} {'fa3 GB/s':>9} {'%copy':>6} {'part':>5}")
+          f"{'duo GB/s':>9} {'%copy':>6} {'fa3 GB/s':>9} {'%copy':>6} {'part':>5} kernel")
     rows, figures = [], {}
     for ctx in args.contexts:
         for batch in args.batches:
@@ -234,7 +238,9 @@ def main() -> None:
             fa3_us = time_us(fa3, args.repeats, args.warmup, flush) if fa3 else None
             fa3_gbps = (batch * ctx * HKV * token_bytes(fp8) + qo_bytes) / fa3_us / 1e3 if fa3_us else None
             del fa3  # free its cache before duo's
-            for s, part in [(s, p) for s in args.streaming for p in args.partition_sizes]:
+            for s, part, kernel in [(s, p, k) for s in args.streaming for p in args.partition_sizes
+                                    for k in args.kernels]:
+                os.environ["VLLM_DUO_DECODE_KERNEL"] = kernel  # read by the op at each launch
                 duo, kv_bytes = duo_decode(ctx, batch, s, q, seq_lens, args.sink, args.window, part or None, fp8)
                 duo_us = time_us(duo, args.repeats, args.warmup, flush)
                 del duo
@@ -245,7 +251,7 @@ def main() -> None:
                 hybrid_us = time_us(hybrid, args.repeats, args.warmup, flush) if hybrid else None
                 del hybrid
                 rows.append(dict(context=ctx, batch=batch, streaming=s, partition_size=part or "planned",
-                                 duo_us=duo_us, fa3_us=fa3_us,
+                                 kernel=kernel, duo_us=duo_us, fa3_us=fa3_us,
                                  ratio_duo_over_fa3=ratio, duo_gbps=duo_gbps, fa3_gbps=fa3_gbps,
                                  duo_frac_of_copy=duo_gbps / copy_gbps, hybrid_us=hybrid_us,
                                  ratio_hybrid_over_fa3=hybrid_us / fa3_us if hybrid_us and fa3_us else None,
@@ -253,8 +259,9 @@ def main() -> None:
                 print(f"{ctx:>7} {batch:>5} {s:>5.2f} {duo_us:>9.1f} {_fmt(fa3_us, '9.1f')} "
                       f"{_fmt(ratio, '8.3f')} {duo_gbps:>9.0f} {duo_gbps / copy_gbps:>6.0%} "
                       f"{_fmt(fa3_gbps, '9.0f')} {_fmt(fa3_gbps and fa3_gbps / copy_gbps, '6.0%')} {part or '-':>5}"
+                      f" {kernel}"
                       + (f"   hybrid {hybrid_us:.1f} us = {hybrid_us / fa3_us:.3f} of fa3" if hybrid_us and fa3_us else ""))
-                if ctx == 65536 and batch == 16 and not part and ratio is not None:
+                if ctx == 65536 and batch == 16 and not part and kernel == args.kernels[0] and ratio is not None:
                     figures[f"decode_kernel_ratio_64k_b16_s{round(s * 100):03d}{'_fp8' if fp8 else ''}"] = ratio
             torch.cuda.empty_cache()
     slug = re.sub(r"[^a-z0-9]+", "_", device_name().lower()).strip("_")

@@ -15,9 +15,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "ops.h"
 
 namespace vllm_duo {
@@ -67,6 +70,37 @@ __device__ __forceinline__ KeyRange key_range(const DecodeParams& p, int seq, in
 __device__ __forceinline__ int row_partitions(const DecodeParams& p, int n, int* psize) {
   *psize = max(p.partition_size, ceil_div(n, p.num_partitions));
   return max(1, ceil_div(n, *psize));
+}
+
+// Joins the warps' states (each warp's output normalised by nothing yet: acc, max m, sum l per
+// head, in shared memory) and stores the partition's result: `out` for a one-partition row, else
+// the normalised partial output and its log2-domain LSE for the combine kernel.
+template <typename T, int D, int GMAX, bool kFp8>
+__device__ __forceinline__ void store_merged(const DecodeParams& p, const float (&s_acc)[kWarps][GMAX][D],
+                                             const float (&s_m)[kWarps][GMAX],
+                                             const float (&s_l)[kWarps][GMAX], T* out, int G,
+                                             int nparts, int seq, int qh0, int part) {
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const int g = i / D, d = i % D;
+    float mx = s_m[0][g];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][g]);
+    float sum = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float a = exp2f(s_m[w][g] - mx);
+      sum = fmaf(s_l[w][g], a, sum);
+      o = fmaf(s_acc[w][g][d], a, o);
+    }
+    if constexpr (kFp8) o *= __ldg(p.v_scale);  // V was read unscaled; the combine is linear
+    if (nparts == 1) {
+      out[g * p.out_stride_head + d] = from_float<T>(o / sum);
+    } else {
+      const int64_t row = (int64_t(seq) * p.num_q_heads + qh0 + g) * p.num_partitions + part;
+      p.tmp_out[row * D + d] = o / sum;
+      if (d == 0) p.tmp_lse[row] = mx + log2f(sum);
+    }
+  }
 }
 
 // T: q/out type; C: cache element type, T or fp8 e4m3. R: vectors of kVec elements each thread
@@ -233,28 +267,164 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
     }
   }
   __syncthreads();
+  store_merged<T, D, GMAX, kFp8>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
+}
 
-  for (int i = threadIdx.x; i < G * D; i += kThreads) {
-    const int g = i / D, d = i % D;
-    float mx = s_m[0][g];
+// Tensor-core variant for 2-byte caches at head_dim 64 and 128 (any G <= 8). Each warp takes tiles
+// of 16 keys (tile w, w + 4, ... of the partition); S = q K^T and O += P V run as mma.sync
+// m16n8k16 with the group's query heads as rows (rows G..15 zero), so a key costs a few
+// instructions where the scalar kernel issues hundreds, and the next tile's K/V loads are in
+// flight while a tile is computed (its block-table lookups one tile earlier still).
+// Lane = 4g + t; tile token n (0..15) is key `start + n`.
+// - K: lane (g, t) loads tokens g and 8 + g, elements 32i + 8t .. +8 (i < D/32). The QK mma of
+//   k-chunk c (i = c/2, h = c%2) takes dims 32i + 8t + 4h + {0,1} (b0) and + {2,3} (b1); q is
+//   loaded in the same order (a0, a2), so each score sums all D products, in another order.
+// - V: lane (g, t) loads tokens 2t, 2t+1, 2t+8, 2t+9, elements 64i + 8g .. +8 (i < D/64). Output
+//   tile j (8 dims) holds in lane (g, t) dims 64(j/8) + 16t + j%8 (c0) and that + 8 (c1) of head g.
+// P goes to the PV mma in q's 16-bit type, as FA3 does.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const DecodeParams p) {
+  static_assert(D == 64 || D == 128, "tensor-core decode: head_dim 64 or 128");
+  constexpr int KV = D / 32, VV = D / 64, NTILE = 16, NJ = D / 8;
+  const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
+  const int kv_head = p.slot_kv_head[slot];
+  if (kv_head < 0) return;
+  const KeyRange r = key_range(p, seq, slot);
+  int psize;
+  const int nparts = row_partitions(p, r.n, &psize);
+  if (part >= nparts) return;
+  const int G = p.group, qh0 = kv_head * G;
+  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + qh0 * p.out_stride_head;
+  if (r.n == 0) {  // padding row: defined output, nothing read
+    for (int i = threadIdx.x; i < G * D; i += kThreads)
+      out[(i / D) * p.out_stride_head + i % D] = from_float<T>(0.f);
+    return;
+  }
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  // The group's q (rows past G zero) in shared memory: each QK mma reads its A words from there,
+  // which keeps the registers for K/V in flight.
+  __shared__ __align__(16) T s_q[kMaxGroup][D];
+  const T* qp = static_cast<const T*>(p.q) + seq * p.q_stride_seq + qh0 * p.q_stride_head;
+  for (int i = threadIdx.x; i < kMaxGroup * D / kVec; i += kThreads) {
+    const int h = i / (D / kVec), d = (i % (D / kVec)) * kVec;
+    *reinterpret_cast<uint4*>(&s_q[h][d]) = h < G ? load16(qp + h * p.q_stride_head + d) : make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
+
+  const T* kv = reinterpret_cast<const T*>(p.kv_ptrs[slot]);
+  const int* bt = reinterpret_cast<const int*>(p.block_table_ptrs[slot]) +
+                  seq * p.block_table_strides[slot];
+  const int v_begin = part * psize, v_end = min(r.n, v_begin + psize);
+  // Cache row of this lane's token of the tile at `start` (lanes 0..15), -1 past the partition.
+  auto lookup = [&](int start) -> int {
+    const int v = start + lane;
+    if (lane >= NTILE || v >= v_end) return -1;
+    const int pos = v < r.sink_end ? v : v - r.sink_end + r.win_start;
+    return (__ldg(bt + (pos >> p.block_shift)) << p.block_shift) + (pos & p.block_mask);
+  };
+  struct Tile {
+    uint4 k[2][KV], v[4][VV];
+  };
+  auto fetch = [&](Tile& b, int row) {
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_m[w][g]);
-    float sum = 0.f, o = 0.f;
+    for (int u = 0; u < 2; ++u) {
+      const int rk = __shfl_sync(0xffffffffu, row, 8 * u + g);
+      const T* src = kv + int64_t(rk) * (2 * D) + 8 * t;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float a = exp2f(s_m[w][g] - mx);
-      sum = fmaf(s_l[w][g], a, sum);
-      o = fmaf(s_acc[w][g][d], a, o);
+      for (int i = 0; i < KV; ++i) b.k[u][i] = rk >= 0 ? load16(src + 32 * i) : make_uint4(0, 0, 0, 0);
     }
-    if constexpr (kFp8) o *= __ldg(p.v_scale);  // V was read unscaled; the combine is linear
-    if (nparts == 1) {
-      out[g * p.out_stride_head + d] = from_float<T>(o / sum);
-    } else {
-      const int64_t row = (int64_t(seq) * p.num_q_heads + qh0 + g) * p.num_partitions + part;
-      p.tmp_out[row * D + d] = o / sum;
-      if (d == 0) p.tmp_lse[row] = mx + log2f(sum);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int rv = __shfl_sync(0xffffffffu, row, 2 * t + (s & 1) + 8 * (s >> 1));
+      const T* src = kv + int64_t(rv) * (2 * D) + D + 8 * g;
+#pragma unroll
+      for (int i = 0; i < VV; ++i) b.v[s][i] = rv >= 0 ? load16(src + 64 * i) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  float m = kNoScore, l = 0.f, acc[NJ][2];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = 0.f;
+  auto consume = [&](const Tile& b, int start) {
+    float s[2][2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      s[u][0] = s[u][1] = 0.f;
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        const uint2 qw = *reinterpret_cast<const uint2*>(&s_q[g][32 * (c / 2) + 8 * t + 4 * (c % 2)]);
+        const uint32_t* kw = reinterpret_cast<const uint32_t*>(&b.k[u][c / 2]);
+        mma_rows8<T>(s[u], qw.x, qw.y, kw[2 * (c % 2)], kw[2 * (c % 2) + 1]);
+      }
+    }
+    float mx = kNoScore;
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[u][e] = start + 8 * u + 2 * t + e < v_end ? s[u][e] * p.scale_log2 : -INFINITY;
+        mx = fmaxf(mx, s[u][e]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx), alpha = exp2f(m - m_new);
+    m = m_new;
+    float pr[2][2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) pr[u][e] = exp2f(s[u][e] - m);
+    l = l * alpha + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+    const uint32_t pa0 = pack2<T>(pr[0][0], pr[0][1]), pa2 = pack2<T>(pr[1][0], pr[1][1]);
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const int i = j / 8, w = (j % 8) / 2, e = j % 2;
+      const uint32_t b0 = pair16(reinterpret_cast<const uint32_t*>(&b.v[0][i])[w],
+                                 reinterpret_cast<const uint32_t*>(&b.v[1][i])[w], e);
+      const uint32_t b1 = pair16(reinterpret_cast<const uint32_t*>(&b.v[2][i])[w],
+                                 reinterpret_cast<const uint32_t*>(&b.v[3][i])[w], e);
+      acc[j][0] *= alpha;
+      acc[j][1] *= alpha;
+      mma_rows8<T>(acc[j], pa0, pa2, b0, b1);
+    }
+  };
+
+  // Two tiles per warp in flight: fetch the next, compute the current.
+  constexpr int kStride = kWarps * NTILE;
+  int start = v_begin + warp * NTILE;
+  Tile a, b;
+  int row = lookup(start);
+  fetch(a, row);
+  row = lookup(start + kStride);
+  for (; start < v_end; start += 2 * kStride) {
+    fetch(b, row);
+    row = lookup(start + 2 * kStride);
+    consume(a, start);
+    if (start + kStride >= v_end) break;
+    fetch(a, row);
+    row = lookup(start + 3 * kStride);
+    consume(b, start + kStride);
+  }
+
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  __shared__ float s_acc[kWarps][kMaxGroup][D];
+  __shared__ float s_m[kWarps][kMaxGroup], s_l[kWarps][kMaxGroup];
+  if (g < G) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const int d = 64 * (j / 8) + 16 * t + j % 8;
+      s_acc[warp][g][d] = acc[j][0];
+      s_acc[warp][g][d + 8] = acc[j][1];
+    }
+    if (t == 0) {
+      s_m[warp][g] = m;
+      s_l[warp][g] = l;
     }
   }
+  __syncthreads();
+  store_merged<T, D, kMaxGroup, false>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
 }
 
 // Joins a multi-partition row: out = sum_j w_j out_j / sum_j w_j with w_j = 2^(lse_j - max lse).
@@ -294,6 +464,13 @@ constexpr int tokens_in_flight() {
   return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
 }
 
+// 2-byte caches at head_dim 64 / 128 take the tensor-core kernel unless VLLM_DUO_DECODE_KERNEL=scalar,
+// read at each launch (a captured graph keeps the kernel it was captured with).
+bool tensor_core_decode() {
+  const char* e = std::getenv("VLLM_DUO_DECODE_KERNEL");
+  return !(e && std::string(e) == "scalar");
+}
+
 // Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
 // score takes one shuffle fewer, each exp2 runs on half as many lanes) took 0.95x the time of
 // D/8 lanes in bf16 and 0.82x in fp8 (H200, 64K keys, batch 16, 50 % streaming heads;
@@ -303,7 +480,15 @@ template <typename T, typename C, int D, int GMAX>
 void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
   constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
-  paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
+  if constexpr (std::is_same_v<T, C> && (D == 64 || D == 128)) {
+    if (tensor_core_decode()) {
+      paged_decode_mma_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
+    }
+  } else {
+    paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_partitions > 1) {
     const size_t smem = (p.num_partitions + D / kWarp) * sizeof(float);

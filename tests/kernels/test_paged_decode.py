@@ -38,11 +38,17 @@ def pattern_heads(rng: random.Random, pattern: str, num_kv_heads: int) -> list[b
     return heads
 
 
+@pytest.mark.parametrize("kernel", ["tensor_core", "scalar"])
 @pytest.mark.parametrize("pattern", ["retrieval", "streaming", "mixed"])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str, evidence) -> None:
+def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str, kernel: str, evidence,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both decode kernels of 2-byte caches: the tensor-core one (the default at head_dim 64 and
+    128) and the scalar one (``VLLM_DUO_DECODE_KERNEL=scalar``, and every other case)."""
+    if kernel == "scalar":
+        monkeypatch.setenv("VLLM_DUO_DECODE_KERNEL", "scalar")
     seed = zlib.crc32(f"{dtype}-{head_dim}-{group}-{pattern}".encode())
     rng = random.Random(seed)
     num_kv_heads = rng.choice([2, 4])
@@ -52,7 +58,7 @@ def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str, evi
                      streaming_heads=pattern_heads(rng, pattern, num_kv_heads),
                      pad_slots=rng.randint(0, 2) if pattern == "mixed" else 0,
                      sink=rng.choice([0, 4, 64]), window=rng.choice([1, 16, 256]), seed=seed)
-    check(case, run_op(case, max(lens)), evidence, f"{dtype} D{head_dim} G{group} {pattern}")
+    check(case, run_op(case, max(lens)), evidence, f"{dtype} D{head_dim} G{group} {pattern} {kernel}")
 
 
 @pytest.mark.parametrize("lens", [[131072], [65536, 7, 0], [16384] * 4 + [1] * 12, [4097] * 64],
