@@ -12,8 +12,8 @@ large device-to-device copy measured in the same run.
 
 Writes results/decode_kernel_<device>_<date>.json and the summary entries
 decode_kernel_ratio_64k_b16_s050 / _s075 / _s000 (duo time / FA3 time, the wrapper's own plan).
-``--kernels tensor_core scalar`` times duo's two decode kernels of 2-byte caches side by side
-(``VLLM_DUO_DECODE_KERNEL``; the figures come from the first listed, default the tensor-core one).
+``--kernels tensor_core scalar`` times duo's two decode kernels side by side (``VLLM_DUO_DECODE_KERNEL``;
+the figures come from the first listed, default the tensor-core one).
 ``--partition-sizes 0 1024 2048`` also times fixed partition sizes (rows only); ``--hybrid`` also
 times FA3 per retrieval slot with duo's kernel for the streaming slots (rows only). ``--kv-cache-dtype
 fp8``: both read e4m3 caches (FA3 with fp8 queries and descales, as vLLM's FLASH_ATTN; duo with
@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between calls")
     ap.add_argument("--kernels", nargs="+", choices=["tensor_core", "scalar"], default=["tensor_core"],
-                    help="duo decode kernels to time (2-byte caches at head_dim 64/128; fp8 always scalar)")
+                    help="duo decode kernels to time (the tensor-core one covers head_dim 64 and 128)")
     ap.add_argument("--partition-sizes", type=int, nargs="+", default=[0],
                     help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",

@@ -11,9 +11,12 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <type_traits>
+
+#include "common.cuh"
 
 namespace vllm_duo {
 
@@ -55,6 +58,20 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // The 16-bit element e (0 or 1) of x and of y, as one register (x's in the low half).
 __device__ __forceinline__ uint32_t pair16(uint32_t x, uint32_t y, int e) {
   return __byte_perm(x, y, e ? 0x7632 : 0x5410);
+}
+
+// Elements 2w and 2w+1 of an 8-element cache vector as one register of two 16-bit elements: the
+// vector's own word for a 2-byte cache; for fp8 e4m3 the two bytes converted to fp16 (exact).
+template <typename C>
+__device__ __forceinline__ uint32_t word16(const CacheVec<C>& v, int w) {
+  if constexpr (sizeof(C) == 2) {
+    return reinterpret_cast<const uint32_t*>(&v)[w];
+  } else {
+    const uint32_t x = w < 2 ? v.x : v.y;
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+        static_cast<__nv_fp8x2_storage_t>(x >> (16 * (w & 1))), __NV_E4M3);
+    return uint32_t(h.x) | (uint32_t(h.y) << 16);
+  }
 }
 
 }  // namespace vllm_duo

@@ -270,22 +270,27 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   store_merged<T, D, GMAX, kFp8>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
 }
 
-// Tensor-core variant for 2-byte caches at head_dim 64 and 128 (any G <= 8). Each warp takes tiles
-// of 16 keys (tile w, w + 4, ... of the partition); S = q K^T and O += P V run as mma.sync
-// m16n8k16 with the group's query heads as rows (rows G..15 zero), so a key costs a few
+// Tensor-core variant for head_dim 64 and 128 (any G <= 8), 2-byte or fp8 e4m3 caches. Each warp
+// takes tiles of 16 keys (tile w, w + 4, ... of the partition); S = q K^T and O += P V run as
+// mma.sync m16n8k16 with the group's query heads as rows (rows G..15 zero), so a key costs a few
 // instructions where the scalar kernel issues hundreds, and the next tile's K/V loads are in
 // flight while a tile is computed (its block-table lookups one tile earlier still).
 // Lane = 4g + t; tile token n (0..15) is key `start + n`.
 // - K: lane (g, t) loads tokens g and 8 + g, elements 32i + 8t .. +8 (i < D/32). The QK mma of
 //   k-chunk c (i = c/2, h = c%2) takes dims 32i + 8t + 4h + {0,1} (b0) and + {2,3} (b1); q is
-//   loaded in the same order (a0, a2), so each score sums all D products, in another order.
+//   read in the same order (a0, a2), so each score sums all D products, in another order.
 // - V: lane (g, t) loads tokens 2t, 2t+1, 2t+8, 2t+9, elements 64i + 8g .. +8 (i < D/64). Output
 //   tile j (8 dims) holds in lane (g, t) dims 64(j/8) + 16t + j%8 (c0) and that + 8 (c1) of head g.
-// P goes to the PV mma in q's 16-bit type, as FA3 does.
-template <typename T, int D>
+// P goes to the PV mma in the mma's 16-bit type, as FA3 does. An fp8 cache is converted pairwise
+// to fp16 (exact) and the mma runs in fp16, q stored as fp16(q / 16) (exact for |q| < 2^20; the
+// 16 and k_scale go into the score scale), v_scale into the merged output.
+template <typename T, typename C, int D>
 __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "tensor-core decode: head_dim 64 or 128");
+  constexpr bool kFp8 = std::is_same_v<C, __nv_fp8_e4m3>;
+  using M = std::conditional_t<kFp8, __half, T>;  // mma element type
   constexpr int KV = D / 32, VV = D / 64, NTILE = 16, NJ = D / 8;
+  constexpr float kQDiv = 16.f;  // fp8: q / 16 in fp16 keeps |q| up to 2^20 finite
   const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
   const int kv_head = p.slot_kv_head[slot];
   if (kv_head < 0) return;
@@ -304,15 +309,28 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   // The group's q (rows past G zero) in shared memory: each QK mma reads its A words from there,
   // which keeps the registers for K/V in flight.
-  __shared__ __align__(16) T s_q[kMaxGroup][D];
+  __shared__ __align__(16) M s_q[kMaxGroup][D];
   const T* qp = static_cast<const T*>(p.q) + seq * p.q_stride_seq + qh0 * p.q_stride_head;
   for (int i = threadIdx.x; i < kMaxGroup * D / kVec; i += kThreads) {
     const int h = i / (D / kVec), d = (i % (D / kVec)) * kVec;
-    *reinterpret_cast<uint4*>(&s_q[h][d]) = h < G ? load16(qp + h * p.q_stride_head + d) : make_uint4(0, 0, 0, 0);
+    uint4 w = make_uint4(0, 0, 0, 0);
+    if (h < G) {
+      w = load16(qp + h * p.q_stride_head + d);
+      if constexpr (kFp8) {
+        float f[kVec];
+        to_float8<T>(w, f);
+        uint32_t* hw = reinterpret_cast<uint32_t*>(&w);
+#pragma unroll
+        for (int k = 0; k < kVec / 2; ++k) hw[k] = pack2<__half>(f[2 * k] / kQDiv, f[2 * k + 1] / kQDiv);
+      }
+    }
+    *reinterpret_cast<uint4*>(&s_q[h][d]) = w;
   }
   __syncthreads();
+  float s_scale = p.scale_log2;
+  if constexpr (kFp8) s_scale *= __ldg(p.k_scale) * kQDiv;
 
-  const T* kv = reinterpret_cast<const T*>(p.kv_ptrs[slot]);
+  const C* kv = reinterpret_cast<const C*>(p.kv_ptrs[slot]);
   const int* bt = reinterpret_cast<const int*>(p.block_table_ptrs[slot]) +
                   seq * p.block_table_strides[slot];
   const int v_begin = part * psize, v_end = min(r.n, v_begin + psize);
@@ -324,22 +342,22 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
     return (__ldg(bt + (pos >> p.block_shift)) << p.block_shift) + (pos & p.block_mask);
   };
   struct Tile {
-    uint4 k[2][KV], v[4][VV];
+    CacheVec<C> k[2][KV], v[4][VV];
   };
   auto fetch = [&](Tile& b, int row) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const int rk = __shfl_sync(0xffffffffu, row, 8 * u + g);
-      const T* src = kv + int64_t(rk) * (2 * D) + 8 * t;
+      const C* src = kv + int64_t(rk) * (2 * D) + 8 * t;
 #pragma unroll
-      for (int i = 0; i < KV; ++i) b.k[u][i] = rk >= 0 ? load16(src + 32 * i) : make_uint4(0, 0, 0, 0);
+      for (int i = 0; i < KV; ++i) b.k[u][i] = rk >= 0 ? load_vec(src + 32 * i) : CacheVec<C>{};
     }
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int rv = __shfl_sync(0xffffffffu, row, 2 * t + (s & 1) + 8 * (s >> 1));
-      const T* src = kv + int64_t(rv) * (2 * D) + D + 8 * g;
+      const C* src = kv + int64_t(rv) * (2 * D) + D + 8 * g;
 #pragma unroll
-      for (int i = 0; i < VV; ++i) b.v[s][i] = rv >= 0 ? load16(src + 64 * i) : make_uint4(0, 0, 0, 0);
+      for (int i = 0; i < VV; ++i) b.v[s][i] = rv >= 0 ? load_vec(src + 64 * i) : CacheVec<C>{};
     }
   };
 
@@ -354,8 +372,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
         const uint2 qw = *reinterpret_cast<const uint2*>(&s_q[g][32 * (c / 2) + 8 * t + 4 * (c % 2)]);
-        const uint32_t* kw = reinterpret_cast<const uint32_t*>(&b.k[u][c / 2]);
-        mma_rows8<T>(s[u], qw.x, qw.y, kw[2 * (c % 2)], kw[2 * (c % 2) + 1]);
+        mma_rows8<M>(s[u], qw.x, qw.y, word16<C>(b.k[u][c / 2], 2 * (c % 2)),
+                     word16<C>(b.k[u][c / 2], 2 * (c % 2) + 1));
       }
     }
     float mx = kNoScore;
@@ -363,7 +381,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
     for (int u = 0; u < 2; ++u)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[u][e] = start + 8 * u + 2 * t + e < v_end ? s[u][e] * p.scale_log2 : -INFINITY;
+        s[u][e] = start + 8 * u + 2 * t + e < v_end ? s[u][e] * s_scale : -INFINITY;
         mx = fmaxf(mx, s[u][e]);
       }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -376,17 +394,15 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
 #pragma unroll
       for (int e = 0; e < 2; ++e) pr[u][e] = exp2f(s[u][e] - m);
     l = l * alpha + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
-    const uint32_t pa0 = pack2<T>(pr[0][0], pr[0][1]), pa2 = pack2<T>(pr[1][0], pr[1][1]);
+    const uint32_t pa0 = pack2<M>(pr[0][0], pr[0][1]), pa2 = pack2<M>(pr[1][0], pr[1][1]);
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
       const int i = j / 8, w = (j % 8) / 2, e = j % 2;
-      const uint32_t b0 = pair16(reinterpret_cast<const uint32_t*>(&b.v[0][i])[w],
-                                 reinterpret_cast<const uint32_t*>(&b.v[1][i])[w], e);
-      const uint32_t b1 = pair16(reinterpret_cast<const uint32_t*>(&b.v[2][i])[w],
-                                 reinterpret_cast<const uint32_t*>(&b.v[3][i])[w], e);
+      const uint32_t b0 = pair16(word16<C>(b.v[0][i], w), word16<C>(b.v[1][i], w), e);
+      const uint32_t b1 = pair16(word16<C>(b.v[2][i], w), word16<C>(b.v[3][i], w), e);
       acc[j][0] *= alpha;
       acc[j][1] *= alpha;
-      mma_rows8<T>(acc[j], pa0, pa2, b0, b1);
+      mma_rows8<M>(acc[j], pa0, pa2, b0, b1);
     }
   };
 
@@ -424,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
     }
   }
   __syncthreads();
-  store_merged<T, D, kMaxGroup, false>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
+  store_merged<T, D, kMaxGroup, kFp8>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
 }
 
 // Joins a multi-partition row: out = sum_j w_j out_j / sum_j w_j with w_j = 2^(lse_j - max lse).
@@ -464,7 +480,7 @@ constexpr int tokens_in_flight() {
   return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
 }
 
-// 2-byte caches at head_dim 64 / 128 take the tensor-core kernel unless VLLM_DUO_DECODE_KERNEL=scalar,
+// Head_dim 64 / 128 takes the tensor-core kernel unless VLLM_DUO_DECODE_KERNEL=scalar,
 // read at each launch (a captured graph keeps the kernel it was captured with).
 bool tensor_core_decode() {
   const char* e = std::getenv("VLLM_DUO_DECODE_KERNEL");
@@ -480,9 +496,9 @@ template <typename T, typename C, int D, int GMAX>
 void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t stream) {
   constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
-  if constexpr (std::is_same_v<T, C> && (D == 64 || D == 128)) {
+  if constexpr (D == 64 || D == 128) {
     if (tensor_core_decode()) {
-      paged_decode_mma_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+      paged_decode_mma_kernel<T, C, D><<<grid, kThreads, 0, stream>>>(p);
     } else {
       paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
     }

@@ -45,8 +45,8 @@ def pattern_heads(rng: random.Random, pattern: str, num_kv_heads: int) -> list[b
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str, kernel: str, evidence,
                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both decode kernels of 2-byte caches: the tensor-core one (the default at head_dim 64 and
-    128) and the scalar one (``VLLM_DUO_DECODE_KERNEL=scalar``, and every other case)."""
+    """Both decode kernels: the tensor-core one (the default at head_dim 64 and 128) and the
+    scalar one (``VLLM_DUO_DECODE_KERNEL=scalar``, and head_dim 256)."""
     if kernel == "scalar":
         monkeypatch.setenv("VLLM_DUO_DECODE_KERNEL", "scalar")
     seed = zlib.crc32(f"{dtype}-{head_dim}-{group}-{pattern}".encode())
@@ -188,16 +188,23 @@ def test_opcheck() -> None:
     torch.library.opcheck(torch.ops.vllm_duo.paged_decode.default, args)
 
 
+@pytest.mark.parametrize("kernel", ["tensor_core", "scalar"])
 @pytest.mark.parametrize("values", list(FP8_STD))
 @pytest.mark.parametrize("group", [1, 2, 3, 8])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-def test_fp8_cache(dtype: str, head_dim: int, group: int, values: str, evidence) -> None:
+def test_fp8_cache(dtype: str, head_dim: int, group: int, values: str, kernel: str, evidence,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
     """fp8 e4m3 caches (k_scale 0.05, v_scale 0.03), every fp8 kernel variant (q dtype x head_dim
-    x G tile), a streaming, a retrieval and a padding slot, a ragged batch, planned partitions and
+    x G tile; the tensor-core kernel at head_dim 64 and 128 unless ``kernel`` is scalar), a
+    streaming, a retrieval and a padding slot, a ragged batch, planned partitions and
     128-key ones (combine path). A kernel reading with 2 x k_scale or ignoring v_scale (and an
     all-zeros output) must fail the same check; "saturated" K/V have many values past
     448 * scale, stored as +-448."""
+    if kernel == "scalar":
+        if head_dim == 256:
+            pytest.skip("head_dim 256 has the scalar kernel only (the tensor_core case runs it)")
+        monkeypatch.setenv("VLLM_DUO_DECODE_KERNEL", "scalar")
     seed = zlib.crc32(f"fp8-{dtype}-{head_dim}-{group}-{values}".encode())
     rng = random.Random(seed)
     max_len = rng.choice([300, 2048, 5000])
@@ -211,7 +218,7 @@ def test_fp8_cache(dtype: str, head_dim: int, group: int, values: str, evidence)
         assert any(((c.view(torch.uint8) & 0x7F) == 0x7E).any() for c in case.caches if c is not None)
     ref = reference_decode(case)
     for partition_size in (None, 128):
-        label = f"{dtype} D{head_dim} G{group} {values} partition {partition_size}"
+        label = f"{dtype} D{head_dim} G{group} {values} partition {partition_size} {kernel}"
         gap = scaled_error(run_op(case, max_len, partition_size), ref)
         evidence(FP8_COMPARES, METRIC, gap, "all-zeros output", scaled_error(torch.zeros_like(ref), ref),
                  label=label)
