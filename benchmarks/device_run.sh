@@ -64,6 +64,7 @@ for stage in "$@"; do
     capacity-admit) run_for 580 python benchmarks/capacity.py --admit --modes window $ADMIT_ARGS ;;
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     decode-fp8) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --kv-cache-dtype fp8 ;;
+    decode-ncu) run_for 200 bash benchmarks/decode_ncu.sh ;;
     decode-hybrid) run_for 300 python benchmarks/decode_kernel.py --repeats 20 --contexts 65536 131072 --batches 16 64 --hybrid ;;
     decode-sweep) run_for 400 python benchmarks/decode_kernel.py --repeats 10 --contexts 1024 4096 65536 131072 \
       --batches 16 64 --partition-sizes 0 1024 2048 4096 ;;
