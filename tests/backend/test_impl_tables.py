@@ -392,6 +392,17 @@ print("ok")
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def _step_metas(names, builders, tables, qsl, seq_lens, max_seq_len: int) -> dict:
+    """Each slot group's metadata for one step with rows at ``qsl`` and lengths ``seq_lens``, the
+    lengths also given as vLLM's host bound (as on a step without a cached prefix)."""
+    n_tok = int(qsl[-1])
+    common = dict(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=seq_lens.numel(),
+                  num_actual_tokens=n_tok, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+                  max_seq_len=max_seq_len, slot_mapping=torch.arange(n_tok), seq_lens_cpu_upper_bound=seq_lens)
+    return {name: b.build(0, CommonAttentionMetadata(block_table_tensor=t, **common))
+            for name, b, t in zip(names, builders, tables)}
+
+
 def test_mixed_step_sends_fresh_and_continuing_chunks_to_their_own_paths(monkeypatch):
     """One decode, a continuing chunk, two fresh prompts (no longer than sink + prefill window),
     another continuing chunk: the fresh prompts take one FA3 call over every head on the step's
@@ -415,11 +426,7 @@ def test_mixed_step_sends_fresh_and_continuing_chunks_to_their_own_paths(monkeyp
     seq_lens = torch.tensor([40, 23, 5, SINK + WIN, 32], dtype=torch.int32)
     n_tok = int(qsl[-1])
     tables = [torch.arange(5 * WIDTH, dtype=torch.int32).view(5, WIDTH) + 1 + 20 * i for i in range(2)]
-    metas = {name: b.build(0, CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=5, num_actual_tokens=n_tok,
-        max_query_len=max(lens), max_seq_len=40, block_table_tensor=t, slot_mapping=torch.arange(n_tok),
-        seq_lens_cpu_upper_bound=seq_lens))
-        for name, b, t in zip(names, builders, tables)}
+    metas = _step_metas(names, builders, tables, qsl, seq_lens, max_seq_len=40)
     parts = metas["l0"].prefill_parts
     assert [(p.r0, p.r1, p.fresh) for p in parts] == [(1, 2, False), (2, 4, True), (4, 5, False)]
     monkeypatch.setattr(impl_module, "get_forward_context", lambda: SimpleNamespace(attn_metadata=metas))
@@ -503,14 +510,10 @@ def test_continuing_chunks_within_sink_and_window_take_fa3_in_every_slot(monkeyp
     tables = [torch.randperm(POOL)[:3 * WIDTH].to(torch.int32).view(3, WIDTH) for _ in range(2)]
     for extra, causal in ((0, True), (1, False)):
         fa.clear(), window.clear()
-        lens = [1, 3, 5]  # a decode, then continuing chunks ending at SINK + WIN - 2 and SINK + WIN (+ extra)
+        # a decode, then continuing chunks of 3 and 5 ending at SINK + WIN - 2 and SINK + WIN (+ extra)
         seq_lens = torch.tensor([20, SINK + WIN - 2, SINK + WIN + extra], dtype=torch.int32)
         qsl = torch.tensor([0, 1, 4, 9], dtype=torch.int32)
-        metas = {name: b.build(0, CommonAttentionMetadata(
-            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=3, num_actual_tokens=9,
-            max_query_len=max(lens), max_seq_len=20, block_table_tensor=t, slot_mapping=torch.arange(9),
-            seq_lens_cpu_upper_bound=seq_lens))
-            for name, b, t in zip(names, builders, tables)}
+        metas = _step_metas(names, builders, tables, qsl, seq_lens, max_seq_len=20)
         (part,) = metas["l0"].prefill_parts
         assert (part.r0, part.r1, part.fresh, part.max_seq_len) == (1, 3, False, SINK + WIN + extra)
         q, out = torch.randn(9, H * G, D), torch.full((9, H * G, D), float("nan"))

@@ -267,7 +267,7 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             if not (retrieval if is_retrieval else streaming):
                 continue
             if is_retrieval or streaming_causal:
-                self._retrieval(q[:, heads], k_cache, v_cache, output[rows, heads], metas[slot.name], part,
+                self._fa3_paged(q[:, heads], k_cache, v_cache, output[rows, heads], metas[slot.name], part,
                                 cu_seqlens_q, seq_lens, descales)
             else:
                 self._streaming(query[rows, heads], k_cache, v_cache, output[rows, heads], metas[slot.name],
@@ -289,8 +289,9 @@ class DuoAttentionImpl(AttentionImpl[DuoMetadata]):
             sink_size=self.opts.sink_size, window=self.opts.prefill_window, scale=self.scale,
             block_table_row0=part.r0, out=output[rows], **scales)
 
-    def _retrieval(self, q, k_cache, v_cache, out, meta: DuoMetadata, part: PrefillPart, cu_seqlens_q,
+    def _fa3_paged(self, q, k_cache, v_cache, out, meta: DuoMetadata, part: PrefillPart, cu_seqlens_q,
                    seq_lens, descales: dict) -> None:
+        """FA3 causal over one slot's cache (a retrieval slot, or any slot on a causal part)."""
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         flash_attn_varlen_func(
