@@ -35,6 +35,21 @@ __device__ __forceinline__ CacheVec<T> load_vec(const T* p) {
     return __ldg(reinterpret_cast<const uint2*>(p));
 }
 
+// 16 bytes global -> shared without passing through registers (zero-filled when !valid, which
+// reads nothing), grouped by commit and waited for with wait<N> (all but the newest N groups).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 template <typename T>
 __device__ __forceinline__ void to_float8(const CacheVec<T>& raw, float (&f)[kVec]);
 

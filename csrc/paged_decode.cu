@@ -270,6 +270,25 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   store_merged<T, D, GMAX, kFp8>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
 }
 
+// Shared-memory tiles of the tensor-core kernel: per warp kStages tiles of 16 cache rows (K then
+// V, as stored). 16-byte chunk c of row r sits at chunk c ^ swizzle(r): the fragment reads of 8
+// lanes (one shared-memory wavefront) then hit 8 different bank groups, for K (rows g, chunks
+// t + 4i) and for V (rows 2t + s, chunks g + 8i) alike.
+template <typename C, int D, int S>
+struct MmaSmem {
+  static constexpr int kRowBytes = 2 * D * int(sizeof(C));
+  static constexpr int kTileBytes = 16 * kRowBytes;
+  static constexpr int kStages = S;
+  static constexpr int kBytes = kWarps * kStages * kTileBytes;
+  static_assert(kRowBytes >= 128, "the swizzle permutes 8 chunks of a row");
+};
+
+template <int kRowBytes>
+__device__ __forceinline__ int smem_offset(int row, int byte) {
+  const int swizzle = ((row & 1) << 2) ^ (((row >> 1) & 3) << 1);
+  return row * kRowBytes + ((((byte >> 4) ^ swizzle)) << 4) + (byte & 15);
+}
+
 // Tensor-core variant for head_dim 64 and 128 (any G <= 8), 2-byte or fp8 e4m3 caches. Each warp
 // takes tiles of 16 keys (tile w, w + 4, ... of the partition); S = q K^T and O += P V run as
 // mma.sync m16n8k16 with the group's query heads as rows (rows G..15 zero), so a key costs a few
@@ -284,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
 // P goes to the PV mma in the mma's 16-bit type, as FA3 does. An fp8 cache is converted pairwise
 // to fp16 (exact) and the mma runs in fp16, q stored as fp16(q / 16) (exact for |q| < 2^20; the
 // 16 and k_scale go into the score scale), v_scale into the merged output.
-template <typename T, typename C, int D>
+template <typename T, typename C, int D, bool kSmem, int S = 3>
 __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "tensor-core decode: head_dim 64 or 128");
   constexpr bool kFp8 = std::is_same_v<C, __nv_fp8_e4m3>;
@@ -406,26 +425,99 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
     }
   };
 
-  // Two tiles per warp in flight: fetch the next, compute the current.
-  constexpr int kStride = kWarps * NTILE;
-  int start = v_begin + warp * NTILE;
-  Tile a, b;
-  int row = lookup(start);
-  fetch(a, row);
-  row = lookup(start + kStride);
-  for (; start < v_end; start += 2 * kStride) {
-    fetch(b, row);
-    row = lookup(start + 2 * kStride);
-    consume(a, start);
-    if (start + kStride >= v_end) break;
+  if constexpr (kSmem) {
+    // kStages tiles per warp in shared memory, copied by cp.async one 16-byte chunk per lane
+    // (each copy instruction reads whole rows: full 128-byte lines), kStages - 1 in flight while
+    // one is computed. Fragments are read back in the register layout above.
+    using Sm = MmaSmem<C, D, S>;
+    constexpr int kRowBytes = Sm::kRowBytes, kTileBytes = Sm::kTileBytes;
+    constexpr int kStages = Sm::kStages, kChunks = kRowBytes / 16;
+    extern __shared__ __align__(128) unsigned char s_dyn[];
+    unsigned char* s_tiles = s_dyn + warp * kStages * kTileBytes;
+    const unsigned char* kv_bytes = reinterpret_cast<const unsigned char*>(kv);
+    auto issue = [&](int stage, int row) {
+      unsigned char* dst = s_tiles + stage * kTileBytes;
+#pragma unroll
+      for (int j = 0; j < kChunks / 2; ++j) {
+        const int c = lane + kWarp * j, r = c / kChunks, ch = c % kChunks;
+        const int rr = __shfl_sync(0xffffffffu, row, r);
+        cp_async16(dst + smem_offset<kRowBytes>(r, 16 * ch), kv_bytes + int64_t(max(rr, 0)) * kRowBytes + 16 * ch,
+                   rr >= 0);
+      }
+    };
+    auto read = [&](Tile& b, int stage) {
+      const unsigned char* src = s_tiles + stage * kTileBytes;
+      auto vec = [&](int r, int e) {
+        return *reinterpret_cast<const CacheVec<C>*>(src + smem_offset<kRowBytes>(r, e * int(sizeof(C))));
+      };
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int i = 0; i < KV; ++i) b.k[u][i] = vec(8 * u + g, 8 * t + 32 * i);
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int i = 0; i < VV; ++i) b.v[s][i] = vec(2 * t + (s & 1) + 8 * (s >> 1), D + 8 * g + 64 * i);
+    };
+    constexpr int kStride = kWarps * NTILE;
+    const int first = v_begin + warp * NTILE;
+    const int ntiles = first < v_end ? ceil_div(v_end - first, kStride) : 0;
+    int row = lookup(first);
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < ntiles) {
+        issue(s, row);
+        row = lookup(first + (s + 1) * kStride);
+      }
+      cp_async_commit();
+    }
+    for (int k = 0; k < ntiles; ++k) {
+      const int nk = k + kStages - 1;
+      if (nk < ntiles) {  // into the stage computed last iteration (the __syncwarp below)
+        issue(nk % kStages, row);
+        row = lookup(first + (nk + 1) * kStride);
+      }
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncwarp();
+      Tile b;
+      read(b, k % kStages);
+      consume(b, first + k * kStride);
+      __syncwarp();
+    }
+    cp_async_wait<0>();
+  } else {
+    // Two tiles per warp in flight: fetch the next, compute the current.
+    constexpr int kStride = kWarps * NTILE;
+    int start = v_begin + warp * NTILE;
+    Tile a, b;
+    int row = lookup(start);
     fetch(a, row);
-    row = lookup(start + 3 * kStride);
-    consume(b, start + kStride);
+    row = lookup(start + kStride);
+    for (; start < v_end; start += 2 * kStride) {
+      fetch(b, row);
+      row = lookup(start + 2 * kStride);
+      consume(a, start);
+      if (start + kStride >= v_end) break;
+      fetch(a, row);
+      row = lookup(start + 3 * kStride);
+      consume(b, start + kStride);
+    }
   }
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
-  __shared__ float s_acc[kWarps][kMaxGroup][D];
+  using Acc = float[kWarps][kMaxGroup][D];
+  Acc* acc_buf;
+  if constexpr (kSmem) {  // the warps' states go where the tiles were, once every warp is done
+    extern __shared__ __align__(128) unsigned char s_dyn[];
+    __syncthreads();
+    acc_buf = reinterpret_cast<Acc*>(s_dyn);
+  } else {
+    __shared__ Acc s_acc_static;
+    acc_buf = &s_acc_static;
+  }
+  Acc& s_acc = *acc_buf;
   __shared__ float s_m[kWarps][kMaxGroup], s_l[kWarps][kMaxGroup];
   if (g < G) {
 #pragma unroll
@@ -482,9 +574,18 @@ constexpr int tokens_in_flight() {
 
 // Head_dim 64 / 128 takes the tensor-core kernel unless VLLM_DUO_DECODE_KERNEL=scalar,
 // read at each launch (a captured graph keeps the kernel it was captured with).
-bool tensor_core_decode() {
+std::string decode_kernel_choice() {
   const char* e = std::getenv("VLLM_DUO_DECODE_KERNEL");
-  return !(e && std::string(e) == "scalar");
+  return e ? std::string(e) : std::string("tensor_core");
+}
+
+template <typename T, typename C, int D, int S>
+void launch_mma_smem(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = MmaSmem<C, D, S>::kBytes;
+  static_assert(smem >= int(sizeof(float)) * kWarps * kMaxGroup * D, "the merge reuses the tiles");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_mma_kernel<T, C, D, true, S>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  paged_decode_mma_kernel<T, C, D, true, S><<<grid, kThreads, smem, stream>>>(p);
 }
 
 // Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
@@ -497,8 +598,13 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
   if constexpr (D == 64 || D == 128) {
-    if (tensor_core_decode()) {
-      paged_decode_mma_kernel<T, C, D><<<grid, kThreads, 0, stream>>>(p);
+    const std::string choice = decode_kernel_choice();
+    if (choice == "tensor_core_regs") {
+      paged_decode_mma_kernel<T, C, D, false><<<grid, kThreads, 0, stream>>>(p);
+    } else if (choice == "tensor_core_s2") {
+      launch_mma_smem<T, C, D, 2>(p, grid, stream);
+    } else if (choice != "scalar") {
+      launch_mma_smem<T, C, D, 3>(p, grid, stream);
     } else {
       paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
     }
