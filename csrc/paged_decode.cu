@@ -3,8 +3,9 @@
 //
 // Work item = one CTA per (partition, slot, sequence). A slot's keys form a virtual range
 // [0, n) (retrieval: all L keys; streaming: sink then window, never the gap between), split into
-// partitions flash-decoding style. Each CTA loads every K/V row of its partition once, with
-// 16-byte loads straight into registers, and uses it for all G query heads of the slot's group.
+// partitions flash-decoding style. Each CTA loads every K/V row of its partition once (the
+// tensor-core kernel through shared memory, the scalar one with 16-byte loads straight into
+// registers) and uses it for all G query heads of the slot's group.
 // An fp8 e4m3 cache (8-byte loads) is dequantized by folding k_scale into the query's score scale
 // and v_scale into the output, so the inner loop only converts fp8 to float.
 // One-partition rows are written directly; longer rows go through tmp_out/tmp_lse and a
@@ -15,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -270,15 +272,14 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   store_merged<T, D, GMAX, kFp8>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
 }
 
-// Shared-memory tiles of the tensor-core kernel: per warp kStages tiles of 16 cache rows (K then
-// V, as stored). 16-byte chunk c of row r sits at chunk c ^ swizzle(r): the fragment reads of 8
+// Shared-memory tiles of the tensor-core kernel: per warp kStages stages of 16 cache rows (K then V,
+// as stored). 16-byte chunk c of row r sits at chunk c ^ swizzle(r): the fragment reads of 8
 // lanes (one shared-memory wavefront) then hit 8 different bank groups, for K (rows g, chunks
-// t + 4i) and for V (rows 2t + s, chunks g + 8i) alike.
-template <typename C, int D, int S>
+// t + 4i) and for V (rows 2t + s, chunks g + 8i) alike (2-byte caches).
+template <typename C, int D, int kStages>
 struct MmaSmem {
   static constexpr int kRowBytes = 2 * D * int(sizeof(C));
   static constexpr int kTileBytes = 16 * kRowBytes;
-  static constexpr int kStages = S;
   static constexpr int kBytes = kWarps * kStages * kTileBytes;
   static_assert(kRowBytes >= 128, "the swizzle permutes 8 chunks of a row");
 };
@@ -286,29 +287,34 @@ struct MmaSmem {
 template <int kRowBytes>
 __device__ __forceinline__ int smem_offset(int row, int byte) {
   const int swizzle = ((row & 1) << 2) ^ (((row >> 1) & 3) << 1);
-  return row * kRowBytes + ((((byte >> 4) ^ swizzle)) << 4) + (byte & 15);
+  return row * kRowBytes + (((byte >> 4) ^ swizzle) << 4) + (byte & 15);
 }
 
 // Tensor-core variant for head_dim 64 and 128 (any G <= 8), 2-byte or fp8 e4m3 caches. Each warp
 // takes tiles of 16 keys (tile w, w + 4, ... of the partition); S = q K^T and O += P V run as
 // mma.sync m16n8k16 with the group's query heads as rows (rows G..15 zero), so a key costs a few
-// instructions where the scalar kernel issues hundreds, and the next tile's K/V loads are in
-// flight while a tile is computed (its block-table lookups one tile earlier still).
-// Lane = 4g + t; tile token n (0..15) is key `start + n`.
-// - K: lane (g, t) loads tokens g and 8 + g, elements 32i + 8t .. +8 (i < D/32). The QK mma of
+// instructions where the scalar kernel issues hundreds.
+// Loads: cp.async copies a tile's 16 cache rows to shared memory, one 16-byte chunk per lane, so
+// each copy instruction reads whole rows (full 128-byte lines; register loads of the fragment
+// layout read 64-byte pieces, and the L2 request rate held them at 80 % of DRAM bandwidth), and
+// kStages - 1 tiles per warp are in flight while one is computed, without holding registers. A tile's
+// block-table lookups run one tile ahead of its copy.
+// Fragments, read back from shared memory (lane = 4g + t; tile token n (0..15) is key start + n):
+// - K: lane (g, t) reads tokens g and 8 + g, elements 32i + 8t .. +8 (i < D/32). The QK mma of
 //   k-chunk c (i = c/2, h = c%2) takes dims 32i + 8t + 4h + {0,1} (b0) and + {2,3} (b1); q is
 //   read in the same order (a0, a2), so each score sums all D products, in another order.
-// - V: lane (g, t) loads tokens 2t, 2t+1, 2t+8, 2t+9, elements 64i + 8g .. +8 (i < D/64). Output
+// - V: lane (g, t) reads tokens 2t, 2t+1, 2t+8, 2t+9, elements 64i + 8g .. +8 (i < D/64). Output
 //   tile j (8 dims) holds in lane (g, t) dims 64(j/8) + 16t + j%8 (c0) and that + 8 (c1) of head g.
 // P goes to the PV mma in the mma's 16-bit type, as FA3 does. An fp8 cache is converted pairwise
 // to fp16 (exact) and the mma runs in fp16, q stored as fp16(q / 16) (exact for |q| < 2^20; the
 // 16 and k_scale go into the score scale), v_scale into the merged output.
-template <typename T, typename C, int D, bool kSmem, int S = 3>
+template <typename T, typename C, int D, int kStages>
 __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "tensor-core decode: head_dim 64 or 128");
   constexpr bool kFp8 = std::is_same_v<C, __nv_fp8_e4m3>;
   using M = std::conditional_t<kFp8, __half, T>;  // mma element type
-  constexpr int KV = D / 32, VV = D / 64, NTILE = 16, NJ = D / 8;
+  using Sm = MmaSmem<C, D, kStages>;
+  constexpr int KV = D / 32, VV = D / 64, NTILE = 16, NJ = D / 8, kChunks = Sm::kRowBytes / 16;
   constexpr float kQDiv = 16.f;  // fp8: q / 16 in fp16 keeps |q| up to 2^20 finite
   const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
   const int kv_head = p.slot_kv_head[slot];
@@ -326,8 +332,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
   }
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
-  // The group's q (rows past G zero) in shared memory: each QK mma reads its A words from there,
-  // which keeps the registers for K/V in flight.
+  // The group's q (rows past G zero) in shared memory: each QK mma reads its A words from there.
   __shared__ __align__(16) M s_q[kMaxGroup][D];
   const T* qp = static_cast<const T*>(p.q) + seq * p.q_stride_seq + qh0 * p.q_stride_head;
   for (int i = threadIdx.x; i < kMaxGroup * D / kVec; i += kThreads) {
@@ -360,24 +365,36 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
     const int pos = v < r.sink_end ? v : v - r.sink_end + r.win_start;
     return (__ldg(bt + (pos >> p.block_shift)) << p.block_shift) + (pos & p.block_mask);
   };
+  extern __shared__ __align__(128) unsigned char s_dyn[];
+  unsigned char* s_tiles = s_dyn + warp * kStages * Sm::kTileBytes;
+  const unsigned char* kv_bytes = reinterpret_cast<const unsigned char*>(kv);
+  // Copies the tile whose rows lanes 0..15 hold (`row`, -1: zeros) into stage `stage`.
+  auto issue = [&](int stage, int row) {
+    unsigned char* dst = s_tiles + stage * Sm::kTileBytes;
+#pragma unroll
+    for (int j = 0; j < kChunks / 2; ++j) {
+      const int c = lane + kWarp * j, rt = c / kChunks, ch = c % kChunks;
+      const int rr = __shfl_sync(0xffffffffu, row, rt);
+      cp_async16(dst + smem_offset<Sm::kRowBytes>(rt, 16 * ch),
+                 kv_bytes + int64_t(max(rr, 0)) * Sm::kRowBytes + 16 * ch, rr >= 0);
+    }
+  };
   struct Tile {
     CacheVec<C> k[2][KV], v[4][VV];
   };
-  auto fetch = [&](Tile& b, int row) {
+  auto read = [&](Tile& b, int stage) {
+    const unsigned char* src = s_tiles + stage * Sm::kTileBytes;
+    auto vec = [&](int rt, int e) {
+      return *reinterpret_cast<const CacheVec<C>*>(src + smem_offset<Sm::kRowBytes>(rt, e * int(sizeof(C))));
+    };
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int rk = __shfl_sync(0xffffffffu, row, 8 * u + g);
-      const C* src = kv + int64_t(rk) * (2 * D) + 8 * t;
+    for (int u = 0; u < 2; ++u)
 #pragma unroll
-      for (int i = 0; i < KV; ++i) b.k[u][i] = rk >= 0 ? load_vec(src + 32 * i) : CacheVec<C>{};
-    }
+      for (int i = 0; i < KV; ++i) b.k[u][i] = vec(8 * u + g, 8 * t + 32 * i);
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const int rv = __shfl_sync(0xffffffffu, row, 2 * t + (s & 1) + 8 * (s >> 1));
-      const C* src = kv + int64_t(rv) * (2 * D) + D + 8 * g;
+    for (int s = 0; s < 4; ++s)
 #pragma unroll
-      for (int i = 0; i < VV; ++i) b.v[s][i] = rv >= 0 ? load_vec(src + 64 * i) : CacheVec<C>{};
-    }
+      for (int i = 0; i < VV; ++i) b.v[s][i] = vec(2 * t + (s & 1) + 8 * (s >> 1), D + 8 * g + 64 * i);
   };
 
   float m = kNoScore, l = 0.f, acc[NJ][2];
@@ -425,99 +442,40 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
     }
   };
 
-  if constexpr (kSmem) {
-    // kStages tiles per warp in shared memory, copied by cp.async one 16-byte chunk per lane
-    // (each copy instruction reads whole rows: full 128-byte lines), kStages - 1 in flight while
-    // one is computed. Fragments are read back in the register layout above.
-    using Sm = MmaSmem<C, D, S>;
-    constexpr int kRowBytes = Sm::kRowBytes, kTileBytes = Sm::kTileBytes;
-    constexpr int kStages = Sm::kStages, kChunks = kRowBytes / 16;
-    extern __shared__ __align__(128) unsigned char s_dyn[];
-    unsigned char* s_tiles = s_dyn + warp * kStages * kTileBytes;
-    const unsigned char* kv_bytes = reinterpret_cast<const unsigned char*>(kv);
-    auto issue = [&](int stage, int row) {
-      unsigned char* dst = s_tiles + stage * kTileBytes;
+  // kStages - 1 tiles in flight; each iteration refills the stage the previous one computed.
+  constexpr int kStride = kWarps * NTILE;
+  const int first = v_begin + warp * NTILE;
+  const int ntiles = first < v_end ? ceil_div(v_end - first, kStride) : 0;
+  int row = lookup(first);
 #pragma unroll
-      for (int j = 0; j < kChunks / 2; ++j) {
-        const int c = lane + kWarp * j, r = c / kChunks, ch = c % kChunks;
-        const int rr = __shfl_sync(0xffffffffu, row, r);
-        cp_async16(dst + smem_offset<kRowBytes>(r, 16 * ch), kv_bytes + int64_t(max(rr, 0)) * kRowBytes + 16 * ch,
-                   rr >= 0);
-      }
-    };
-    auto read = [&](Tile& b, int stage) {
-      const unsigned char* src = s_tiles + stage * kTileBytes;
-      auto vec = [&](int r, int e) {
-        return *reinterpret_cast<const CacheVec<C>*>(src + smem_offset<kRowBytes>(r, e * int(sizeof(C))));
-      };
-#pragma unroll
-      for (int u = 0; u < 2; ++u)
-#pragma unroll
-        for (int i = 0; i < KV; ++i) b.k[u][i] = vec(8 * u + g, 8 * t + 32 * i);
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-#pragma unroll
-        for (int i = 0; i < VV; ++i) b.v[s][i] = vec(2 * t + (s & 1) + 8 * (s >> 1), D + 8 * g + 64 * i);
-    };
-    constexpr int kStride = kWarps * NTILE;
-    const int first = v_begin + warp * NTILE;
-    const int ntiles = first < v_end ? ceil_div(v_end - first, kStride) : 0;
-    int row = lookup(first);
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < ntiles) {
-        issue(s, row);
-        row = lookup(first + (s + 1) * kStride);
-      }
-      cp_async_commit();
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ntiles) {
+      issue(s, row);
+      row = lookup(first + (s + 1) * kStride);
     }
-    for (int k = 0; k < ntiles; ++k) {
-      const int nk = k + kStages - 1;
-      if (nk < ntiles) {  // into the stage computed last iteration (the __syncwarp below)
-        issue(nk % kStages, row);
-        row = lookup(first + (nk + 1) * kStride);
-      }
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();
-      __syncwarp();
-      Tile b;
-      read(b, k % kStages);
-      consume(b, first + k * kStride);
-      __syncwarp();
-    }
-    cp_async_wait<0>();
-  } else {
-    // Two tiles per warp in flight: fetch the next, compute the current.
-    constexpr int kStride = kWarps * NTILE;
-    int start = v_begin + warp * NTILE;
-    Tile a, b;
-    int row = lookup(start);
-    fetch(a, row);
-    row = lookup(start + kStride);
-    for (; start < v_end; start += 2 * kStride) {
-      fetch(b, row);
-      row = lookup(start + 2 * kStride);
-      consume(a, start);
-      if (start + kStride >= v_end) break;
-      fetch(a, row);
-      row = lookup(start + 3 * kStride);
-      consume(b, start + kStride);
-    }
+    cp_async_commit();
   }
+  for (int k = 0; k < ntiles; ++k) {
+    const int nk = k + kStages - 1;
+    if (nk < ntiles) {
+      issue(nk % kStages, row);
+      row = lookup(first + (nk + 1) * kStride);
+    }
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+    Tile b;
+    read(b, k % kStages);
+    consume(b, first + k * kStride);
+    __syncwarp();
+  }
+  cp_async_wait<0>();
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
-  using Acc = float[kWarps][kMaxGroup][D];
-  Acc* acc_buf;
-  if constexpr (kSmem) {  // the warps' states go where the tiles were, once every warp is done
-    extern __shared__ __align__(128) unsigned char s_dyn[];
-    __syncthreads();
-    acc_buf = reinterpret_cast<Acc*>(s_dyn);
-  } else {
-    __shared__ Acc s_acc_static;
-    acc_buf = &s_acc_static;
-  }
-  Acc& s_acc = *acc_buf;
+  // The warps' states go where the tiles were, once every warp is done with its tiles.
+  __syncthreads();
+  auto& s_acc = *reinterpret_cast<float (*)[kWarps][kMaxGroup][D]>(s_dyn);
   __shared__ float s_m[kWarps][kMaxGroup], s_l[kWarps][kMaxGroup];
   if (g < G) {
 #pragma unroll
@@ -579,13 +537,20 @@ std::string decode_kernel_choice() {
   return e ? std::string(e) : std::string("tensor_core");
 }
 
-template <typename T, typename C, int D, int S>
+// The tiles need more than the 48 KB of shared memory a launch gets by default: raised once per
+// kernel and device (a function attribute, so not part of a captured graph).
+template <typename T, typename C, int D, int kStages>
 void launch_mma_smem(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = MmaSmem<C, D, S>::kBytes;
+  constexpr int smem = MmaSmem<C, D, kStages>::kBytes;
   static_assert(smem >= int(sizeof(float)) * kWarps * kMaxGroup * D, "the merge reuses the tiles");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_mma_kernel<T, C, D, true, S>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  paged_decode_mma_kernel<T, C, D, true, S><<<grid, kThreads, smem, stream>>>(p);
+  static std::atomic<uint64_t> raised{0};  // bit per device index (mod 64)
+  const uint64_t bit = uint64_t(1) << (c10::cuda::current_device() & 63);
+  if (!(raised.load(std::memory_order_relaxed) & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_mma_kernel<T, C, D, kStages>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    raised.fetch_or(bit);
+  }
+  paged_decode_mma_kernel<T, C, D, kStages><<<grid, kThreads, smem, stream>>>(p);
 }
 
 // Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
@@ -599,9 +564,7 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
   if constexpr (D == 64 || D == 128) {
     const std::string choice = decode_kernel_choice();
-    if (choice == "tensor_core_regs") {
-      paged_decode_mma_kernel<T, C, D, false><<<grid, kThreads, 0, stream>>>(p);
-    } else if (choice == "tensor_core_s2") {
+    if (choice == "tensor_core_s2") {
       launch_mma_smem<T, C, D, 2>(p, grid, stream);
     } else if (choice != "scalar") {
       launch_mma_smem<T, C, D, 3>(p, grid, stream);
