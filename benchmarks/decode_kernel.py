@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between calls")
-    ap.add_argument("--kernels", nargs="+", choices=["tensor_core", "tensor_core_s2", "scalar"], default=["tensor_core"],
+    ap.add_argument("--kernels", nargs="+", choices=["tensor_core", "scalar"], default=["tensor_core"],
                     help="duo decode kernels to time (the tensor-core one covers head_dim 64 and 128)")
     ap.add_argument("--partition-sizes", type=int, nargs="+", default=[0],
                     help="duo partition sizes to time (0 = the wrapper's own plan, which the figures use)")

@@ -65,9 +65,9 @@ for stage in "$@"; do
     decode) run_for 400 python benchmarks/decode_kernel.py --repeats 20 ;;
     decode-fp8) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --kv-cache-dtype fp8 ;;
     decode-kernels) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --contexts 1024 65536 131072 \
-      --batches 16 64 --kernels tensor_core tensor_core_s2 scalar ;;  # duo's kernels beside FA3, one run
+      --batches 16 64 --kernels tensor_core scalar ;;  # duo's two kernels beside FA3, one run
     decode-kernels-fp8) run_for 400 python benchmarks/decode_kernel.py --repeats 20 --contexts 65536 131072 \
-      --batches 16 64 --kernels tensor_core tensor_core_s2 scalar --kv-cache-dtype fp8 ;;
+      --batches 16 64 --kernels tensor_core scalar --kv-cache-dtype fp8 ;;
     decode-ncu) run_for 200 bash benchmarks/decode_ncu.sh ;;
     decode-hybrid) run_for 300 python benchmarks/decode_kernel.py --repeats 20 --contexts 65536 131072 --batches 16 64 --hybrid ;;
     decode-sweep) run_for 400 python benchmarks/decode_kernel.py --repeats 10 --contexts 1024 4096 65536 131072 \

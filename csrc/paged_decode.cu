@@ -272,12 +272,13 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   store_merged<T, D, GMAX, kFp8>(p, s_acc, s_m, s_l, out, G, nparts, seq, qh0, part);
 }
 
-// Shared-memory tiles of the tensor-core kernel: per warp kStages stages of 16 cache rows (K then V,
+// Shared-memory tiles of the tensor-core kernel: per warp kStages tiles of 16 cache rows (K then V,
 // as stored). 16-byte chunk c of row r sits at chunk c ^ swizzle(r): the fragment reads of 8
 // lanes (one shared-memory wavefront) then hit 8 different bank groups, for K (rows g, chunks
 // t + 4i) and for V (rows 2t + s, chunks g + 8i) alike (2-byte caches).
-template <typename C, int D, int kStages>
+template <typename C, int D>
 struct MmaSmem {
+  static constexpr int kStages = 3;
   static constexpr int kRowBytes = 2 * D * int(sizeof(C));
   static constexpr int kTileBytes = 16 * kRowBytes;
   static constexpr int kBytes = kWarps * kStages * kTileBytes;
@@ -295,10 +296,11 @@ __device__ __forceinline__ int smem_offset(int row, int byte) {
 // mma.sync m16n8k16 with the group's query heads as rows (rows G..15 zero), so a key costs a few
 // instructions where the scalar kernel issues hundreds.
 // Loads: cp.async copies a tile's 16 cache rows to shared memory, one 16-byte chunk per lane, so
-// each copy instruction reads whole rows (full 128-byte lines; register loads of the fragment
-// layout read 64-byte pieces, and the L2 request rate held them at 80 % of DRAM bandwidth), and
-// kStages - 1 tiles per warp are in flight while one is computed, without holding registers. A tile's
-// block-table lookups run one tile ahead of its copy.
+// each copy instruction reads whole rows in full 128-byte lines, and kStages - 1 tiles per warp
+// are in flight while one is computed, without holding registers. (Loading the fragments straight
+// into registers reads 64-byte pieces of a row: 80 % of DRAM peak with the L2 at 90 %, Nsight
+// Compute on the H200; this reaches FA3's bandwidth.) A tile's block-table lookups run one tile
+// ahead of its copy.
 // Fragments, read back from shared memory (lane = 4g + t; tile token n (0..15) is key start + n):
 // - K: lane (g, t) reads tokens g and 8 + g, elements 32i + 8t .. +8 (i < D/32). The QK mma of
 //   k-chunk c (i = c/2, h = c%2) takes dims 32i + 8t + 4h + {0,1} (b0) and + {2,3} (b1); q is
@@ -308,12 +310,13 @@ __device__ __forceinline__ int smem_offset(int row, int byte) {
 // P goes to the PV mma in the mma's 16-bit type, as FA3 does. An fp8 cache is converted pairwise
 // to fp16 (exact) and the mma runs in fp16, q stored as fp16(q / 16) (exact for |q| < 2^20; the
 // 16 and k_scale go into the score scale), v_scale into the merged output.
-template <typename T, typename C, int D, int kStages>
+template <typename T, typename C, int D>
 __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "tensor-core decode: head_dim 64 or 128");
   constexpr bool kFp8 = std::is_same_v<C, __nv_fp8_e4m3>;
   using M = std::conditional_t<kFp8, __half, T>;  // mma element type
-  using Sm = MmaSmem<C, D, kStages>;
+  using Sm = MmaSmem<C, D>;
+  constexpr int kStages = Sm::kStages;
   constexpr int KV = D / 32, VV = D / 64, NTILE = 16, NJ = D / 8, kChunks = Sm::kRowBytes / 16;
   constexpr float kQDiv = 16.f;  // fp8: q / 16 in fp16 keeps |q| up to 2^20 finite
   const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
@@ -532,25 +535,25 @@ constexpr int tokens_in_flight() {
 
 // Head_dim 64 / 128 takes the tensor-core kernel unless VLLM_DUO_DECODE_KERNEL=scalar,
 // read at each launch (a captured graph keeps the kernel it was captured with).
-std::string decode_kernel_choice() {
+bool tensor_core_decode() {
   const char* e = std::getenv("VLLM_DUO_DECODE_KERNEL");
-  return e ? std::string(e) : std::string("tensor_core");
+  return !(e && std::string(e) == "scalar");
 }
 
 // The tiles need more than the 48 KB of shared memory a launch gets by default: raised once per
 // kernel and device (a function attribute, so not part of a captured graph).
-template <typename T, typename C, int D, int kStages>
-void launch_mma_smem(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = MmaSmem<C, D, kStages>::kBytes;
+template <typename T, typename C, int D>
+void launch_mma(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = MmaSmem<C, D>::kBytes;
   static_assert(smem >= int(sizeof(float)) * kWarps * kMaxGroup * D, "the merge reuses the tiles");
   static std::atomic<uint64_t> raised{0};  // bit per device index (mod 64)
   const uint64_t bit = uint64_t(1) << (c10::cuda::current_device() & 63);
   if (!(raised.load(std::memory_order_relaxed) & bit)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_mma_kernel<T, C, D, kStages>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_mma_kernel<T, C, D>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     raised.fetch_or(bit);
   }
-  paged_decode_mma_kernel<T, C, D, kStages><<<grid, kThreads, smem, stream>>>(p);
+  paged_decode_mma_kernel<T, C, D><<<grid, kThreads, smem, stream>>>(p);
 }
 
 // Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
@@ -563,11 +566,8 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
   if constexpr (D == 64 || D == 128) {
-    const std::string choice = decode_kernel_choice();
-    if (choice == "tensor_core_s2") {
-      launch_mma_smem<T, C, D, 2>(p, grid, stream);
-    } else if (choice != "scalar") {
-      launch_mma_smem<T, C, D, 3>(p, grid, stream);
+    if (tensor_core_decode()) {
+      launch_mma<T, C, D>(p, grid, stream);
     } else {
       paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
     }
