@@ -46,7 +46,7 @@ for stage in "$@"; do
     kernels) gpu_test 300 tests/kernels ;;
     agreement) gpu_test 580 tests/e2e/test_agreement_gpu.py ;;
     ray) gpu_test 580 tests/e2e/test_ray_gpu.py -k "not graphs" ;;  # TP=2 / PP=2 eager
-    ray-graphs) gpu_test 580 tests/e2e/test_ray_gpu.py -k graphs ;;  # TP=2 with compile + CUDA graphs
+    ray-graphs) gpu_test 900 tests/e2e/test_ray_gpu.py -k graphs ;;  # TP=2 with compile + CUDA graphs (two variants)
     cudagraph) gpu_test 400 tests/e2e/test_cudagraph_gpu.py ;;
     warmup) gpu_test 300 tests/e2e/test_warmup_gpu.py ;;
     short-prompt) run_for 500 python benchmarks/short_prompt.py $SHORT_ARGS ;;
