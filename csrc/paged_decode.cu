@@ -533,27 +533,41 @@ constexpr int tokens_in_flight() {
   return GMAX <= 2 ? 8 : (GMAX <= 4 ? 4 : 2);
 }
 
-// Head_dim 64 / 128 takes the tensor-core kernel unless VLLM_DUO_DECODE_KERNEL=scalar,
-// read at each launch (a captured graph keeps the kernel it was captured with).
+// Head_dim 64 / 128 takes the tensor-core kernel (where the GPU has the shared memory for it,
+// `launch_mma`) unless VLLM_DUO_DECODE_KERNEL=scalar, read at each launch (a captured graph keeps
+// the kernel it was captured with).
 bool tensor_core_decode() {
   const char* e = std::getenv("VLLM_DUO_DECODE_KERNEL");
   return !(e && std::string(e) == "scalar");
 }
 
-// The tiles need more than the 48 KB of shared memory a launch gets by default: raised once per
-// kernel and device (a function attribute, so not part of a captured graph).
+// The tiles need more than the 48 KB of shared memory a launch gets by default: the limit is
+// raised once per kernel and device (a function attribute, so not part of a captured graph). A
+// GPU whose per-block maximum is smaller (sm_86/sm_89: 99 KB, short of the 96 KB of tiles plus
+// the kernel's own at D = 128) gets false, and the caller launches the scalar kernel.
 template <typename T, typename C, int D>
-void launch_mma(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
+bool launch_mma(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
   constexpr int smem = MmaSmem<C, D>::kBytes;
   static_assert(smem >= int(sizeof(float)) * kWarps * kMaxGroup * D, "the merge reuses the tiles");
-  static std::atomic<uint64_t> raised{0};  // bit per device index (mod 64)
-  const uint64_t bit = uint64_t(1) << (c10::cuda::current_device() & 63);
+  static std::atomic<uint64_t> raised{0}, too_small{0};  // bit per device index (mod 64)
+  const int device = c10::cuda::current_device();
+  const uint64_t bit = uint64_t(1) << (device & 63);
+  if (too_small.load(std::memory_order_relaxed) & bit) return false;
   if (!(raised.load(std::memory_order_relaxed) & bit)) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, paged_decode_mma_kernel<T, C, D>));
+    if (static_cast<int>(attr.sharedSizeBytes) + smem > optin) {
+      too_small.fetch_or(bit);
+      return false;
+    }
     C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_mma_kernel<T, C, D>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     raised.fetch_or(bit);
   }
   paged_decode_mma_kernel<T, C, D><<<grid, kThreads, smem, stream>>>(p);
+  return true;
 }
 
 // Lanes per token. At head_dim 128 with 3-4 query heads per KV head, D/16 lanes (R = 2: each
@@ -566,11 +580,8 @@ void launch(const DecodeParams& p, int num_seqs, int num_slots, cudaStream_t str
   constexpr int R = (D == 128 && GMAX == 4) ? 2 : 1;
   const dim3 grid(p.num_partitions, num_slots, num_seqs);
   if constexpr (D == 64 || D == 128) {
-    if (tensor_core_decode()) {
-      launch_mma<T, C, D>(p, grid, stream);
-    } else {
+    if (!(tensor_core_decode() && launch_mma<T, C, D>(p, grid, stream)))
       paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
-    }
   } else {
     paged_decode_kernel<T, C, D, GMAX, tokens_in_flight<GMAX>(), R><<<grid, kThreads, 0, stream>>>(p);
   }
