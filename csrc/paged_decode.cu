@@ -74,6 +74,34 @@ __device__ __forceinline__ int row_partitions(const DecodeParams& p, int n, int*
   return max(1, ceil_div(n, *psize));
 }
 
+// A decode CTA's share of its (sequence, slot) row (grid: partition, slot, sequence).
+template <typename T>
+struct RowTask {
+  KeyRange r;
+  int psize, nparts, qh0;  // partition length and count; the group's first query head
+  T* out;                  // the group's output rows
+};
+
+// Fills `w`; false when the CTA has nothing to compute: a padding slot, a partition past the row's
+// end, or a padding row (`seq_len` 0), whose output it writes as zeros.
+template <typename T, int D>
+__device__ __forceinline__ bool row_task(const DecodeParams& p, RowTask<T>& w) {
+  const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
+  const int kv_head = p.slot_kv_head[slot];
+  if (kv_head < 0) return false;
+  w.r = key_range(p, seq, slot);
+  w.nparts = row_partitions(p, w.r.n, &w.psize);
+  if (part >= w.nparts) return false;
+  w.qh0 = kv_head * p.group;
+  w.out = static_cast<T*>(p.out) + seq * p.out_stride_seq + w.qh0 * p.out_stride_head;
+  if (w.r.n == 0) {  // padding row: defined output, nothing read
+    for (int i = threadIdx.x; i < p.group * D; i += kThreads)
+      w.out[(i / D) * p.out_stride_head + i % D] = from_float<T>(0.f);
+    return false;
+  }
+  return true;
+}
+
 // Joins the warps' states (each warp's output normalised by nothing yet: acc, max m, sum l per
 // head, in shared memory) and stores the partition's result: `out` for a one-partition row, else
 // the normalised partial output and its log2-domain LSE for the combine kernel.
@@ -116,19 +144,11 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   constexpr int NGROUPS = kThreads / TPT;   // tokens the CTA reads side by side
   constexpr int STEP = NGROUPS * NT;        // tokens per loop iteration
   const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
-  const int kv_head = p.slot_kv_head[slot];
-  if (kv_head < 0) return;
-  const KeyRange r = key_range(p, seq, slot);
-  int psize;
-  const int nparts = row_partitions(p, r.n, &psize);
-  if (part >= nparts) return;
-  const int G = p.group, qh0 = kv_head * G;
-  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + qh0 * p.out_stride_head;
-  if (r.n == 0) {  // padding row: defined output, nothing read
-    for (int i = threadIdx.x; i < G * D; i += kThreads)
-      out[(i / D) * p.out_stride_head + i % D] = from_float<T>(0.f);
-    return;
-  }
+  RowTask<T> w;
+  if (!row_task<T, D>(p, w)) return;
+  const KeyRange r = w.r;
+  const int psize = w.psize, nparts = w.nparts, G = p.group, qh0 = w.qh0;
+  T* out = w.out;
 
   const int lane_t = threadIdx.x % TPT, grp = threadIdx.x / TPT;
   float q_scale = p.scale_log2;
@@ -320,19 +340,11 @@ __global__ void __launch_bounds__(kThreads) paged_decode_mma_kernel(const Decode
   constexpr int KV = D / 32, VV = D / 64, NTILE = 16, NJ = D / 8, kChunks = Sm::kRowBytes / 16;
   constexpr float kQDiv = 16.f;  // fp8: q / 16 in fp16 keeps |q| up to 2^20 finite
   const int part = blockIdx.x, slot = blockIdx.y, seq = blockIdx.z;
-  const int kv_head = p.slot_kv_head[slot];
-  if (kv_head < 0) return;
-  const KeyRange r = key_range(p, seq, slot);
-  int psize;
-  const int nparts = row_partitions(p, r.n, &psize);
-  if (part >= nparts) return;
-  const int G = p.group, qh0 = kv_head * G;
-  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + qh0 * p.out_stride_head;
-  if (r.n == 0) {  // padding row: defined output, nothing read
-    for (int i = threadIdx.x; i < G * D; i += kThreads)
-      out[(i / D) * p.out_stride_head + i % D] = from_float<T>(0.f);
-    return;
-  }
+  RowTask<T> w;
+  if (!row_task<T, D>(p, w)) return;
+  const KeyRange r = w.r;
+  const int psize = w.psize, nparts = w.nparts, G = p.group, qh0 = w.qh0;
+  T* out = w.out;
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   // The group's q (rows past G zero) in shared memory: each QK mma reads its A words from there.
