@@ -61,6 +61,28 @@ def test_ragged_batches(dtype: str, head_dim: int, group: int, pattern: str, ker
     check(case, run_op(case, max(lens)), evidence, f"{dtype} D{head_dim} G{group} {pattern} {kernel}")
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_choice(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``tensor_core`` cases above test the tensor-core kernel only if it is the one that runs:
+    on a GPU with the shared memory for its tiles (Hopper: 227 KB a block) it must be, by the
+    profiler's kernel names; ``VLLM_DUO_DECODE_KERNEL=scalar`` (the control) must switch it."""
+    if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < 100 * 1024:
+        pytest.skip("this GPU runs the scalar kernel at head_dim 128 (too little shared memory a block)")
+    case = make_case([300, 40], num_kv_heads=2, group=4, head_dim=head_dim, dtype=torch.bfloat16,
+                     block_size=16, streaming_heads=[True, False], seed=head_dim)
+
+    def kernels() -> set[str]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run_op(case, 300)
+            torch.cuda.synchronize()
+        return {e.name for e in prof.events() if "paged_decode" in e.name}
+
+    assert any("paged_decode_mma_kernel" in k for k in kernels()), kernels()
+    monkeypatch.setenv("VLLM_DUO_DECODE_KERNEL", "scalar")
+    names = kernels()
+    assert names and not any("paged_decode_mma_kernel" in k for k in names), names
+
+
 @pytest.mark.parametrize("lens", [[131072], [65536, 7, 0], [16384] * 4 + [1] * 12, [4097] * 64],
                          ids=["128k", "64k+short", "16k_x4", "4k_x64"])
 def test_long_contexts(lens: list[int], evidence) -> None:
