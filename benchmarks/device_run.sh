@@ -7,7 +7,7 @@
 # BUDGET (seconds, default 585) caps the whole call below the device's 10-minute limit: each stage's
 # time limit shrinks to what is left, a stage with under 30 s left is skipped, and results are copied
 # back after every stage so a cut-off call still returns what finished. SOAK_ARGS, PREFIX_ARGS, SHORT_ARGS, CHAT_ARGS,
-# CAPACITY_ARGS, ADMIT_ARGS (capacity-admit, say --requests 25), SUITE_ARGS, IDENTIFY_ARGS, NIAH_ARGS (both niah-grid stages), NIAH_FP8_ARGS (niah-grid-fp8 only), WINDOW_ARGS (window-configs: replace its lengths/batches, add --window): extra flags of those stages
+# CAPACITY_ARGS, ADMIT_ARGS (capacity-admit, say --requests 25), SUITE_ARGS, IDENTIFY_ARGS, NIAH_ARGS (both niah-grid stages), NIAH_FP8_ARGS (niah-grid-fp8 only), RAY_GRAPHS_K (ray-graphs: a pytest -k of its variants), WINDOW_ARGS (window-configs: replace its lengths/batches, add --window): extra flags of those stages
 # (PATTERN_OUT: identify's folder). Variants, several per call: identify-NAME trains with IDENTIFY_ARGS_NAME into
 # /tmp/patterns/NAME; niah-suite-NAME runs the suite with SUITE_ARGS_NAME (say --pattern /tmp/patterns/NAME),
 # writing niah_suite_NAME_<date>.json and the figure niah_suite_smollm2_NAME.
@@ -46,7 +46,7 @@ for stage in "$@"; do
     kernels) gpu_test 300 tests/kernels ;;
     agreement) gpu_test 580 tests/e2e/test_agreement_gpu.py ;;
     ray) gpu_test 580 tests/e2e/test_ray_gpu.py -k "not graphs" ;;  # TP=2 / PP=2 eager
-    ray-graphs) gpu_test 900 tests/e2e/test_ray_gpu.py -k graphs ;;  # TP=2 with compile + CUDA graphs (two variants)
+    ray-graphs) gpu_test 900 tests/e2e/test_ray_gpu.py -k "graphs ${RAY_GRAPHS_K:+and $RAY_GRAPHS_K}" ;;  # TP=2, compile + CUDA graphs (RAY_GRAPHS_K: one variant)
     cudagraph) gpu_test 400 tests/e2e/test_cudagraph_gpu.py ;;
     warmup) gpu_test 300 tests/e2e/test_warmup_gpu.py ;;
     short-prompt) run_for 500 python benchmarks/short_prompt.py $SHORT_ARGS ;;
