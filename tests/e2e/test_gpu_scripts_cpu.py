@@ -391,3 +391,17 @@ def test_gpu_tools_check_the_model_folder(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         needs.preflight("serve_smollm2.py", model_dir=str(tmp_path / "empty"))
     assert e.value.code == 2 and "has no config.json" in capsys.readouterr().err
+
+
+def test_teacher_forced_duo_scorers_prefill_with_the_decode_window() -> None:
+    """GPU tests that score duo's generated tokens by teacher forcing (a prefill) must prefill
+    streaming heads with the decode window: with the default prefill window (8,192) their prompts
+    prefill densely, duo scores like FLASH_ATTN, and the test and its control cannot fail (the
+    Ray tests did so until 2026-12-01)."""
+    from tests.e2e import test_cudagraph_gpu, test_ray_gpu
+    from vllm_duo.options import parse_options
+
+    engines = {"ray": test_ray_gpu.BACKENDS["duo"], "cudagraph": test_cudagraph_gpu._engine("duo")}
+    for name, engine in engines.items():
+        opts = parse_options(engine["additional_config"]["duo_attention"])
+        assert opts.prefill_window == opts.recent_size, (name, opts)
