@@ -1,11 +1,14 @@
 """Offline duo generation over Ray: tensor parallel 2 (or pipeline parallel) on one host.
 
     python examples/ray_tp.py [--model HF_FOLDER] [--pattern PATTERN_FOLDER] [--sparsity 0.5] [--tp 2] [--pp 1]
+                              [--no-ar-fusion]
 
 Without ``--model`` it writes a Llama-3-8B-shaped config.json and uses dummy weights (token-id
 prompts, no tokenizer). The pattern defaults to the built-in Llama-3-8B-Instruct-Gradient-1048k. The front process
 resolves the pattern into a mask inside the config, so Ray workers never read the file.
-Run ``python -m ray.scripts.scripts stop --force`` (``ray stop --force``) before starting
+``--no-ar-fusion`` turns off vLLM's fused all-reduce + RMSNorm compile pass (on by default at
+TP > 1 on Hopper), without which no backend starts on GPU pairs without NVLink multicast (seen on
+an H200 pair). Run ``python -m ray.scripts.scripts stop --force`` (``ray stop --force``) before starting
 another engine on the same machine.
 """
 
@@ -33,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=2, help="tensor_parallel_size")
     ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--no-ar-fusion", action="store_true",
+                    help="turn off vLLM's fused all-reduce + RMSNorm pass (GPUs without NVLink multicast)")
     return ap.parse_args(argv)
 
 
@@ -47,11 +52,13 @@ def main() -> None:
     if dummy:
         with open(os.path.join(model, "config.json"), "w") as f:
             json.dump(LLAMA3_8B, f)
+    no_fusion = {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}} if args.no_ar_fusion else {}
     llm = LLM(model, attention_backend="duo",
               additional_config={"duo_attention": {"pattern": args.pattern,
                                                    "sparsity": args.sparsity}},
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
               distributed_executor_backend="ray", max_model_len=16384, seed=0,
+              **no_fusion,
               **(dict(load_format="dummy", skip_tokenizer_init=True) if dummy else {}))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=dummy, detokenize=not dummy)
     rng = np.random.RandomState(0)
