@@ -104,16 +104,16 @@ def test_ray_parallel_agrees_with_one_gpu(runs, name) -> None:
           "FLASH_ATTN TP=2 tokens scored by duo TP=1", _gap(runs, "FLASH_ATTN/tp2", "duo/tp1"))
 
 
-# (env, engine overrides) per variant, all at TP=2 over Ray with torch.compile + FULL_AND_PIECEWISE.
+# Engine overrides per variant, all at TP=2 over Ray with torch.compile + FULL_AND_PIECEWISE.
 # On an H200 pair (NVLink multicast off) FLASH_ATTN itself did not start with vLLM 0.26's defaults:
 # CUBLAS_STATUS_EXECUTION_FAILED in the first compiled forward, V2 and V1 model runners, custom
 # all-reduce on or off (benchmarks/results/ray_tp2_fa_graph_capture_failure_2026-11-30.log). With
 # FlashInfer's fused all-reduce + RMSNorm pass off (on by default at TP > 1 on Hopper; only a
 # compiled model runs it) it started (2026-12-01). The test skips a variant where FLASH_ATTN fails.
 NO_AR_FUSION = {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
-VARIANTS = {"defaults": ({}, {}),
-            "no_ar_fusion": ({}, NO_AR_FUSION),
-            "no_ar_fusion_no_custom_ar": ({}, dict(NO_AR_FUSION, disable_custom_all_reduce=True))}
+VARIANTS = {"defaults": {},
+            "no_ar_fusion": NO_AR_FUSION,
+            "no_ar_fusion_no_custom_ar": dict(NO_AR_FUSION, disable_custom_all_reduce=True)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -128,10 +128,9 @@ def test_tp2_default_graphs_agree_with_one_gpu(tmp_path, variant) -> None:
     prompts = _prompts(1)
     log = os.path.join(os.environ["OUT"], "ray_graph_engines.log") if os.environ.get("OUT") else None
     done = {}
-    env, overrides = VARIANTS[variant]
     for backend, engine in BACKENDS.items():
         spec = dict(model=model, prompts=prompts, max_tokens=STEPS, name=f"{backend} tp2 graphs, {variant}",
-                    engine=dict(engine, **PARALLEL["tp2"], **overrides), env=env)
+                    engine=dict(engine, **PARALLEL["tp2"], **VARIANTS[variant]))
         try:  # bounded: on an H200 pair a start once ran past a 10-minute device call without a word
             done[backend] = run_ranked(spec, log_path=log, timeout=GRAPH_START_S)
         except EngineJobError as e:

@@ -77,7 +77,8 @@ def test_kernel_choice(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
             torch.cuda.synchronize()
         return {e.name for e in prof.events() if "paged_decode" in e.name}
 
-    assert any("paged_decode_mma_kernel" in k for k in kernels()), kernels()
+    names = kernels()
+    assert any("paged_decode_mma_kernel" in k for k in names), names
     monkeypatch.setenv("VLLM_DUO_DECODE_KERNEL", "scalar")
     names = kernels()
     assert names and not any("paged_decode_mma_kernel" in k for k in names), names
